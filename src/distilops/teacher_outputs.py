@@ -1,0 +1,78 @@
+"""Teacher soft targets, computed once per (teacher, data, max_length) and cached on disk.
+
+Layout of the cache folder (a DVC output):
+  meta.json                        teacher fingerprint, data hash, rows per split, hidden size
+  {split}_logits.npy               float32 [rows, classes]
+  {split}_hidden.npy / _offsets.npy  (optional) float16 last hidden states of every real token,
+                                   concatenated; example i is rows offsets[i]:offsets[i+1]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distilops.training import Examples, predict_logits
+
+SPLITS = ("train", "validation")
+
+
+class StaleCacheError(ValueError):
+    """The cached teacher outputs do not belong to these inputs."""
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's files (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, batch_size: int,
+            hidden_states: bool, meta: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for split, data in examples.items():
+        logits, hidden = predict_logits(model, data, pad_id, batch_size, hidden_states=hidden_states,
+                                        desc=f"teacher outputs ({split})")
+        np.save(out / f"{split}_logits.npy", logits)
+        if hidden_states:
+            offsets = np.cumsum([0] + [len(h) for h in hidden]).astype(np.int64)
+            np.save(out / f"{split}_hidden.npy", np.concatenate(hidden))
+            np.save(out / f"{split}_offsets.npy", offsets)
+        rows[split] = len(data)
+    meta = {**meta, "rows": rows, "hidden_states": hidden_states,
+            "hidden_size": int(model.config.hidden_size)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def attach(examples: Examples, cache: Path, split: str, *, expect: dict, with_hidden: bool) -> Examples:
+    """Add cached teacher outputs to `examples`, refusing a cache made for other inputs."""
+    meta_path = cache / "meta.json"
+    if not meta_path.exists():
+        raise StaleCacheError(f"{cache} holds no teacher outputs: run `dvc repro teacher_outputs`")
+    meta = json.loads(meta_path.read_text())
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise StaleCacheError(f"teacher outputs in {cache} were made with {key}={meta.get(key)!r}, "
+                                  f"expected {value!r}: rerun `dvc repro teacher_outputs`")
+    if meta["rows"].get(split) != len(examples):
+        raise StaleCacheError(f"teacher outputs hold {meta['rows'].get(split)} {split} rows, data has {len(examples)}")
+    examples.teacher_logits = np.load(cache / f"{split}_logits.npy")
+    if with_hidden:
+        if not meta.get("hidden_states"):
+            raise StaleCacheError("the cosine loss needs teacher hidden states: set "
+                                  "teacher_outputs.hidden_states: true and rerun `dvc repro`")
+        flat = np.load(cache / f"{split}_hidden.npy", mmap_mode="r")
+        offsets = np.load(cache / f"{split}_offsets.npy")
+        examples.teacher_hidden = [np.asarray(flat[offsets[i]: offsets[i + 1]]) for i in range(len(examples))]
+        lengths = [len(h) for h in examples.teacher_hidden]
+        if lengths != [len(ids) for ids in examples.input_ids]:
+            raise StaleCacheError("cached hidden states do not line up with the tokenized texts")
+    return examples

@@ -1,0 +1,82 @@
+"""MLflow set-up and run lineage shared by every stage.
+
+Default store: `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts` (both
+git-ignored). Set MLFLOW_TRACKING_URI to use a real MLflow server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+EXPERIMENT = os.environ.get("DISTILOPS_EXPERIMENT", "distilops")
+DATA_REPORT = Path("data/prepared/report.json")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def configure(experiment: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at the configured store; return the experiment id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = experiment or EXPERIMENT
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        mlflow.set_experiment(name)
+        return found.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the local store, not in the cwd of whoever runs
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    mlflow.set_experiment(name)
+    return experiment_id
+
+
+def git_commit() -> str:
+    """Current commit (suffixed '-dirty' when tracked files changed), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def data_hash(report: Path = DATA_REPORT) -> str:
+    """Content hash of the prepared splits, written by the prepare stage."""
+    try:
+        return json.loads(Path(report).read_text())["data_hash"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return "unknown"
+
+
+def lineage(**extra: Any) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "data_hash": data_hash()}
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+@contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None, **tags: Any) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one pipeline stage, tagged with its lineage and logged params."""
+    configure()
+    with mlflow.start_run(run_name=stage, tags={"stage": stage, **lineage(**tags)}) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    # MLflow caps a param value at 6000 chars; ours are short, lists are stringified.
+    mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()})

@@ -1,0 +1,186 @@
+"""Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight).
+
+- TPE sampler seeded from `seed`; median pruner fed validation accuracy every `eval_every_steps`.
+- Storage: an SQLite file by default, so an interrupted study resumes (`load_if_exists`) and runs
+  only its missing trials; any SQLAlchemy URL (PostgreSQL) lets many workers share one study.
+  Heartbeats mark a crashed worker's trial failed, and it is retried once with the same params.
+- Each trial is a nested MLflow run under the stage's run; memory is released between trials.
+- The study name is derived from everything that changes a trial's result, so editing the
+  search space or the data starts a new study instead of mixing incomparable trials.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+from distilops.config import DistillConfig
+from distilops.losses import distillation_loss
+from distilops.training import Examples, TrainSettings, device, model_inputs, seed_everything, train
+
+DEFAULT_STORAGE = Path("optuna/distill.db")
+StudentFactory = Callable[[], torch.nn.Module]
+
+
+@dataclass
+class TrialParams:
+    temperature: float
+    alpha: float
+    learning_rate: float
+    cosine_weight: float = 0.0
+
+
+def suggest(trial: optuna.Trial, cfg: DistillConfig) -> TrialParams:
+    space = cfg.search
+
+    def pick(name: str, bounds: list[float], log: bool = False) -> float:
+        low, high = bounds
+        return low if low == high else trial.suggest_float(name, low, high, log=log)
+
+    return TrialParams(
+        temperature=pick("temperature", space.temperature),
+        alpha=pick("alpha", space.alpha),
+        learning_rate=pick("learning_rate", space.learning_rate, log=True),
+        cosine_weight=pick("cosine_weight", space.cosine_weight),
+    )
+
+
+def params_of(trial: optuna.trial.FrozenTrial, cfg: DistillConfig) -> TrialParams:
+    """A finished trial's parameters, filling fixed (equal-bound) values from the config."""
+    space = cfg.search
+    return TrialParams(**{name: trial.params.get(name, getattr(space, name)[0])
+                          for name in ("temperature", "alpha", "learning_rate", "cosine_weight")})
+
+
+def distill_loss_fn(p: TrialParams) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
+    def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        out = model(**model_inputs(batch, dev), output_hidden_states=p.cosine_weight > 0)
+        parts = distillation_loss(
+            out.logits, batch["teacher_logits"].to(dev), batch["labels"].to(dev),
+            temperature=p.temperature, alpha=p.alpha, cosine_weight=p.cosine_weight,
+            student_hidden=out.hidden_states[-1] if p.cosine_weight > 0 else None,
+            teacher_hidden=batch["teacher_hidden"].to(dev) if p.cosine_weight > 0 else None,
+            attention_mask=batch["attention_mask"].to(dev),
+        )
+        return parts.total
+
+    return loss_fn
+
+
+def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
+    """'distill-<hash>' of the search space, trial budget and inputs (teacher, data)."""
+    if cfg.study_name:
+        return cfg.study_name
+    key = {"search": vars(cfg.search), "trial_train_examples": cfg.trial_train_examples,
+           "trial_epochs": cfg.trial_epochs, "eval_every_steps": cfg.eval_every_steps,
+           "batch_size": cfg.batch_size, "student": [cfg.student_model, cfg.student_layers],
+           "seed": cfg.seed, "max_length": cfg.max_length, **inputs}
+    return "distill-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def storage_for(cfg: DistillConfig) -> RDBStorage:
+    url = cfg.storage
+    if not url:
+        DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{DEFAULT_STORAGE}"
+    return RDBStorage(url, heartbeat_interval=30, grace_period=90,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+
+
+def trial_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """The same training subset for every trial, so trials differ only in their parameters."""
+    if not size or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
+              pad_id: int, *, study_name: str, storage: RDBStorage | str) -> optuna.Study:
+    """Create or resume the study and run the trials still missing (complete or pruned count as done)."""
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                         n_warmup_steps=cfg.pruner_warmup_steps)
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                   optuna.trial.TrialState.PRUNED)]
+    remaining = cfg.n_trials - len(done)
+    print(f"[distill] study '{study_name}': {len(done)} trial(s) done, {max(remaining, 0)} to run", flush=True)
+    subset = train_data.subset(trial_subset(len(train_data), cfg.trial_train_examples, cfg.seed))
+    steps_per_trial = -(-len(subset) // cfg.batch_size) * cfg.trial_epochs
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, cfg)
+        seed_everything(cfg.seed)
+        student = make_student()
+        reports: list[tuple[int, float]] = []
+
+        def on_eval(step: int, acc: float) -> None:
+            reports.append((step, acc))
+            mlflow.log_metric("val_accuracy", acc, step=step)
+            trial.report(acc, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
+
+        settings = TrainSettings(epochs=cfg.trial_epochs, batch_size=cfg.batch_size,
+                                 learning_rate=params.learning_rate, weight_decay=cfg.weight_decay,
+                                 warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
+                                 eval_every_steps=cfg.eval_every_steps, progress=f"trial {trial.number}")
+        started = time.perf_counter()
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                              tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}):
+            mlflow.log_params(vars(params))
+            try:
+                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params), on_eval)
+                mlflow.set_tag("state", "complete")
+                return result.best_accuracy
+            except optuna.TrialPruned:
+                mlflow.set_tag("state", "pruned")
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                steps_done = reports[-1][0] if reports else 0
+                trial.set_user_attr("seconds", seconds)
+                trial.set_user_attr("steps", steps_done)
+                trial.set_user_attr("planned_steps", steps_per_trial)
+                mlflow.log_metrics({"trial_seconds": seconds, "trial_steps": steps_done})
+                del student
+                gc.collect()
+                if device().type == "cuda":
+                    torch.cuda.empty_cache()
+
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, gc_after_trial=True)
+    return study
+
+
+def pruning_summary(study: optuna.Study) -> dict:
+    """How many trials were pruned and the training time that saved (estimated from each trial's speed)."""
+    trials = [t for t in study.trials if "seconds" in t.user_attrs]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    saved = 0.0
+    for t in pruned:
+        steps = max(t.user_attrs.get("steps", 0), 1)
+        per_step = t.user_attrs["seconds"] / steps
+        saved += per_step * max(t.user_attrs.get("planned_steps", steps) - steps, 0)
+    spent = sum(t.user_attrs["seconds"] for t in trials)
+    return {
+        "trials": len(study.trials),
+        "trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
+        "trials_pruned": len(pruned),
+        "tuning_seconds": round(spent, 1),
+        "pruning_seconds_saved": round(saved, 1),
+        "pruning_time_saved_fraction": round(saved / (spent + saved), 3) if spent + saved else 0.0,
+    }

@@ -1,0 +1,134 @@
+"""DVC stage `distill`: an Optuna study over temperature, alpha and learning rate, then the final
+student trained on all training data with the best trial's parameters.
+
+Trials train on a fixed subset (they only need to rank settings); the final student then trains
+on everything, checkpointed so an interrupted run resumes. Both the study (SQLite) and the
+checkpoints survive a crash; rerunning continues where it stopped.
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
+from distilops.data import DataError, read_split
+from distilops.modeling import (ModelError, build_student, check_same_tokenizer, count_parameters,
+                                load_classifier, load_tokenizer, save_model_folder)
+from distilops.pyfunc import log_model_folder
+from distilops.teacher_outputs import StaleCacheError, attach, folder_fingerprint
+from distilops.tracking import data_hash, stage_run
+from distilops.training import TrainSettings, clear_checkpoints, seed_everything, tokenize, train
+from distilops.tuning import distill_loss_fn, params_of, pruning_summary, run_study, storage_for, study_name_for
+
+DATA, TEACHER, CACHE = Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs")
+OUT, METRICS, PLOTS = Path("models/student"), Path("metrics/distill.json"), Path("plots/distill")
+
+
+def log_study_plots(study: optuna.Study) -> None:
+    """Optimisation history and parameter importances, as files and MLflow artifacts."""
+    from optuna.visualization import matplotlib as ovm
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        for name, plot in (("optimization_history", ovm.plot_optimization_history),
+                           ("param_importances", ovm.plot_param_importances)):
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as exc:  # importances need >= 2 complete trials
+                print(f"[distill] no {name} plot: {exc}")
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.tight_layout()
+            figure.savefig(PLOTS / f"{name}.png", dpi=110)
+            mlflow.log_artifact(str(PLOTS / f"{name}.png"), artifact_path="study")
+    mlflow.log_text(study.trials_dataframe().to_csv(index=False), "study/trials.csv")
+
+
+def main() -> None:
+    cfg = load_section(DistillConfig, "distill")
+    seed_everything(cfg.seed)
+    labels = json.loads((DATA / "report.json").read_text())["labels"]
+    tokenizer = load_tokenizer(str(TEACHER))
+    teacher = load_classifier(str(TEACHER))
+    if cfg.student_model:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.student_model), cfg.student_model)
+
+        def make_student():
+            return load_classifier(cfg.student_model, labels)
+    else:
+        def make_student():
+            return build_student(teacher, cfg.student_layers)
+
+    with_hidden = cfg.search.cosine_weight[1] > 0
+    inputs = {"teacher": folder_fingerprint(TEACHER), "data_hash": data_hash(), "max_length": cfg.max_length}
+    data = {}
+    for split in ("train", "validation"):
+        frame = read_split(DATA, split)
+        data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), CACHE, split,
+                             expect=inputs, with_hidden=with_hidden)
+    if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
+        raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
+
+    study_name = study_name_for(cfg, inputs)
+    storage = storage_for(cfg)
+    pad_id = tokenizer.pad_token_id
+    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=str(TEACHER)) as run:
+        study = run_study(cfg, make_student, data["train"], data["validation"], pad_id,
+                          study_name=study_name, storage=storage)
+        best = params_of(study.best_trial, cfg)
+        summary = pruning_summary(study)
+        mlflow.log_params({f"best_{k}": v for k, v in vars(best).items()})
+        mlflow.log_metrics({"best_trial_val_accuracy": study.best_value, **summary})
+        log_study_plots(study)
+        print(f"[distill] best trial #{study.best_trial.number}: {vars(best)} "
+              f"(val acc {study.best_value:.4f}); {summary['trials_pruned']} pruned, "
+              f"~{summary['pruning_seconds_saved']} s saved")
+
+        seed_everything(cfg.seed)
+        student = make_student()
+        settings = TrainSettings(
+            epochs=cfg.final_epochs, batch_size=cfg.batch_size, learning_rate=best.learning_rate,
+            weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
+            checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=Path("checkpoints/student"),
+            fingerprint={"stage": "distill-final", "study": study_name, **vars(best)}, progress="student",
+        )
+        result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
+                       on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
+        save_model_folder(student, tokenizer, OUT, max_length=cfg.max_length, role="student",
+                          teacher=str(TEACHER), optuna_study=study_name, data_hash=data_hash(),
+                          mlflow_run_id=run.info.run_id, **{f"best_{k}": v for k, v in vars(best).items()})
+        metrics = {
+            "study_name": study_name,
+            "best_trial": study.best_trial.number,
+            "best_trial_val_accuracy": study.best_value,
+            "best_params": vars(best),
+            **summary,
+            "val_accuracy": result.best_accuracy,
+            "teacher_val_accuracy": float((data["validation"].teacher_logits.argmax(-1)
+                                           == data["validation"].labels).mean()),
+            "final_train_seconds": round(result.seconds, 1),
+            "student_layers": int(student.config.num_hidden_layers),
+            "teacher_layers": int(teacher.config.num_hidden_layers),
+            "student_parameters": count_parameters(student),
+            "teacher_parameters": count_parameters(teacher),
+        }
+        metrics["val_accuracy_retention"] = round(metrics["val_accuracy"] / metrics["teacher_val_accuracy"], 4)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_model_folder(OUT, name="student")
+    METRICS.parent.mkdir(exist_ok=True)
+    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+    clear_checkpoints(settings)
+    print(f"[distill] student val accuracy {result.best_accuracy:.4f} "
+          f"({metrics['val_accuracy_retention']:.1%} of the teacher's)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, ModelError, StaleCacheError) as exc:
+        sys.exit(f"distill: error: {exc}")

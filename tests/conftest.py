@@ -1,0 +1,69 @@
+"""Shared fixtures: a temporary copy of the repository that real `dvc repro` runs in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore")
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+class RepoCopy:
+    """A git + DVC repository holding this project's pipeline, with editable params.yaml."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for item in COPIED:
+            src, dst = ROOT / item, path / item
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            elif src.exists():
+                shutil.copy2(src, dst)
+        self.env = {
+            **os.environ,
+            # stage commands say `python`: make it this interpreter (the project's venv)
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com",
+        }
+        run(["git", "init", "-q"], path)
+        run(["git", "add", "-A"], path)
+        run(["git", "commit", "-qm", "copy"], path, self.env)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def set_params(self, updates: dict) -> None:
+        params = self.params()
+        for dotted, value in updates.items():
+            node = params
+            *parents, key = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[key] = value
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run([str(Path(sys.executable).parent / "dvc"), *args], self.path, self.env, check)
+
+
+@pytest.fixture()
+def repo_copy(tmp_path) -> RepoCopy:
+    return RepoCopy(tmp_path / "repo")

@@ -1,0 +1,101 @@
+"""The training loop: dynamic padding, exact resume after an interruption, teacher-output cache."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_reviews, make_tiny_model
+
+from distilops.modeling import load_classifier, load_tokenizer
+from distilops.teacher_outputs import StaleCacheError, attach, compute
+from distilops.training import TrainSettings, accuracy, make_collate, seed_everything, tokenize, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("teacher"), layers=2)
+    tokenizer = load_tokenizer(str(folder))
+    df = make_reviews(n_movies=30, per_movie=6)
+    df = df[df["category"] != "plot"]
+    labels = (df["category"] == "fresh").astype(int).to_numpy()
+    data = tokenize(tokenizer, df["text"].tolist(), labels, max_length=32)
+    return folder, tokenizer, data
+
+
+def test_batches_are_padded_to_their_own_longest_text():
+    batch = make_collate(pad_id=0)([{"input_ids": [2, 5, 3], "label": 1}, {"input_ids": [2, 3], "label": 0}])
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def settings(tmp_path, **kw) -> TrainSettings:
+    base = dict(epochs=2, batch_size=16, learning_rate=3e-3, seed=1, checkpoint_every_steps=3,
+                checkpoint_dir=tmp_path / "ckpt", fingerprint={"test": 1}, progress=None)
+    return TrainSettings(**{**base, **kw})
+
+
+def test_training_learns_the_fixture_task(tiny, tmp_path):
+    folder, tokenizer, data = tiny
+    seed_everything(0)
+    model = load_classifier(str(folder))
+    before = accuracy(model, data, tokenizer.pad_token_id)
+    result = train(model, data, data, tokenizer.pad_token_id, settings(tmp_path, epochs=4))
+    assert result.best_accuracy > max(before, 0.8)
+    assert accuracy(model, data, tokenizer.pad_token_id) == pytest.approx(result.best_accuracy)
+
+
+def test_an_interrupted_run_resumes_exactly(tiny, tmp_path):
+    folder, tokenizer, data = tiny
+    pad = tokenizer.pad_token_id
+
+    seed_everything(0)
+    reference = load_classifier(str(folder))
+    train(reference, data, data, pad, settings(tmp_path / "ref"))
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after the checkpoint at step 6
+            raise KeyboardInterrupt
+        from distilops.training import cross_entropy_loss
+        return cross_entropy_loss(model, batch)
+
+    seed_everything(0)
+    model = load_classifier(str(folder))
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, data, pad, settings(tmp_path), loss_fn=crashing_loss)
+    seed_everything(123)  # the resumed process starts with other random state
+    model = load_classifier(str(folder))
+    result = train(model, data, data, pad, settings(tmp_path))
+    assert result.resumed_from_step == 6
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
+    folder, tokenizer, data = tiny
+    model = load_classifier(str(folder))
+    train(model, data, data, tokenizer.pad_token_id, settings(tmp_path, epochs=1))
+    result = train(load_classifier(str(folder)), data, data, tokenizer.pad_token_id,
+                   settings(tmp_path, epochs=1, fingerprint={"test": 2}))
+    assert result.resumed_from_step == 0
+
+
+def test_teacher_outputs_are_cached_and_checked(tiny, tmp_path):
+    folder, tokenizer, data = tiny
+    model = load_classifier(str(folder))
+    meta = {"teacher": "abc", "data_hash": "d1", "max_length": 32}
+    compute(model, {"train": data}, tokenizer.pad_token_id, tmp_path / "cache", batch_size=7,
+            hidden_states=True, meta=meta)
+    fresh = tokenize(tokenizer, [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.input_ids],
+                     data.labels, 32)
+    attached = attach(fresh, tmp_path / "cache", "train", expect=meta, with_hidden=True)
+    direct = model(input_ids=torch.tensor([data.input_ids[0]]), output_hidden_states=True)
+    assert np.allclose(attached.teacher_logits[0], direct.logits[0].detach().numpy(), atol=1e-5)
+    assert np.allclose(attached.teacher_hidden[0], direct.hidden_states[-1][0].detach().numpy(), atol=1e-2)
+    assert [len(h) for h in attached.teacher_hidden] == [len(ids) for ids in data.input_ids]
+    with pytest.raises(StaleCacheError, match="data_hash"):
+        attach(fresh, tmp_path / "cache", "train", expect={**meta, "data_hash": "d2"}, with_hidden=False)
+    with pytest.raises(StaleCacheError, match="no teacher outputs"):
+        attach(fresh, tmp_path / "empty", "train", expect=meta, with_hidden=False)

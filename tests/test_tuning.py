@@ -1,0 +1,87 @@
+"""The Optuna study: a bad trial is pruned, an interrupted study resumes, trials nest in MLflow."""
+
+import mlflow
+import optuna
+import pytest
+from tiny import make_reviews, make_tiny_model
+
+from distilops.config import DistillConfig
+from distilops.modeling import build_student, load_classifier, load_tokenizer
+from distilops.training import predict_logits, tokenize
+from distilops.tuning import pruning_summary, run_study, storage_for, study_name_for
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuning")
+    teacher = load_classifier(str(make_tiny_model(root / "teacher", layers=2)))
+    tokenizer = load_tokenizer(str(root / "teacher"))
+    df = make_reviews(n_movies=24, per_movie=6)
+    df = df[df["category"] != "plot"]
+    data = tokenize(tokenizer, df["text"].tolist(), (df["category"] == "fresh").astype(int).to_numpy(), 32)
+    data.teacher_logits, _ = predict_logits(teacher, data, tokenizer.pad_token_id)
+    return root, teacher, tokenizer, data
+
+
+def config(root, **kw) -> DistillConfig:
+    base = dict(n_trials=2, trial_train_examples=0, trial_epochs=3, eval_every_steps=3, batch_size=16,
+                pruner_startup_trials=1, pruner_warmup_steps=0, storage=f"sqlite:///{root}/study.db",
+                search={"temperature": [1.0, 4.0], "alpha": [0.1, 0.9], "learning_rate": [1e-6, 1e-2]})
+    return DistillConfig(**{**base, **kw})
+
+
+def test_study_prunes_a_bad_trial_resumes_and_nests_mlflow_runs(setup, tmp_path, monkeypatch):
+    root, teacher, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, n_trials=1)
+    name = study_name_for(cfg, {"data_hash": "x"})
+    storage = storage_for(cfg)
+    # A good first trial, then one whose learning rate is far too small to learn: it must be pruned.
+    optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study = optuna.load_study(study_name=name, storage=storage)
+    study.enqueue_trial({"temperature": 2.0, "alpha": 0.5, "learning_rate": 1e-2})
+    study.enqueue_trial({"temperature": 2.0, "alpha": 0.5, "learning_rate": 1e-6})
+
+    from distilops.tracking import stage_run
+
+    def student():
+        return build_student(teacher, 1)
+
+    with stage_run("distill") as parent:
+        first = run_study(cfg, student, data, data, tokenizer.pad_token_id, study_name=name, storage=storage)
+    finished = [t for t in first.trials if t.state.is_finished()]
+    assert [t.state for t in finished] == [optuna.trial.TrialState.COMPLETE]  # the second is still queued
+
+    # "Interrupted" after one trial: rerunning with the full budget runs only the missing trial.
+    with stage_run("distill"):
+        study = run_study(config(tmp_path), student, data, data, tokenizer.pad_token_id,
+                          study_name=name, storage=storage_for(config(tmp_path)))
+    assert [t.number for t in study.trials] == [0, 1]
+    assert study.trials[0].params == first.trials[0].params
+    assert study.trials[1].state == optuna.trial.TrialState.PRUNED
+    summary = pruning_summary(study)
+    assert summary["trials_pruned"] == 1 and summary["pruning_seconds_saved"] > 0
+    assert study.best_trial.number == 0 and study.best_value > 0.7
+
+    with stage_run("distill"):  # nothing left to run
+        again = run_study(config(tmp_path), student, data, data, tokenizer.pad_token_id,
+                          study_name=name, storage=storage_for(config(tmp_path)))
+    assert len(again.trials) == 2
+
+    client = mlflow.MlflowClient()
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [r.data.tags["state"] for r in children] == ["complete"]
+    all_trials = client.search_runs([parent.info.experiment_id], filter_string="tags.optuna_study = '" + name + "'")
+    assert sorted(r.data.tags["state"] for r in all_trials) == ["complete", "pruned"]
+    assert all("val_accuracy" in r.data.metrics and "temperature" in r.data.params for r in all_trials)
+    assert all(r.data.tags["mlflow.parentRunId"] for r in all_trials)
+
+
+def test_study_name_follows_the_search_space(tmp_path):
+    a = study_name_for(config(tmp_path), {"data_hash": "x"})
+    assert a == study_name_for(config(tmp_path), {"data_hash": "x"})
+    assert a != study_name_for(config(tmp_path), {"data_hash": "y"})
+    assert a != study_name_for(config(tmp_path, search={"alpha": [0.5, 0.5]}), {"data_hash": "x"})
+    assert study_name_for(config(tmp_path, study_name="mine"), {}) == "mine"

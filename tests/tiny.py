@@ -1,0 +1,74 @@
+"""Tiny real models and fixture data for tests: 2-layer, hidden-32 encoders and a small review set.
+
+Built in-test (no download): a WordPiece tokenizer over a small vocabulary, saved in the
+Hugging Face format, so every code path loads it exactly as it loads a hub model.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    MPNetConfig,
+    PreTrainedTokenizerFast,
+)
+
+POSITIVE = "great wonderful superb moving funny brilliant charming delightful".split()
+NEGATIVE = "awful boring dull tedious clumsy bland messy lifeless".split()
+FILLER = "the a this film movie story acting plot is was and but very quite really".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + [f"m{i}" for i in range(40)]
+
+
+def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(VOCAB)}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 32, arch: str = "bert",
+                    labels: tuple[str, ...] = ("rotten", "fresh"), seed: int = 0) -> Path:
+    """Save a randomly initialised tiny encoder + classifier head and its tokenizer to `folder`."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder)
+    common = dict(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=hidden * 2, max_position_embeddings=80, num_labels=len(labels),
+                  id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    config = BertConfig(**common) if arch == "bert" else MPNetConfig(**common)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def make_reviews(n_movies: int = 40, per_movie: int = 6, seed: int = 0) -> pd.DataFrame:
+    """Rotten-Tomatoes-shaped rows (category, text, movie_name) whose label the words decide."""
+    rng = random.Random(seed)
+    rows = []
+    for m in range(n_movies):
+        for _ in range(per_movie):
+            fresh = rng.random() < 0.55
+            words = rng.sample(POSITIVE if fresh else NEGATIVE, 2) + rng.sample(FILLER, rng.randint(2, 6))
+            rng.shuffle(words)
+            rows.append({"category": "fresh" if fresh else "rotten", "text": " ".join(words),
+                         "movie_name": f"m{m}"})
+        rows.append({"category": "plot", "text": f"a plot summary of movie m{m}", "movie_name": f"m{m}"})
+    return pd.DataFrame(rows)
