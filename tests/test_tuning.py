@@ -85,3 +85,10 @@ def test_study_name_follows_the_search_space(tmp_path):
     assert a != study_name_for(config(tmp_path), {"data_hash": "y"})
     assert a != study_name_for(config(tmp_path, search={"alpha": [0.5, 0.5]}), {"data_hash": "x"})
     assert study_name_for(config(tmp_path, study_name="mine"), {}) == "mine"
+
+
+def test_bad_storage_url_is_a_clear_error(tmp_path):
+    from distilops.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.storage: cannot open 'nosuchdb://x'"):
+        storage_for(config(tmp_path, storage="nosuchdb://x"))

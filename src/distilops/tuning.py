@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,9 @@ import mlflow
 import numpy as np
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from distilops.config import DistillConfig
+from distilops.config import ConfigError, DistillConfig
 from distilops.losses import distillation_loss
 from distilops.training import Examples, TrainSettings, device, model_inputs, seed_everything, train
 
@@ -91,12 +92,19 @@ def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
 
 
 def storage_for(cfg: DistillConfig) -> RDBStorage:
+    """RDB storage with heartbeats: a trial whose worker died is failed, then retried once."""
     url = cfg.storage
     if not url:
         DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{DEFAULT_STORAGE}"
-    return RDBStorage(url, heartbeat_interval=30, grace_period=90,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return RDBStorage(url, heartbeat_interval=30, grace_period=90,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as exc:  # SQLAlchemy raises many types: bad URL, missing driver, refused login
+            raise ConfigError(f"params.yaml: distill.storage: cannot open '{url}': "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def trial_subset(n: int, size: int, seed: int) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""Real `dvc repro` of prepare -> teacher -> teacher_outputs -> distill on a tiny model and fixture data."""
+
+import json
+
+import optuna
+import pytest
+from tiny import make_reviews, make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "max_length": 32,
+    "prepare.source": "reviews.csv",
+    "prepare.min_examples_per_class": 3,
+    "teacher.epochs": 6,
+    "teacher.batch_size": 16,
+    "teacher.learning_rate": 3.0e-3,
+    "teacher.checkpoint_every_steps": 5,
+    "teacher_outputs.batch_size": 16,
+    "distill.n_trials": 2,
+    "distill.trial_epochs": 2,
+    "distill.eval_every_steps": 4,
+    "distill.final_epochs": 2,
+    "distill.batch_size": 16,
+    "distill.trial_train_examples": 0,
+    "distill.search.learning_rate": [1.0e-3, 5.0e-3],
+}
+
+
+def tiny_pipeline(repo_copy):
+    make_reviews(n_movies=60).to_csv(repo_copy.path / "reviews.csv", index=False)
+    make_tiny_model(repo_copy.path / "tiny-teacher", layers=2)
+    repo_copy.set_params({**TINY, "teacher.model": "tiny-teacher"})
+
+
+def test_training_stages_run_cache_and_resume(repo_copy):
+    tiny_pipeline(repo_copy)
+    first = repo_copy.dvc("repro", "distill")
+    for stage in ("prepare", "teacher", "teacher_outputs", "distill"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    teacher = json.loads((repo_copy.path / "metrics/teacher.json").read_text())
+    distill = json.loads((repo_copy.path / "metrics/distill.json").read_text())
+    assert teacher["val_accuracy"] > 0.8 and teacher["layers"] == 2
+    assert distill["student_layers"] == 1 and distill["student_parameters"] < teacher["parameters"]
+    assert distill["trials"] == 2 and set(distill["best_params"]) >= {"temperature", "alpha", "learning_rate"}
+    assert distill["val_accuracy"] > 0.7
+    student = repo_copy.path / "models/student"
+    assert (student / "model.safetensors").exists() and (student / "distilops.json").exists()
+    assert not any((repo_copy.path / "checkpoints").rglob("*.pt"))  # finished runs leave no checkpoints
+
+    # A distill-only change: the teacher and its cached outputs are reused, the study resumes.
+    repo_copy.set_params({"distill.n_trials": 3})
+    second = repo_copy.dvc("repro", "distill")
+    assert "Running stage 'distill'" in second.stdout
+    for stage in ("prepare", "teacher", "teacher_outputs"):
+        assert f"Running stage '{stage}'" not in second.stdout
+    assert "2 trial(s) done, 1 to run" in second.stdout
+    study = optuna.load_study(study_name=distill["study_name"],
+                              storage=f"sqlite:///{repo_copy.path / 'optuna/distill.db'}")
+    assert len(study.trials) == 3
+
+    third = repo_copy.dvc("repro", "distill")
+    assert "Running stage" not in third.stdout
