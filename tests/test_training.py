@@ -114,3 +114,22 @@ def test_teacher_outputs_are_cached_and_checked(tiny, tmp_path):
         attach(fresh, tmp_path / "cache", "train", expect={**meta, "data_hash": "d2"}, with_hidden=False)
     with pytest.raises(StaleCacheError, match="no teacher outputs"):
         attach(fresh, tmp_path / "empty", "train", expect=meta, with_hidden=False)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny, tmp_path):
+    from distilops.training import DivergedError, cross_entropy_loss
+
+    folder, tokenizer, data = tiny
+    model = load_classifier(str(folder))
+
+    def exploding(model, batch):
+        return cross_entropy_loss(model, batch) * float("nan")
+
+    with pytest.raises(DivergedError, match="non-finite loss .* at step 1"):
+        train(model, data, data, tokenizer.pad_token_id, settings(tmp_path), loss_fn=exploding)
+
+
+def test_half_precision_checkpoints_load_as_fp32(tmp_path):
+    folder = make_tiny_model(tmp_path / "half")
+    load_classifier(str(folder)).half().save_pretrained(folder)
+    assert next(load_classifier(str(folder)).parameters()).dtype == torch.float32

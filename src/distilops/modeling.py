@@ -39,7 +39,10 @@ def load_classifier(name_or_path: str, labels: list[str] | None = None) -> PreTr
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        # fp32 master weights whatever the checkpoint's dtype: transformers 5 would otherwise keep an
+        # fp16 checkpoint in fp16, and AdamW on half-precision weights diverges (bf16 autocast on CUDA
+        # still computes in half precision).
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load '{name_or_path}' as a sequence classifier: {exc}") from exc
 

@@ -30,6 +30,10 @@ LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 EvalCallback = Callable[[int, float], None]  # (global step, validation accuracy); may raise to stop
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -286,6 +290,9 @@ def train(model: torch.nn.Module, train_data: Examples, val_data: Examples, pad_
                 continue
             with autocast(dev):
                 loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"non-finite loss ({loss.item()}) at step {step + 1}: learning rate too "
+                                    "high, or half-precision weights? The last checkpoint is kept.")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

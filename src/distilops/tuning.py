@@ -28,7 +28,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from distilops.config import ConfigError, DistillConfig
 from distilops.losses import distillation_loss
-from distilops.training import Examples, TrainSettings, device, model_inputs, seed_everything, train
+from distilops.training import (DivergedError, Examples, TrainSettings, device, model_inputs, seed_everything,
+                                train)
 
 DEFAULT_STORAGE = Path("optuna/distill.db")
 StudentFactory = Callable[[], torch.nn.Module]
@@ -157,6 +158,9 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
             except optuna.TrialPruned:
                 mlflow.set_tag("state", "pruned")
                 raise
+            except DivergedError as exc:  # a learning rate too high for this model is a bad setting, not a crash
+                mlflow.set_tag("state", "diverged")
+                raise optuna.TrialPruned(str(exc)) from exc
             finally:
                 seconds = time.perf_counter() - started
                 steps_done = reports[-1][0] if reports else 0
