@@ -19,8 +19,16 @@ import torch
 from distilops.data import read_split
 from distilops.losses import distillation_loss
 from distilops.modeling import build_student, count_parameters, load_classifier, load_tokenizer
-from distilops.training import (TrainSettings, accuracy, device, model_inputs, predict_logits, seed_everything,
-                                tokenize, train)
+from distilops.training import (
+    TrainSettings,
+    accuracy,
+    device,
+    model_inputs,
+    predict_logits,
+    seed_everything,
+    tokenize,
+    train,
+)
 
 
 def timed_throughput(model, data, pad_id, batch_size: int, repeats: int = 3) -> float:

@@ -14,7 +14,7 @@ def softmax(xs):
 
 
 def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
@@ -24,12 +24,12 @@ LABELS = [1, 2]
 
 def hand_soft(temperature: float) -> float:
     per_example = [kl(softmax([t / temperature for t in tr]), softmax([s / temperature for s in sr]))
-                   for sr, tr in zip(STUDENT, TEACHER)]
+                   for sr, tr in zip(STUDENT, TEACHER, strict=True)]
     return sum(per_example) / len(per_example) * temperature**2  # batchmean, times T^2
 
 
 def hand_ce() -> float:
-    return sum(-math.log(softmax(s)[y]) for s, y in zip(STUDENT, LABELS)) / len(LABELS)
+    return sum(-math.log(softmax(s)[y]) for s, y in zip(STUDENT, LABELS, strict=True)) / len(LABELS)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.5])

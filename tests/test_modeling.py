@@ -6,8 +6,14 @@ from tiny import make_tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from distilops.modeling import (ModelError, build_student, check_same_tokenizer, layer_map, load_classifier,
-                                load_tokenizer)
+from distilops.modeling import (
+    ModelError,
+    build_student,
+    check_same_tokenizer,
+    layer_map,
+    load_classifier,
+    load_tokenizer,
+)
 
 
 @pytest.mark.parametrize("arch,prefix", [("bert", "bert"), ("mpnet", "mpnet")])

@@ -2,9 +2,10 @@
 
 import json
 
-import optuna
 import pytest
 from tiny import make_reviews, make_tiny_model
+
+import optuna
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,15 @@ from tiny import make_reviews, make_tiny_model
 
 from distilops.modeling import load_classifier, load_tokenizer
 from distilops.teacher_outputs import StaleCacheError, attach, compute
-from distilops.training import (TrainSettings, accuracy, length_grouped_batches, make_collate, seed_everything,
-                                tokenize, train)
+from distilops.training import (
+    TrainSettings,
+    accuracy,
+    length_grouped_batches,
+    make_collate,
+    seed_everything,
+    tokenize,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_an_interrupted_run_resumes_exactly(tiny, tmp_path):
     model = load_classifier(str(folder))
     result = train(model, data, data, pad, settings(tmp_path))
     assert result.resumed_from_step == 6
-    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
 
 

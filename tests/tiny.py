@@ -18,9 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-POSITIVE = "great wonderful superb moving funny brilliant charming delightful".split()
-NEGATIVE = "awful boring dull tedious clumsy bland messy lifeless".split()
-FILLER = "the a this film movie story acting plot is was and but very quite really".split()
+POSITIVE = ["great", "wonderful", "superb", "moving", "funny", "brilliant", "charming", "delightful"]
+NEGATIVE = ["awful", "boring", "dull", "tedious", "clumsy", "bland", "messy", "lifeless"]
+FILLER = ["the", "a", "this", "film", "movie", "story", "acting", "plot", "is", "was", "and", "but", "very",
+          "quite", "really"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + [f"m{i}" for i in range(40)]
 
@@ -52,7 +53,7 @@ def make_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 32, arch: st
     make_tokenizer(folder)
     common = dict(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                   intermediate_size=hidden * 2, max_position_embeddings=80, num_labels=len(labels),
-                  id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+                  id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     config = BertConfig(**common) if arch == "bert" else MPNetConfig(**common)
     torch.manual_seed(seed)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)

@@ -13,6 +13,11 @@ app = typer.Typer(help="Knowledge distillation from training to registry. Pipeli
                   no_args_is_help=True, add_completion=False)
 
 
+@app.callback()
+def main() -> None:
+    """Knowledge distillation from training to registry. Pipeline stages run through `dvc repro`."""
+
+
 def fail(message: str) -> None:
     """Print a clear error and exit 1 (never a library traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)

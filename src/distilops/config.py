@@ -114,7 +114,7 @@ class SearchSpace:
             )
             setattr(self, key, [float(v[0]), float(v[1])])
         _check(self.temperature[0] > 0, "distill.search", "temperature", "must be > 0")
-        _check(0 <= self.alpha[0] and self.alpha[1] <= 1, "distill.search", "alpha", "must lie in [0, 1]")
+        _check(self.alpha[0] >= 0 and self.alpha[1] <= 1, "distill.search", "alpha", "must lie in [0, 1]")
         _check(self.learning_rate[0] > 0, "distill.search", "learning_rate", "must be > 0")
         _check(self.cosine_weight[0] >= 0, "distill.search", "cosine_weight", "must be >= 0")
 

