@@ -16,8 +16,16 @@ import optuna
 
 from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
 from distilops.data import DataError, read_split
-from distilops.modeling import (ModelError, build_student, check_same_tokenizer, count_parameters,
-                                load_classifier, load_tokenizer, save_model_folder)
+from distilops.modeling import (
+    ModelError,
+    build_student,
+    check_same_tokenizer,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    save_model_folder,
+)
+from distilops.predict import read_meta
 from distilops.pyfunc import log_model_folder
 from distilops.teacher_outputs import StaleCacheError, attach, folder_fingerprint
 from distilops.tracking import data_hash, stage_run
@@ -30,6 +38,10 @@ OUT, METRICS, PLOTS = Path("models/student"), Path("metrics/distill.json"), Path
 
 def log_study_plots(study: optuna.Study) -> None:
     """Optimisation history and parameter importances, as files and MLflow artifacts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     PLOTS.mkdir(parents=True, exist_ok=True)
@@ -41,10 +53,13 @@ def log_study_plots(study: optuna.Study) -> None:
                 axes = plot(study)
             except (ValueError, RuntimeError) as exc:  # importances need >= 2 complete trials
                 print(f"[distill] no {name} plot: {exc}")
-                continue
+                axes = plt.figure(figsize=(6, 1.5)).gca()
+                axes.axis("off")
+                axes.text(0.5, 0.5, f"no {name.replace('_', ' ')}: {exc}", ha="center", wrap=True)
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.tight_layout()
             figure.savefig(PLOTS / f"{name}.png", dpi=110)
+            plt.close(figure)
             mlflow.log_artifact(str(PLOTS / f"{name}.png"), artifact_path="study")
     mlflow.log_text(study.trials_dataframe().to_csv(index=False), "study/trials.csv")
 
@@ -66,6 +81,7 @@ def main() -> None:
 
     with_hidden = cfg.search.cosine_weight[1] > 0
     inputs = {"teacher": folder_fingerprint(TEACHER), "data_hash": data_hash(), "max_length": cfg.max_length}
+    teacher_name = read_meta(TEACHER).get("source_model", str(TEACHER))  # e.g. all-MiniLM-L6-v2
     data = {}
     for split in ("train", "validation"):
         frame = read_split(DATA, split)
@@ -77,7 +93,7 @@ def main() -> None:
     study_name = study_name_for(cfg, inputs)
     storage = storage_for(cfg)
     pad_id = tokenizer.pad_token_id
-    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=str(TEACHER)) as run:
+    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=teacher_name) as run:
         study = run_study(cfg, make_student, data["train"], data["validation"], pad_id,
                           study_name=study_name, storage=storage)
         best = params_of(study.best_trial, cfg)
@@ -95,12 +111,15 @@ def main() -> None:
             epochs=cfg.final_epochs, batch_size=cfg.batch_size, learning_rate=best.learning_rate,
             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
             checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=Path("checkpoints/student"),
-            fingerprint={"stage": "distill-final", "study": study_name, **vars(best)}, progress="student",
+            fingerprint={"stage": "distill-final", "study": study_name, **vars(best), "epochs": cfg.final_epochs,
+                         "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+                         "warmup_ratio": cfg.warmup_ratio}, progress="student",
         )
         result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
                        on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
         save_model_folder(student, tokenizer, OUT, max_length=cfg.max_length, role="student",
-                          teacher=str(TEACHER), optuna_study=study_name, data_hash=data_hash(),
+                          teacher=teacher_name, teacher_sha256=inputs["teacher"], optuna_study=study_name,
+                          data_hash=data_hash(),
                           mlflow_run_id=run.info.run_id, **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = {
             "study_name": study_name,

@@ -2,10 +2,9 @@
 
 import json
 
+import optuna
 import pytest
 from tiny import make_reviews, make_tiny_model
-
-import optuna
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,10 @@
 """The Optuna study: a bad trial is pruned, an interrupted study resumes, trials nest in MLflow."""
 
 import mlflow
+import optuna
 import pytest
 from tiny import make_reviews, make_tiny_model
 
-import optuna
 from distilops.config import DistillConfig
 from distilops.modeling import build_student, load_classifier, load_tokenizer
 from distilops.training import predict_logits, tokenize

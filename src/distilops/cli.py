@@ -5,6 +5,8 @@ Run `distilops --help`; pipeline stages run through `dvc repro`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from distilops.assets import CATALOGUE, AssetError, fetch
@@ -40,7 +42,108 @@ def assets_cmd(
             typer.echo(f"{asset.name:20s} {asset.kind:8s} {pkgs}\n{'':30s}{asset.description}")
 
 
-# --- registry commands (promote, history) are added below ---
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml holding the promote gates and model_name.")
+MODEL = typer.Option(None, "--model-name", "-m", help="Registered model name (default: model_name in params.yaml).")
+
+
+def _promote_config(params: Path, model_name: str | None):
+    from distilops.config import ConfigError, PromoteConfig, load_section
+
+    try:
+        cfg = load_section(PromoteConfig, "promote", params)
+    except ConfigError as exc:
+        fail(str(exc))
+    return cfg, model_name or cfg.model_name
+
+
+@app.command("promote")
+def promote_cmd(
+    version: str = typer.Argument(None, help="Version to promote (default: the newest serving version). "
+                                             "Naming an earlier production version rolls back to it."),
+    rollback: bool = typer.Option(False, "--rollback", help="Move the alias back to the version it held before."),
+    force: bool = typer.Option(False, "--force", help="Promote even if gates fail (needs --reason; recorded)."),
+    reason: str = typer.Option("", "--reason", "-r", help="Why: recorded in the history (required with --force)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the gates and print them; move nothing."),
+    model_name: str = MODEL,
+    params: Path = PARAMS,
+) -> None:
+    """Move the `production` alias to a version that passes its gates (params.yaml `promote`), and record it.
+
+    Gates: accuracy retention versus its teacher, no accuracy drop versus the current production
+    version beyond a tolerance, batch-1 p95 latency under a bound. A refusal names the failed gate
+    and its numbers. Every move is recorded: see `distilops history`.
+    """
+    from distilops.registry import GateError, RegistryError, promote
+
+    cfg, name = _promote_config(params, model_name)
+    if force and not reason.strip():
+        fail("--force needs --reason '...': overriding the gates is recorded with its reason")
+    try:
+        event, gates = promote(name, cfg, version=version, rollback=rollback, reason=reason,
+                               force_reason=reason if force else None, dry_run=dry_run)
+    except GateError as exc:
+        fail(str(exc))
+    except RegistryError as exc:
+        fail(str(exc))
+    for gate in gates:
+        mark = "skip" if gate.skipped else ("pass" if gate.passed else "FAIL")
+        typer.echo(f"  [{mark}] {gate.name}: {gate.detail}")
+    prefix = "would move" if dry_run else "moved"
+    typer.echo(f"{event.action}: {prefix} {name}@{event.alias} from "
+               f"{('v' + event.from_version) if event.from_version else '(none)'} to v{event.to_version} "
+               f"({event.user}, {event.when}): {event.reason}")
+
+
+@app.command("history")
+def history_cmd(
+    model_name: str = MODEL,
+    params: Path = PARAMS,
+    limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many events."),
+    as_json: bool = typer.Option(False, "--json", help="Print the events as JSON."),
+) -> None:
+    """List promotions and rollbacks, newest first: when, who, from which version to which, why."""
+    import json
+
+    from distilops.registry import history
+
+    cfg, name = _promote_config(params, model_name)
+    events = history(name, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([e.as_dict() for e in events], indent=2))
+        return
+    if not events:
+        typer.echo(f"no promotions of '{name}' recorded yet")
+    for e in events:
+        source = f"v{e.from_version}" if e.from_version else "(none)"
+        typer.echo(f"{e.when}  {e.user:12s} {e.action:16s} {e.alias}: {source} -> v{e.to_version}  {e.reason}")
+
+
+def _short_commit(commit: str) -> str:
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+@app.command("versions")
+def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
+    """List the registered versions with their variant, role, test metrics and aliases."""
+    from distilops.registry import client, list_versions, version_metrics
+
+    cfg, name = _promote_config(params, model_name)
+    c = client()
+    found = list_versions(c, name)
+    if not found:
+        fail(f"no versions of '{name}' in {c.tracking_uri}: run the pipeline (`dvc repro`) first")
+    by_version: dict[str, list[str]] = {}
+    for alias, number in c.get_registered_model(name).aliases.items():
+        by_version.setdefault(str(number), []).append(alias)
+    for mv in found:
+        m = version_metrics(mv)
+        aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
+        nan = float("nan")
+        typer.echo(f"v{mv.version:<4} {mv.tags.get('variant', '?'):11s} {mv.tags.get('role', '?'):9s} "
+                   f"acc {m.get('accuracy', nan):.4f}  retention {m.get('accuracy_retention', nan):.1%}"
+                   f"  p95 {m.get('latency_p95_ms', nan):6.2f} ms  {m.get('size_mb', nan):6.1f} MB"
+                   f"  aliases: {aliases}  commit {_short_commit(mv.tags.get('git_commit', '?'))}")
+
 
 # --- serving commands (package, serve) are added below ---
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-SHARED_KEYS = ("seed", "max_length")
+SHARED_KEYS = ("seed", "max_length", "model_name")
 T = TypeVar("T")
 
 
@@ -136,7 +136,10 @@ class DistillConfig:
     weight_decay: float = _help("AdamW weight decay.", 0.01)
     warmup_ratio: float = _help("Fraction of steps used for linear warm-up.", 0.1)
     pruner_startup_trials: int = _help("Trials completed before the median pruner prunes.", 2)
-    pruner_warmup_steps: int = _help("Reports within a trial before it can be pruned.", 2)
+    pruner_warmup_steps: int = _help(
+        "Training steps before a trial may be pruned (Optuna's n_warmup_steps; reports come every "
+        "eval_every_steps).", 20
+    )
     storage: str = _help("Optuna storage: '' = SQLite file optuna/distill.db; or any SQLAlchemy URL.", "")
     study_name: str = _help("'' = derived from the search space and inputs, so changed params start afresh.", "")
     checkpoint_every_steps: int = _help("Save a resumable checkpoint of the final training this often.", 100)
@@ -154,6 +157,83 @@ class DistillConfig:
             _check(getattr(self, key) >= 1, s, key, "must be >= 1")
         _check(self.trial_train_examples >= 0, s, "trial_train_examples", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, s, "warmup_ratio", "must be in [0, 1)")
+
+
+QUANTIZE_VARIANTS = ("torch_int8", "onnx_fp32", "onnx_int8")
+
+
+@dataclass
+class QuantizeConfig:
+    variants: list = _help("Variants to build: torch_int8, onnx_fp32, onnx_int8 (ONNX Runtime int8).",
+                           list(QUANTIZE_VARIANTS))
+    max_accuracy_drop: float = _help(
+        "A variant whose test accuracy falls more than this below the fp32 student's is rejected "
+        "(reported, never registered). 0.01 = one accuracy point.", 0.01
+    )
+    onnx_opset: int = _help("ONNX opset of the export.", 17)
+    batch_size: int = _help("Inference batch size of the accuracy check.", 64)
+
+    def __post_init__(self) -> None:
+        s = "quantize"
+        unknown = [v for v in self.variants if v not in QUANTIZE_VARIANTS]
+        _check(not unknown, s, "variants", f"unknown {unknown}; known: {list(QUANTIZE_VARIANTS)}")
+        _check(0 <= self.max_accuracy_drop <= 1, s, "max_accuracy_drop", "must be in [0, 1]")
+        _check(self.onnx_opset >= 14, s, "onnx_opset", "must be >= 14")
+        _check(self.batch_size >= 1, s, "batch_size", "must be >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = _help("Batch size of the throughput measurement.", 32)
+    speed_texts: int = _help("Test texts per throughput pass (0 = the whole test split).", 640)
+    latency_samples: int = _help("Test texts timed one at a time (batch 1) per repeat.", 200)
+    repeats: int = _help("Timed repeats per model; medians are reported, models interleaved.", 3)
+    threads: int = _help("CPU threads for PyTorch and ONNX Runtime (0 = all cores).", 0)
+
+    def __post_init__(self) -> None:
+        s = "evaluate"
+        for key in ("batch_size", "latency_samples", "repeats"):
+            _check(getattr(self, key) >= 1, s, key, "must be >= 1")
+        _check(self.speed_texts >= 0, s, "speed_texts", "must be >= 0")
+        _check(self.threads >= 0, s, "threads", "must be >= 0")
+
+
+SERVING_VARIANTS = ("student", *QUANTIZE_VARIANTS)
+
+
+@dataclass
+class RegisterConfig:
+    serving_variant: str = _help(
+        "The model to serve, registered beside the fp32 student: onnx_int8, onnx_fp32, torch_int8 or "
+        "student. A variant that quantize rejected is not registered (the student serves instead).",
+        "onnx_int8",
+    )
+    model_name: str = _help("Shared: the MLflow registered model name (top-level key).", "distilops-sentiment")
+
+    def __post_init__(self) -> None:
+        _check(self.serving_variant in SERVING_VARIANTS, "register", "serving_variant",
+               f"must be one of {list(SERVING_VARIANTS)}, got '{self.serving_variant}'")
+        _check(bool(self.model_name), "register", "model_name", "must not be empty")
+
+
+@dataclass
+class PromoteConfig:
+    alias: str = _help("Registry alias that serving follows.", "production")
+    min_accuracy_retention: float = _help(
+        "Gate: candidate test accuracy / its teacher's test accuracy must be at least this.", 0.97
+    )
+    max_accuracy_drop: float = _help(
+        "Gate: candidate test accuracy may be at most this below the current production version's.", 0.005
+    )
+    max_latency_p95_ms: float = _help("Gate: batch-1 p95 latency measured by evaluate, in ms.", 25.0)
+    model_name: str = _help("Shared: the MLflow registered model name (top-level key).", "distilops-sentiment")
+
+    def __post_init__(self) -> None:
+        s = "promote"
+        _check(bool(self.alias), s, "alias", "must not be empty")
+        _check(0 < self.min_accuracy_retention <= 1.5, s, "min_accuracy_retention", "must be in (0, 1.5]")
+        _check(0 <= self.max_accuracy_drop <= 1, s, "max_accuracy_drop", "must be in [0, 1]")
+        _check(self.max_latency_p95_ms > 0, s, "max_latency_p95_ms", "must be > 0")
 
 
 def _validate_training(section: str, cfg: Any) -> None:

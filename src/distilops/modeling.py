@@ -105,5 +105,5 @@ def save_model_folder(model: PreTrainedModel, tokenizer, folder: str | Path, *, 
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    write_meta(folder, format="pytorch", max_length=max_length, **meta)
+    write_meta(folder, format="pytorch", max_length=max_length, parameters=count_parameters(model), **meta)
     return folder

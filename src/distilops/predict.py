@@ -11,12 +11,17 @@ A model folder holds the tokenizer files, `config.json` (labels in `id2label`),
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+# Quiet the per-load "Loading weights" bar: evaluation and serving load several models.
+transformers.utils.logging.disable_progress_bar()
 
 META_FILE = "distilops.json"
 FORMAT_FILES = {"pytorch": "model.safetensors", "pytorch-int8": "model_int8.pt", "onnx": "model.onnx"}
@@ -50,8 +55,12 @@ def load_torch_int8(folder: str | Path) -> torch.nn.Module:
     """Rebuild the architecture from config.json, quantize it the same way, load the int8 weights."""
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_config(config)
-    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    model.load_state_dict(torch.load(Path(folder) / FORMAT_FILES["pytorch-int8"], weights_only=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors still go through the deprecated TypedStorage
+        model.load_state_dict(torch.load(Path(folder) / FORMAT_FILES["pytorch-int8"], weights_only=False))
     return model.eval()
 
 
@@ -97,16 +106,27 @@ class TextClassifier:
             self.model.to(self.device)
 
     def encode(self, texts: list[str]) -> tuple[dict, list[bool]]:
-        full = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        truncated = [len(ids) > self.max_length for ids in full]
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="np")
-        return dict(batch), truncated
+        """Tokenize (truncated to max_length, padded to the longest text) and flag truncated texts."""
+        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="np"))
+        truncated = [False] * len(texts)
+        # Only texts that reached max_length can have been cut: re-tokenize just those, untruncated.
+        at_limit = [i for i, n in enumerate(batch["attention_mask"].sum(axis=1)) if n >= self.max_length]
+        if at_limit:
+            full = self.tokenizer([texts[i] for i in at_limit], truncation=False, verbose=False)["input_ids"]
+            for i, ids in zip(at_limit, full, strict=True):
+                truncated[i] = len(ids) > self.max_length
+        return batch, truncated
 
     @torch.inference_mode()
     def predict_logits(self, texts: list[str]) -> np.ndarray:
         batch, _ = self.encode(texts)
         return self._forward(batch)
+
+    def predict_logits_batched(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Logits for any number of texts, `batch_size` at a time, in input order."""
+        parts = [self.predict_logits(texts[i: i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     @torch.inference_mode()
     def _forward(self, batch: dict) -> np.ndarray:

@@ -1,35 +1,23 @@
 """The MLflow model format of a registered version: a pyfunc that wraps one model folder.
 
-`mlflow.pyfunc.load_model("models:/NAME@production").predict(["great film"])` returns a
-DataFrame of label/score; the folder itself (see predict.py) travels as the artifact
-`model_dir`, so serving can also run it without MLflow (`find_model_folder`).
+`mlflow.pyfunc.load_model("models:/NAME@production").predict(["great film"])` returns label,
+score and a truncation flag per text. The folder itself (see predict.py) travels as the artifact
+`model_dir`, so serving can also run it without MLflow (`find_model_folder`). The model is
+logged "from code" (pyfunc_model.py), MLflow 3's recommended form, not as a pickled object.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow.pyfunc
-import pandas as pd
 
 from distilops.predict import META_FILE
+from distilops.pyfunc_model import ARTIFACT_KEY
 
-ARTIFACT_KEY = "model_dir"
-
-
-class TextClassifierModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from distilops.predict import TextClassifier
-
-        self.classifier = TextClassifier(context.artifacts[ARTIFACT_KEY])
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow's signature)
-        if isinstance(model_input, pd.DataFrame):
-            texts = model_input.iloc[:, 0].astype(str).tolist()
-        else:
-            texts = [str(t) for t in model_input]
-        rows = self.classifier.classify(texts)
-        return pd.DataFrame({"label": [r.label for r in rows], "score": [r.score for r in rows]})
+# MLflow draws a progress bar for every artifact round trip; our folders are a handful of files.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def find_model_folder(root: str | Path) -> Path:
@@ -50,11 +38,12 @@ def log_model_folder(folder: str | Path, *, name: str = "model", registered_mode
 
     import distilops
 
+    package = Path(distilops.__file__).parent
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=TextClassifierModel(),
+        python_model=str(package / "pyfunc_model.py"),
         artifacts={ARTIFACT_KEY: str(folder)},
-        code_paths=[str(Path(distilops.__file__).parent)],
+        code_paths=[str(package)],
         # Explicit requirements: inferred ones drag in torchvision (see ../shared/STACK.md).
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",

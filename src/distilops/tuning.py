@@ -22,10 +22,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-import optuna
 from distilops.config import ConfigError, DistillConfig
 from distilops.losses import distillation_loss
 from distilops.training import DivergedError, Examples, TrainSettings, device, model_inputs, seed_everything, train

@@ -1,0 +1,179 @@
+"""Side-by-side evaluation of teacher, student and quantized students on the test split.
+
+Quality: accuracy, macro F1, per-class precision/recall, agreement with the teacher.
+Cost: weights on disk, parameters, batch-1 latency (median and p95) and batch-32 throughput,
+measured end to end (tokenization included) through the same `TextClassifier` the service uses.
+Speed is measured in one process, models interleaved within each repeat, so machine noise
+falls on all of them alike; every figure is also given as a ratio to the teacher's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from tqdm.auto import tqdm
+
+from distilops.predict import TextClassifier
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:
+    ids = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids,
+                                                                     zero_division=0)
+    return {
+        "accuracy": float((labels == predictions).mean()),
+        "macro_f1": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(label_names)
+        },
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(threads: int) -> dict:
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _throughput(model: TextClassifier, texts: list[str], batch_size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        model.predict_logits(texts[i: i + batch_size])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def _latencies_ms(model: TextClassifier, texts: list[str]) -> list[float]:
+    out = []
+    for text in texts:
+        start = time.perf_counter()
+        model.predict_logits([text])
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def measure_speed(models: dict[str, TextClassifier], texts: list[str], *, batch_size: int = 32,
+                  latency_samples: int = 200, repeats: int = 3, progress: bool = True) -> dict[str, dict]:
+    """Median batch throughput and pooled batch-1 latency percentiles per model, interleaved."""
+    latency_texts = texts[:latency_samples]
+    for model in models.values():  # warm-up: first calls allocate and pick kernels
+        _throughput(model, texts[: batch_size * 2], batch_size)
+        _latencies_ms(model, latency_texts[:10])
+    throughput: dict[str, list[float]] = {name: [] for name in models}
+    latency: dict[str, list[float]] = {name: [] for name in models}
+    bar = tqdm(total=repeats * len(models), desc="speed", unit="model", disable=not progress)
+    for _ in range(repeats):
+        for name, model in models.items():
+            throughput[name].append(_throughput(model, texts, batch_size))
+            latency[name] += _latencies_ms(model, latency_texts)
+            bar.update(1)
+    bar.close()
+    return {
+        name: {
+            f"throughput_batch{batch_size}": statistics.median(throughput[name]),
+            "latency_p50_ms": float(np.percentile(latency[name], 50)),
+            "latency_p95_ms": float(np.percentile(latency[name], 95)),
+        }
+        for name in models
+    }
+
+
+def ratios_to_baseline(entry: dict, baseline: dict, batch_size: int = 32) -> dict:
+    """The DistilBERT-style claim in numbers: how much of the baseline's accuracy, how much faster, how small."""
+    key = f"throughput_batch{batch_size}"
+    return {
+        "accuracy_retention": entry["accuracy"] / baseline["accuracy"],
+        "accuracy_points": 100 * (entry["accuracy"] - baseline["accuracy"]),
+        "throughput_speedup": entry[key] / baseline[key],
+        "latency_p50_speedup": baseline["latency_p50_ms"] / entry["latency_p50_ms"],
+        "latency_p95_speedup": baseline["latency_p95_ms"] / entry["latency_p95_ms"],
+        "size_fraction": entry["size_mb"] / baseline["size_mb"],
+        "parameter_fraction": entry["parameters"] / baseline["parameters"] if baseline["parameters"] else None,
+    }
+
+
+def summary_line(name: str, entry: dict, batch_size: int = 32) -> str:
+    vs = entry.get("vs_teacher")
+    text = (f"{name:18s} acc {entry['accuracy']:.4f}  f1 {entry['macro_f1']:.4f}  "
+            f"{entry[f'throughput_batch{batch_size}']:7.1f} texts/s  p50 {entry['latency_p50_ms']:6.2f} ms  "
+            f"{entry['size_mb']:6.1f} MB")
+    if vs:
+        text += (f"  | vs teacher: {vs['accuracy_retention']:.1%} acc, {vs['throughput_speedup']:.2f}x throughput, "
+                 f"{vs['latency_p50_speedup']:.2f}x faster p50, {vs['size_fraction']:.0%} size")
+    return text
+
+
+def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> None:
+    """One confusion matrix per model, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
+        matrix = np.asarray(entry["confusion_matrix"])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(value), ha="center", va="center",
+                    color="white" if value > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(label_names)), label_names)
+        ax.set_yticks(range(len(label_names)), label_names)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{name}\nacc {entry['accuracy']:.3f}", fontsize=9)
+    axes[0][0].set_ylabel("actual")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
+    """Test accuracy against batch-1 median latency (log scale): the distillation trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ordered = sorted(results.items(), key=lambda item: item[1]["latency_p50_ms"])
+    for k, (name, entry) in enumerate(ordered):
+        x, y = entry["latency_p50_ms"], entry["accuracy"]
+        ax.scatter(x, y, s=12 * max(entry["size_mb"], 1) ** 0.5, zorder=3)
+        ax.annotate(f"{name}\n{entry['size_mb']:.0f} MB, {x:.2f} ms", (x, y), textcoords="offset points",
+                    xytext=(6, 10 if k % 2 == 0 else -24), fontsize=8)
+    accuracies = [e["accuracy"] for e in results.values()]
+    ax.set_ylim(min(accuracies) - 0.02, max(accuracies) + 0.01)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("batch-1 latency, median (ms, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs latency (marker area ~ size on disk)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8.
+
+Each variant is a model folder (see predict.py) holding the student's tokenizer, config and
+metadata beside its own weights, so every consumer loads it the same way. A variant is only
+accepted when its test accuracy stays within a tolerance of the fp32 student's (`check`).
+
+Why this order: a model already quantized by torch cannot be exported to ONNX, so ONNX int8 is
+made from the fp32 ONNX export by ONNX Runtime (see ../shared/STACK.md). The legacy TorchScript
+exporter (`dynamo=False`) is used because its graph quantizes cleanly with `quantize_dynamic`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distilops.predict import FORMAT_FILES, read_meta, write_meta
+
+VARIANTS = ("torch_int8", "onnx_fp32", "onnx_int8")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".pt", ".data")
+
+
+class QuantizeError(RuntimeError):
+    """A variant could not be built."""
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Tokenizer, config and distilops.json of `src` into a fresh `dst`; weights are not copied."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, dst / path.name)
+
+
+def quantize_torch_int8(student: Path, out: Path) -> Path:
+    """Dynamic int8 Linear layers (weights int8, activations quantized per batch at run time)."""
+    model = AutoModelForSequenceClassification.from_pretrained(student, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    copy_model_files(student, out)
+    torch.save(quantized.state_dict(), out / FORMAT_FILES["pytorch-int8"])
+    write_meta(out, format="pytorch-int8", variant="torch_int8", quantized_from=str(student))
+    return out
+
+
+def export_onnx(student: Path, out: Path, opset: int = 17) -> Path:
+    """fp32 ONNX graph with dynamic batch and sequence axes; outputs `logits`."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        student, dtype=torch.float32, attn_implementation="eager"  # sdpa does not export with dynamo=False
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    # Positional export inputs must follow forward()'s order (BERT: input_ids, attention_mask, token_type_ids),
+    # not the tokenizer's (input_ids, token_type_ids, attention_mask).
+    accepted = set(tokenizer.model_input_names) & {"input_ids", "attention_mask", "token_type_ids"}
+    names = [n for n in inspect.signature(model.forward).parameters if n in accepted]
+    example = tokenizer(["a short example", "and a slightly longer second example"], padding=True,
+                        return_tensors="pt")
+    copy_model_files(student, out)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
+        torch.onnx.export(
+            model, tuple(example[n] for n in names), out / FORMAT_FILES["onnx"], input_names=names,
+            output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset,
+            dynamo=False,
+        )
+    write_meta(out, format="onnx", variant="onnx_fp32", onnx_opset=opset, quantized_from=str(student))
+    return out
+
+
+def quantize_onnx_int8(onnx_fp32: Path, out: Path) -> Path:
+    """ONNX Runtime dynamic quantization: int8 MatMul weights and int8 embedding tables (Gather)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    copy_model_files(onnx_fp32, out)
+    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger
+    quantize_dynamic(str(onnx_fp32 / FORMAT_FILES["onnx"]), str(out / FORMAT_FILES["onnx"]),
+                     weight_type=QuantType.QInt8)
+    write_meta(out, format="onnx", variant="onnx_int8", quantized_from=str(onnx_fp32))
+    return out
+
+
+def build(variant: str, student: Path, out_root: Path, *, opset: int = 17) -> Path:
+    """Build one variant under `out_root/variant` (onnx_int8 builds onnx_fp32 first if missing)."""
+    out = out_root / variant
+    if variant == "torch_int8":
+        return quantize_torch_int8(student, out)
+    if variant == "onnx_fp32":
+        return export_onnx(student, out, opset)
+    if variant == "onnx_int8":
+        fp32 = out_root / "onnx_fp32"
+        if not (fp32 / FORMAT_FILES["onnx"]).exists():
+            export_onnx(student, fp32, opset)
+        return quantize_onnx_int8(fp32, out)
+    raise QuantizeError(f"unknown variant '{variant}'; known: {list(VARIANTS)}")
+
+
+@dataclass
+class Check:
+    """A variant's test predictions against the fp32 student's."""
+
+    variant: str
+    accuracy: float
+    student_accuracy: float
+    accuracy_drop: float  # student accuracy minus variant accuracy (positive = worse)
+    agreement_with_student: float
+    size_mb: float
+    student_size_mb: float
+    accepted: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weights_size_mb(folder: Path) -> float:
+    """Size of the weight file(s) on disk, in MB (10^6 bytes)."""
+    meta_format = read_meta(folder).get("format", "pytorch")
+    path = folder / FORMAT_FILES[meta_format]
+    extra = sum(p.stat().st_size for p in folder.glob("*.data"))  # ONNX external data, if any
+    return round((path.stat().st_size + extra) / 1e6, 3)
+
+
+def check(variant: str, predictions: np.ndarray, student_predictions: np.ndarray, labels: np.ndarray, *,
+          max_accuracy_drop: float, size_mb: float, student_size_mb: float) -> Check:
+    """Accept a variant when its accuracy is at most `max_accuracy_drop` below the student's."""
+    accuracy = float((predictions == labels).mean())
+    student_accuracy = float((student_predictions == labels).mean())
+    drop = student_accuracy - accuracy
+    accepted = drop <= max_accuracy_drop + 1e-12
+    reason = (f"accuracy {accuracy:.4f} vs student {student_accuracy:.4f} (drop {drop:+.4f}, "
+              f"tolerance {max_accuracy_drop})")
+    return Check(variant=variant, accuracy=accuracy, student_accuracy=student_accuracy, accuracy_drop=drop,
+                 agreement_with_student=float((predictions == student_predictions).mean()), size_mb=size_mb,
+                 student_size_mb=student_size_mb, accepted=accepted, reason=reason)

@@ -1,0 +1,283 @@
+"""The MLflow model registry: versions with lineage and metrics, gated promotion, an audit trail.
+
+- Every version carries tags: its lineage (git commit, data hash, teacher, Optuna study, params
+  hash, source run), what it is (variant, format, role) and its test metrics (`eval.*`), so the
+  gates read the numbers from the registry itself and the UI shows them beside the version.
+- `promote` moves an alias (default `production`) to a version only when its gates pass:
+  accuracy retention versus its teacher, no regression beyond a tolerance versus the current
+  production version, batch-1 p95 latency under a bound. `force_reason` overrides, recorded.
+- Every promotion and rollback is an MLflow run in the `distilops-promotions` experiment (who,
+  when, from which version to which, why, every gate's numbers): append-only, kept in the same
+  store as the registry (local SQLite or a shared server), listed by `history`. The run is
+  opened before the alias moves and closed as FINISHED after, so a crash in between leaves a
+  FAILED run that `history` ignores, never an unrecorded move.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from distilops.config import PromoteConfig
+from distilops.tracking import configure, lineage
+
+PROMOTIONS_EXPERIMENT = "distilops-promotions"
+METRIC_PREFIX = "eval."
+GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done as asked (unknown version, nothing to roll back to, ...)."""
+
+
+class GateError(RegistryError):
+    """A version failed its promotion gates."""
+
+    def __init__(self, version: str, failed: list[GateResult]) -> None:
+        lines = "\n".join(f"  - {g.name}: {g.detail}" for g in failed)
+        super().__init__(f"version {version} was not promoted; failed gate(s):\n{lines}\n"
+                         "Fix the model, or override with --force --reason '...' (recorded).")
+        self.failed = failed
+
+
+def client() -> mlflow.MlflowClient:
+    configure()
+    return mlflow.MlflowClient()
+
+
+# --- registering -----------------------------------------------------------------------------------
+
+
+def register_version(folder: Path, *, model_name: str, tags: dict[str, str], metrics: dict[str, float],
+                     description: str = "") -> ModelVersion:
+    """Log `folder` as a pyfunc model in the active run, register it, tag it; returns the new version.
+
+    Lineage tags (git commit, data hash) are always added; `tags` may add to or override them.
+    """
+    from distilops.pyfunc import log_model_folder
+
+    tags = {**lineage(), **tags}
+
+    info = log_model_folder(folder, name=tags.get("variant", "model"), registered_model_name=model_name,
+                            metadata={k: v for k, v in tags.items() if not k.startswith(METRIC_PREFIX)})
+    mlflow.log_metrics(metrics, model_id=info.model_id)  # MLflow 3 shows them on the logged model too
+    c = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    all_tags = {**tags, **{f"{METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}}
+    for key, value in all_tags.items():
+        c.set_model_version_tag(model_name, version, key, str(value))
+    if description:
+        c.update_model_version(model_name, version, description=description)
+    return c.get_model_version(model_name, version)
+
+
+def version_metrics(mv: ModelVersion) -> dict[str, float]:
+    return {k[len(METRIC_PREFIX):]: float(v) for k, v in mv.tags.items() if k.startswith(METRIC_PREFIX)}
+
+
+def get_version(c: mlflow.MlflowClient, model_name: str, version: str | int) -> ModelVersion:
+    try:
+        return c.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{model_name}'"))
+        raise RegistryError(f"model '{model_name}' has no version {version} (versions: {known or 'none'})") from exc
+
+
+def alias_version(c: mlflow.MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
+    try:
+        return c.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def list_versions(c: mlflow.MlflowClient, model_name: str) -> list[ModelVersion]:
+    versions = c.search_model_versions(f"name = '{model_name}'")
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def latest_serving_version(c: mlflow.MlflowClient, model_name: str) -> ModelVersion:
+    for mv in list_versions(c, model_name):
+        if mv.tags.get("role") == "serving":
+            return mv
+    raise RegistryError(f"model '{model_name}' has no serving version: run the pipeline (`dvc repro`) first")
+
+
+# --- gates -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    detail: str
+    skipped: bool = False
+
+
+def check_gates(candidate: ModelVersion, current: ModelVersion | None, gates: PromoteConfig, *,
+                rollback: bool = False) -> list[GateResult]:
+    m = version_metrics(candidate)
+    missing = [k for k in GATE_METRICS if k not in m]
+    if missing:
+        return [GateResult("metrics", False, f"version {candidate.version} has no {missing} tags "
+                                             "(register versions through the register stage)")]
+    results = []
+    retention = m["accuracy"] / m["teacher_accuracy"]
+    results.append(GateResult(
+        "accuracy_retention", retention >= gates.min_accuracy_retention,
+        f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f} "
+        f"(needs >= {gates.min_accuracy_retention:.2%})"))
+    results.append(GateResult(
+        "latency", m["latency_p95_ms"] <= gates.max_latency_p95_ms,
+        f"batch-1 p95 latency {m['latency_p95_ms']:.2f} ms (bound {gates.max_latency_p95_ms} ms)"))
+    if current is None or str(current.version) == str(candidate.version):
+        results.append(GateResult("no_regression", True, "no current production version", skipped=True))
+    elif rollback:
+        results.append(GateResult("no_regression", True,
+                                  f"rollback from version {current.version}: not compared", skipped=True))
+    else:
+        cur = version_metrics(current)
+        if "accuracy" not in cur:
+            results.append(GateResult("no_regression", True,
+                                      f"production version {current.version} has no metrics", skipped=True))
+        else:
+            drop = cur["accuracy"] - m["accuracy"]
+            note = ""
+            if candidate.tags.get("data_hash") != current.tags.get("data_hash"):
+                note = " (measured on different test splits: data hashes differ)"
+            results.append(GateResult(
+                "no_regression", drop <= gates.max_accuracy_drop + 1e-12,
+                f"accuracy {m['accuracy']:.4f} vs production v{current.version} {cur['accuracy']:.4f} "
+                f"(drop {drop:+.4f}, tolerance {gates.max_accuracy_drop}){note}"))
+    return results
+
+
+# --- promotion and its record ----------------------------------------------------------------------
+
+
+@dataclass
+class PromotionEvent:
+    when: str
+    user: str
+    action: str  # promote | rollback, with "-forced" when gates were overridden
+    model_name: str
+    alias: str
+    from_version: str  # "" when the alias pointed nowhere
+    to_version: str
+    reason: str
+    gates: list[dict]
+    run_id: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def current_user() -> str:
+    return os.environ.get("DISTILOPS_USER") or getpass.getuser()
+
+
+def _promotions_experiment(c: mlflow.MlflowClient) -> str:
+    found = c.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    return found.experiment_id if found else c.create_experiment(PROMOTIONS_EXPERIMENT)
+
+
+def history(model_name: str, *, alias: str | None = None, limit: int = 100) -> list[PromotionEvent]:
+    """Completed promotions and rollbacks of `model_name`, newest first."""
+    c = client()
+    found = c.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    if found is None:
+        return []
+    query = f"tags.model_name = '{model_name}' and attributes.status = 'FINISHED'"
+    if alias:
+        query += f" and tags.alias = '{alias}'"
+    runs = c.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
+                         max_results=limit)
+    events = []
+    for run in runs:
+        t = run.data.tags
+        events.append(PromotionEvent(
+            when=t.get("when", ""), user=t.get("user", ""), action=t.get("action", ""), model_name=model_name,
+            alias=t.get("alias", ""), from_version=t.get("from_version", ""), to_version=t.get("to_version", ""),
+            reason=t.get("reason", ""), gates=json.loads(t.get("gates", "[]")), run_id=run.info.run_id))
+    return events
+
+
+def previous_version(model_name: str, alias: str, current: ModelVersion | None) -> str:
+    """The version the alias pointed at before it moved to `current` (what a rollback returns to)."""
+    if current is None:
+        raise RegistryError(f"'{model_name}@{alias}' points nowhere: nothing to roll back")
+    for event in history(model_name, alias=alias):
+        if event.to_version == str(current.version):
+            if not event.from_version:
+                break
+            return event.from_version
+    raise RegistryError(f"no earlier '{alias}' version of '{model_name}' is recorded before "
+                        f"version {current.version}: nothing to roll back to")
+
+
+def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None = None, rollback: bool = False,
+            force_reason: str | None = None, reason: str = "", user: str | None = None,
+            dry_run: bool = False) -> tuple[PromotionEvent, list[GateResult]]:
+    """Move `gates.alias` to a version that passes its gates; record the move. Raises GateError on refusal.
+
+    `version` None: the newest serving version. `rollback`: the version before the current one.
+    Naming a version that held the alias before, older than the current one, is also a rollback
+    (the no-regression gate compares against the version being left, so it is not applied).
+    """
+    c = client()
+    alias = gates.alias
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model '{model_name}' in {mlflow.get_tracking_uri()}: "
+                            "run the pipeline (`dvc repro`) first") from exc
+    current = alias_version(c, model_name, alias)
+    if rollback and version is not None:
+        raise RegistryError("give either a version or --rollback, not both")
+    if rollback:
+        target = get_version(c, model_name, previous_version(model_name, alias, current))
+    elif version is None:
+        target = latest_serving_version(c, model_name)
+    else:
+        target = get_version(c, model_name, version)
+    if current is not None and str(target.version) == str(current.version):
+        raise RegistryError(f"version {target.version} is already '{model_name}@{alias}'")
+    if target.status != "READY":
+        raise RegistryError(f"version {target.version} is {target.status}, not READY")
+    if not rollback and current is not None and int(target.version) < int(current.version):
+        earlier = {e.to_version for e in history(model_name, alias=alias)}
+        rollback = str(target.version) in earlier
+
+    results = check_gates(target, current, gates, rollback=rollback)
+    failed = [g for g in results if not g.passed]
+    if failed and not force_reason:
+        raise GateError(target.version, failed)
+    action = ("rollback" if rollback else "promote") + ("-forced" if failed else "")
+    event = PromotionEvent(
+        when=datetime.now(timezone.utc).isoformat(timespec="seconds"), user=user or current_user(),
+        action=action, model_name=model_name, alias=alias, from_version=str(current.version) if current else "",
+        to_version=str(target.version), reason=(force_reason if failed else reason) or "all gates passed",
+        gates=[asdict(g) for g in results])
+    if dry_run:
+        return event, results
+
+    tags = {k: str(v) for k, v in event.as_dict().items() if k not in ("gates", "run_id")}
+    tags["gates"] = json.dumps(event.gates)
+    run = c.create_run(_promotions_experiment(c), run_name=f"{action} {model_name} v{event.from_version or '-'}"
+                       f" -> v{event.to_version}", tags=tags)
+    try:
+        c.set_registered_model_alias(model_name, alias, str(target.version))
+        c.set_model_version_tag(model_name, str(target.version), f"last_{alias}_at", event.when)
+    except Exception:
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    event.run_id = run.info.run_id
+    return event, results

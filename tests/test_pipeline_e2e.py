@@ -1,0 +1,52 @@
+"""The whole pipeline for real: `dvc repro` of every stage on a tiny model and fixture data in a
+temporary copy of the repository, then the registry it leaves behind."""
+
+import json
+
+import mlflow
+import pytest
+from test_pipeline_train import tiny_pipeline
+
+pytestmark = pytest.mark.slow
+
+FAST_EVALUATION = {"evaluate.speed_texts": 32, "evaluate.latency_samples": 10, "evaluate.repeats": 1,
+                   "register.serving_variant": "onnx_int8", "model_name": "tiny-sentiment"}
+
+
+def test_full_pipeline_registers_a_serving_version(repo_copy):
+    tiny_pipeline(repo_copy)
+    repo_copy.set_params(FAST_EVALUATION)
+    result = repo_copy.dvc("repro")
+    for stage in ("quantize", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in result.stdout
+
+    checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
+    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    evaluation = json.loads((repo_copy.path / "metrics/evaluate.json").read_text())
+    models = evaluation["models"]
+    assert set(models) == {"teacher", "student", "student_torch_int8", "student_onnx_fp32", "student_onnx_int8"}
+    assert models["student"]["vs_teacher"]["parameter_fraction"] < 1
+    assert all(m["size_mb"] > 0 and m["latency_p50_ms"] > 0 for m in models.values())
+    assert evaluation["hardware"]["threads"] >= 1 and evaluation["hardware"]["cpu"]
+    for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png"):
+        assert (repo_copy.path / "plots/evaluate" / plot).stat().st_size > 0
+    assert "student_onnx_int8" in (repo_copy.path / "plots/evaluate/predictions.csv").read_text().splitlines()[0]
+
+    registered = json.loads((repo_copy.path / "metrics/register.json").read_text())
+    assert registered["versions"]["student"]["role"] == "reference"
+    mlflow.set_tracking_uri(repo_copy.env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    serving = client.get_model_version("tiny-sentiment", str(registered["serving_version"]))
+    assert serving.tags["variant"] == "onnx_int8" and serving.tags["role"] == "serving"
+    assert serving.tags["teacher"] == "tiny-teacher" and serving.tags["optuna_study"].startswith("distill-")
+    assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8"]["accuracy"])
+    assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"]
+
+    # Every stage ran as an MLflow run tagged with its lineage.
+    runs = client.search_runs([client.get_experiment_by_name("distilops").experiment_id],
+                              "tags.mlflow.parentRunId IS NULL")
+    assert {r.data.tags["stage"] for r in runs} >= {"teacher", "distill", "evaluate", "register"}
+    assert all(r.data.tags["data_hash"] == serving.tags["data_hash"] for r in runs)
+
+    again = repo_copy.dvc("repro")
+    assert "Running stage" not in again.stdout

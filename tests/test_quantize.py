@@ -1,0 +1,92 @@
+"""Both quantization paths on a tiny model: they load through the serving code, stay faithful to the
+fp32 student, shrink it, and the acceptance check rejects a variant that loses too much accuracy."""
+
+import numpy as np
+import pytest
+from tiny import make_reviews, make_tiny_model
+
+from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.predict import TextClassifier, read_meta
+from distilops.quantize import build, check, weights_size_mb
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny trained-looking student folder saved the way the distill stage saves it."""
+    root = tmp_path_factory.mktemp("student")
+    raw = make_tiny_model(root / "raw", layers=2, hidden=64)
+    folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student",
+                               max_length=32, role="student", teacher="tiny")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts():
+    df = make_reviews(n_movies=20, per_movie=5)
+    return df[df["category"] != "plot"]["text"].tolist()
+
+
+@pytest.fixture(scope="module")
+def variants(student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized")
+    return {v: build(v, student, out) for v in ("torch_int8", "onnx_fp32", "onnx_int8")}
+
+
+def test_onnx_fp32_matches_the_student(student, variants, texts):
+    reference = TextClassifier(student).predict_logits_batched(texts, 16)
+    exported = TextClassifier(variants["onnx_fp32"])
+    assert exported.format == "onnx"
+    np.testing.assert_allclose(exported.predict_logits_batched(texts, 16), reference, atol=1e-4)
+
+
+def test_dynamic_batch_and_sequence_axes(variants, texts):
+    model = TextClassifier(variants["onnx_int8"])
+    assert model.predict_logits(texts[:1]).shape == (1, 2)
+    long_batch = [" ".join(texts[:6])] * 5  # longer than the export example, another batch size
+    assert model.predict_logits(long_batch).shape == (5, 2)
+
+
+@pytest.mark.parametrize("variant", ["torch_int8", "onnx_int8"])
+def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
+    reference = TextClassifier(student).predict_logits_batched(texts, 16)
+    quantized = TextClassifier(variants[variant]).predict_logits_batched(texts, 16)
+    assert np.abs(quantized - reference).max() < 0.1  # int8 rounding, not a different model
+    assert weights_size_mb(variants[variant]) < weights_size_mb(student)
+    meta = read_meta(variants[variant])
+    assert meta["variant"] == variant and meta["max_length"] == 32 and meta["teacher"] == "tiny"
+
+
+def test_onnx_int8_also_quantizes_the_embeddings(student, variants):
+    # MatMul weights alone would leave the (vocabulary x hidden) table in fp32: most of a small model's bytes.
+    import onnx
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(student)
+    graph = onnx.load(str(variants["onnx_int8"] / "model.onnx")).graph
+    tables = [t for t in graph.initializer if list(t.dims) == [config.vocab_size, config.hidden_size]]
+    assert tables and all(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in tables)
+
+
+def test_mpnet_exports_without_token_type_ids(tmp_path, texts):
+    raw = make_tiny_model(tmp_path / "mpnet", arch="mpnet")
+    folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
+                               max_length=32)
+    onnx = TextClassifier(build("onnx_fp32", folder, tmp_path / "q"))
+    assert "token_type_ids" not in onnx.onnx_inputs
+    np.testing.assert_allclose(onnx.predict_logits(texts[:4]), TextClassifier(folder).predict_logits(texts[:4]),
+                               atol=1e-4)
+
+
+def test_check_accepts_within_tolerance_and_rejects_beyond():
+    labels = np.array([0, 1] * 50)
+    student_preds = labels.copy()
+    student_preds[:10] = 1 - student_preds[:10]  # student: 0.90
+    slightly_worse = student_preds.copy()
+    slightly_worse[10] = 1 - slightly_worse[10]  # 0.89: one point below
+    much_worse = student_preds.copy()
+    much_worse[10:15] = 1 - much_worse[10:15]  # 0.85
+    ok = check("onnx_int8", slightly_worse, student_preds, labels, max_accuracy_drop=0.01, size_mb=1, student_size_mb=4)
+    bad = check("onnx_int8", much_worse, student_preds, labels, max_accuracy_drop=0.01, size_mb=1, student_size_mb=4)
+    assert ok.accepted and ok.accuracy_drop == pytest.approx(0.01) and ok.agreement_with_student == 0.99
+    assert not bad.accepted and bad.accuracy_drop == pytest.approx(0.05)
+    assert "drop +0.0500, tolerance 0.01" in bad.reason

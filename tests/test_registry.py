@@ -1,0 +1,143 @@
+"""The MLflow registry for real (SQLite store): register versions, promote behind gates, refuse worse
+ones, force with a reason, roll back, read the history; a crash mid-promotion moves nothing."""
+
+import mlflow
+import pytest
+from tiny import make_tiny_model
+
+from distilops.config import PromoteConfig
+from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.registry import (
+    GateError,
+    RegistryError,
+    alias_version,
+    client,
+    history,
+    promote,
+    register_version,
+    version_metrics,
+)
+from distilops.tracking import stage_run
+
+NAME = "tiny-sentiment"
+GATES = PromoteConfig(alias="production", min_accuracy_retention=0.97, max_accuracy_drop=0.005,
+                      max_latency_p95_ms=20.0, model_name=NAME)
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("DISTILOPS_USER", "alice")
+    monkeypatch.chdir(tmp_path)
+    raw = make_tiny_model(tmp_path / "raw")
+    folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
+                               max_length=32, teacher="tiny-teacher")
+    return folder
+
+
+def register(folder, accuracy: float, latency: float = 5.0, role: str = "serving") -> str:
+    with stage_run("register"):
+        mv = register_version(folder, model_name=NAME,
+                              tags={"variant": "onnx_int8", "role": role, "data_hash": "d1"},
+                              metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": latency})
+    return str(mv.version)
+
+
+def current() -> str | None:
+    mv = alias_version(client(), NAME, "production")
+    return None if mv is None else str(mv.version)
+
+
+def test_versions_carry_lineage_and_metrics_and_load_as_models(store):
+    version = register(store, 0.85)
+    mv = client().get_model_version(NAME, version)
+    assert mv.tags["role"] == "serving" and mv.tags["git_commit"] and mv.tags["data_hash"] == "d1"
+    assert version_metrics(mv) == {"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 5.0}
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    out = model.predict(["a wonderful film", "dull"])
+    assert len(out) == 2 and {o.label for o in out} <= {"rotten", "fresh"} and 0.5 <= out[0].score <= 1
+
+
+def test_promote_refuse_force_rollback_and_history(store):
+    v1 = register(store, 0.85)
+    v2 = register(store, 0.80)                 # retention 0.80 / 0.86 = 93%: below 97%
+    v3 = register(store, 0.84)                 # passes retention, but 0.01 below v1
+    v4 = register(store, 0.852, latency=4.0)   # better
+
+    promote(NAME, GATES, version=v1)
+    assert current() == v1
+
+    with pytest.raises(GateError, match=r"accuracy_retention: accuracy 0.8000 is 93.02% of its teacher's"):
+        promote(NAME, GATES, version=v2)
+    with pytest.raises(GateError, match=r"no_regression: accuracy 0.8400 vs production v1 0.8500 \(drop \+0.0100"):
+        promote(NAME, GATES, version=v3)
+    assert current() == v1  # refusals move nothing
+
+    event, _ = promote(NAME, GATES)  # default: the newest serving version
+    assert (event.from_version, event.to_version, event.action) == (v1, v4, "promote")
+    assert current() == v4
+
+    event, _ = promote(NAME, GATES, rollback=True, reason="customer complaints")
+    assert (event.from_version, event.to_version, event.action) == (v4, v1, "rollback") and current() == v1
+
+    with pytest.raises(RegistryError, match="already"):
+        promote(NAME, GATES, version=v1)
+    event, gates = promote(NAME, GATES, version=v2, force_reason="demo for the sales team")
+    assert event.action == "promote-forced" and current() == v2
+    assert [g.name for g in gates if not g.passed] == ["accuracy_retention", "no_regression"]
+
+    events = history(NAME)
+    assert [(e.action, e.from_version, e.to_version) for e in events] == [
+        ("promote-forced", v1, v2), ("rollback", v4, v1), ("promote", v1, v4), ("promote", "", v1)]
+    assert events[0].reason == "demo for the sales team" and events[1].reason == "customer complaints"
+    assert all(e.user == "alice" and e.when for e in events)
+    assert any(not g["passed"] for g in events[0].gates)
+
+
+def test_naming_an_earlier_production_version_is_a_rollback(store):
+    v1 = register(store, 0.85)
+    v2 = register(store, 0.86)
+    promote(NAME, GATES, version=v1)
+    promote(NAME, GATES, version=v2)
+    # v1 held production before: going back to it is a rollback, not compared against v2.
+    event, gates = promote(NAME, GATES, version=v1)
+    assert event.action == "rollback" and current() == v1
+    assert next(g for g in gates if g.name == "no_regression").skipped
+
+
+def test_nothing_to_roll_back_to_is_clear(store):
+    v1 = register(store, 0.85)
+    with pytest.raises(RegistryError, match="points nowhere"):
+        promote(NAME, GATES, rollback=True)
+    promote(NAME, GATES, version=v1)
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        promote(NAME, GATES, rollback=True)
+
+
+def test_a_crash_while_moving_the_alias_leaves_state_and_history_intact(store, monkeypatch):
+    v1, v2 = register(store, 0.85), register(store, 0.86)
+    promote(NAME, GATES, version=v1)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("tracking server went away")
+
+    with monkeypatch.context() as patch, pytest.raises(ConnectionError):
+        patch.setattr(mlflow.MlflowClient, "set_registered_model_alias", broken)
+        promote(NAME, GATES, version=v2)
+    assert current() == v1
+    assert [e.to_version for e in history(NAME)] == [v1]  # the failed attempt is not a recorded move
+
+
+def test_unknown_model_and_version_are_clear(store):
+    with pytest.raises(RegistryError, match="no registered model 'nope'"):
+        promote("nope", GATES)
+    register(store, 0.85)
+    with pytest.raises(RegistryError, match=r"has no version 7 \(versions: \[1\]\)"):
+        promote(NAME, GATES, version=7)
+
+
+def test_a_version_without_metrics_cannot_pass(store):
+    with stage_run("register"):
+        mv = register_version(store, model_name=NAME, tags={"role": "serving"}, metrics={})
+    with pytest.raises(GateError, match="has no"):
+        promote(NAME, GATES, version=mv.version)
