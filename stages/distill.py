@@ -2,8 +2,9 @@
 student trained on all training data with the best trial's parameters.
 
 Trials train on a fixed subset (they only need to rank settings); the final student then trains
-on everything, checkpointed so an interrupted run resumes. Both the study (SQLite) and the
-checkpoints survive a crash; rerunning continues where it stopped.
+on everything, checkpointed so an interrupted run resumes. Both the study (SQLite, or the
+database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and the checkpoints
+survive a crash; rerunning continues where it stopped.
 """
 
 import json
@@ -15,22 +16,21 @@ import mlflow
 import optuna
 
 from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
-from distilops.data import DataError, read_split
-from distilops.modeling import (
-    ModelError,
-    build_student,
-    check_same_tokenizer,
-    count_parameters,
-    load_classifier,
-    load_tokenizer,
-    save_model_folder,
-)
-from distilops.predict import read_meta
+from distilops.data import DataError
+from distilops.modeling import ModelError, count_parameters, save_model_folder
 from distilops.pyfunc import log_model_folder
-from distilops.teacher_outputs import StaleCacheError, attach, folder_fingerprint
+from distilops.teacher_outputs import StaleCacheError
 from distilops.tracking import data_hash, stage_run
-from distilops.training import TrainSettings, clear_checkpoints, seed_everything, tokenize, train
-from distilops.tuning import distill_loss_fn, params_of, pruning_summary, run_study, storage_for, study_name_for
+from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
+from distilops.tuning import (
+    distill_loss_fn,
+    load_inputs,
+    params_of,
+    pruning_summary,
+    run_study,
+    storage_for,
+    study_name_for,
+)
 
 DATA, TEACHER, CACHE = Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs")
 OUT, METRICS, PLOTS = Path("models/student"), Path("metrics/distill.json"), Path("plots/distill")
@@ -67,30 +67,11 @@ def log_study_plots(study: optuna.Study) -> None:
 def main() -> None:
     cfg = load_section(DistillConfig, "distill")
     seed_everything(cfg.seed)
-    labels = json.loads((DATA / "report.json").read_text())["labels"]
-    tokenizer = load_tokenizer(str(TEACHER))
-    teacher = load_classifier(str(TEACHER))
-    if cfg.student_model:
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.student_model), cfg.student_model)
-
-        def make_student():
-            return load_classifier(cfg.student_model, labels)
-    else:
-        def make_student():
-            return build_student(teacher, cfg.student_layers)
-
-    with_hidden = cfg.search.cosine_weight[1] > 0
-    inputs = {"teacher": folder_fingerprint(TEACHER), "data_hash": data_hash(), "max_length": cfg.max_length}
-    teacher_name = read_meta(TEACHER).get("source_model", str(TEACHER))  # e.g. all-MiniLM-L6-v2
-    data = {}
-    for split in ("train", "validation"):
-        frame = read_split(DATA, split)
-        data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), CACHE, split,
-                             expect=inputs, with_hidden=with_hidden)
-    if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
-        raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
-
-    study_name = study_name_for(cfg, inputs)
+    inputs = load_inputs(cfg, DATA, TEACHER, CACHE)
+    teacher, tokenizer, data = inputs.teacher, inputs.tokenizer, inputs.data
+    teacher_name = inputs.teacher_name
+    make_student = inputs.make_student
+    study_name = study_name_for(cfg, inputs.fingerprint)
     storage = storage_for(cfg)
     pad_id = tokenizer.pad_token_id
     with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=teacher_name) as run:
@@ -118,7 +99,7 @@ def main() -> None:
         result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
                        on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
         save_model_folder(student, tokenizer, OUT, max_length=cfg.max_length, role="student",
-                          teacher=teacher_name, teacher_sha256=inputs["teacher"], optuna_study=study_name,
+                          teacher=teacher_name, teacher_sha256=inputs.fingerprint["teacher"], optuna_study=study_name,
                           data_hash=data_hash(),
                           mlflow_run_id=run.info.run_id, **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = {

@@ -12,19 +12,16 @@ import mlflow
 from distilops.config import ConfigError, RegisterConfig, as_flat_dict, load_section
 from distilops.predict import read_meta
 from distilops.registry import RegistryError, register_version
-from distilops.tracking import data_hash, lineage, stage_run
+from distilops.tracking import data_hash, stage_run
 
 STUDENT, QUANTIZED, OUT = Path("models/student"), Path("models/quantized"), Path("metrics/register.json")
 TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms",
                   "throughput_batch32", "size_mb", "parameters")
 
 
-def version_tags(variant: str, folder: Path, role: str, params_hash: str) -> dict[str, str]:
-    meta = read_meta(folder)
-    keys = ("teacher", "optuna_study", "best_temperature", "best_alpha", "best_learning_rate", "max_length")
-    return {**lineage(), "data_hash": data_hash(), "variant": variant, "format": meta.get("format", "pytorch"),
-            "role": role, "params_sha256": params_hash, **{k: str(meta[k]) for k in keys if k in meta},
-            "student_run_id": str(meta.get("mlflow_run_id", ""))}
+def version_tags(variant: str, role: str, params_hash: str) -> dict[str, str]:
+    # register_version adds the lineage recorded in the folder (teacher, study, best parameters...).
+    return {"data_hash": data_hash(), "variant": variant, "role": role, "params_sha256": params_hash}
 
 
 def version_metrics(evaluation: dict, variant: str) -> dict[str, float]:
@@ -56,7 +53,7 @@ def main() -> None:
         mlflow.log_text(params_text, "params.yaml")
         for variant, folder, role in plan:
             mv = register_version(
-                folder, model_name=cfg.model_name, tags=version_tags(variant, folder, role, params_hash),
+                folder, model_name=cfg.model_name, tags=version_tags(variant, role, params_hash),
                 metrics=version_metrics(evaluation, variant),
                 description=f"{variant} ({role}) distilled from {read_meta(folder).get('teacher', '?')}")
             registered[variant] = {"version": int(mv.version), "role": role}

@@ -1,10 +1,15 @@
 """The whole pipeline for real: `dvc repro` of every stage on a tiny model and fixture data in a
-temporary copy of the repository, then the registry it leaves behind."""
+temporary copy of the repository, then the registry it leaves behind, then promote, package and
+serve, and a real request answered by the promoted version."""
 
 import json
+import sys
+from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
+from serving import Server, free_port
 from test_pipeline_train import tiny_pipeline
 
 pytestmark = pytest.mark.slow
@@ -50,3 +55,27 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
 
     again = repo_copy.dvc("repro")
     assert "Running stage" not in again.stdout
+
+    # Promote (gated; the tiny model's p95 is far under the bound), then package and serve it.
+    distilops = str(Path(sys.executable).parent / "distilops")
+    from conftest import run
+
+    promoted = run([distilops, "promote"], repo_copy.path, repo_copy.env)
+    assert f"to v{registered['serving_version']}" in promoted.stdout
+    history = run([distilops, "history"], repo_copy.path, repo_copy.env)
+    assert f"(none) -> v{registered['serving_version']}" in history.stdout
+
+    port = free_port()
+    env = {**repo_copy.env, "BENTOML_HOME": str(repo_copy.path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    server = Server([distilops, "serve", "--port", str(port)], env, port, repo_copy.path / "serve.log",
+                    cwd=repo_copy.path)
+    try:
+        server.wait_ready()
+        reply = httpx.post(server.url + "/classify", json={"texts": ["a wonderful, moving film", "dull and bland"]})
+        assert reply.status_code == 200 and len(reply.json()) == 2
+        assert reply.headers["x-model-version"] == str(registered["serving_version"])
+        info = httpx.get(server.url + "/model").json()
+        assert info["variant"] == "onnx_int8" and info["format"] == "onnx"
+        assert info["lineage"]["data_hash"] == serving.tags["data_hash"]
+    finally:
+        server.stop()

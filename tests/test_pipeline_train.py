@@ -62,3 +62,31 @@ def test_training_stages_run_cache_and_resume(repo_copy):
 
     third = repo_copy.dvc("repro", "distill")
     assert "Running stage" not in third.stdout
+
+
+def test_tune_workers_share_one_study_then_distill_only_trains(repo_copy):
+    """What the Kubernetes Indexed Job does, with SQLite in place of PostgreSQL: two workers fill one
+    study up to n_trials; the distill stage then runs no trial, only the final student."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_pipeline(repo_copy)
+    repo_copy.set_params({"distill.n_trials": 4, "distill.pruner_startup_trials": 4})
+    repo_copy.dvc("repro", "teacher_outputs")
+    distilops = str(Path(sys.executable).parent / "distilops")
+    workers = [subprocess.Popen([distilops, "tune", "--worker", str(i)], cwd=repo_copy.path, env=repo_copy.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    storage = f"sqlite:///{repo_copy.path / 'optuna/distill.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    finished = [t for t in trials if t.state.is_finished()]
+    assert len(finished) >= 4  # a worker may finish the trial it started as the other reached the total
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == len(finished)  # own seeds: no repeats
+
+    result = repo_copy.dvc("repro", "distill")
+    assert "0 to run" in result.stdout
+    assert json.loads((repo_copy.path / "metrics/distill.json").read_text())["trials"] == len(trials)

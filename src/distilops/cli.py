@@ -12,7 +12,7 @@ import typer
 from distilops.assets import CATALOGUE, AssetError, fetch
 
 app = typer.Typer(help="Knowledge distillation from training to registry. Pipeline: `dvc repro`.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 
 @app.callback()
@@ -42,7 +42,7 @@ def assets_cmd(
             typer.echo(f"{asset.name:20s} {asset.kind:8s} {pkgs}\n{'':30s}{asset.description}")
 
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml holding the promote gates and model_name.")
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The pipeline's params.yaml.")
 MODEL = typer.Option(None, "--model-name", "-m", help="Registered model name (default: model_name in params.yaml).")
 
 
@@ -145,7 +145,99 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
                    f"  aliases: {aliases}  commit {_short_commit(mv.tags.get('git_commit', '?'))}")
 
 
-# --- serving commands (package, serve) are added below ---
+@app.command("tune")
+def tune_cmd(
+    storage: str = typer.Option(None, "--storage", envvar="DISTILOPS_OPTUNA_STORAGE",
+                                help="SQLAlchemy URL of the shared study (e.g. postgresql://user:pw@host/optuna); "
+                                     "default: distill.storage in params.yaml."),
+    worker: int = typer.Option(0, "--worker", envvar="JOB_COMPLETION_INDEX",
+                               help="This worker's index (a Kubernetes Indexed Job sets it): seeds its sampler."),
+    params: Path = PARAMS,
+) -> None:
+    """Run distillation trials as one of many workers sharing the `distill` study, then exit.
+
+    Needs the prepared data, teacher and teacher outputs (`dvc repro teacher_outputs`). Workers
+    stop once the study holds `distill.n_trials` finished trials; `dvc repro distill` then trains
+    the final student from the best trial without rerunning any.
+    """
+    import os
+
+    from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
+    from distilops.data import DataError
+    from distilops.modeling import ModelError
+    from distilops.teacher_outputs import StaleCacheError
+    from distilops.tracking import stage_run
+    from distilops.training import seed_everything
+    from distilops.tuning import STORAGE_ENV, load_inputs, pruning_summary, run_study, storage_for, study_name_for
+
+    if storage:
+        os.environ[STORAGE_ENV] = storage
+    try:
+        cfg = load_section(DistillConfig, "distill", params)
+        seed_everything(cfg.seed)
+        inputs = load_inputs(cfg, Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs"))
+        name = study_name_for(cfg, inputs.fingerprint)
+        with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), optuna_study=name, teacher=inputs.teacher_name):
+            study = run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
+                              inputs.tokenizer.pad_token_id, study_name=name, storage=storage_for(cfg), worker=worker)
+    except (ConfigError, DataError, ModelError, StaleCacheError) as exc:
+        fail(str(exc))
+    summary = pruning_summary(study)
+    typer.echo(f"study '{name}': {summary['trials_complete']} complete, {summary['trials_pruned']} pruned; "
+               f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
+
+
+@app.command("package")
+def package_cmd(
+    version: str = typer.Option(None, "--version", help="Package this registry version instead of the alias's."),
+    model_name: str = MODEL,
+    params: Path = PARAMS,
+) -> None:
+    """Import the registry's production version into the BentoML model store (for `bentoml build` / serve).
+
+    Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
+    immutable Bento that serves without the registry.
+    """
+    from distilops.package import package
+    from distilops.registry import RegistryError
+
+    cfg, name = _promote_config(params, model_name)
+    try:
+        packaged = package(name, alias=cfg.alias, version=version)
+    except RegistryError as exc:
+        fail(str(exc))
+    typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
+               f"as Bento model {packaged.tag}", err=True)
+    typer.echo(packaged.tag)
+
+
+@app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(3000, "--port", "-p", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 to expose it)."),
+    version: str = typer.Option(None, "--version", help="Serve this registry version instead of production."),
+    model_name: str = MODEL,
+    params: Path = PARAMS,
+) -> None:
+    """Package the production version, then serve it with `bentoml serve` (POST /classify, GET /model)."""
+    import os
+    import subprocess
+    import sys
+
+    from distilops.package import package
+    from distilops.registry import RegistryError
+
+    cfg, name = _promote_config(params, model_name)
+    try:
+        packaged = package(name, alias=cfg.alias, version=version)
+    except RegistryError as exc:
+        fail(str(exc))
+    typer.echo(f"serving {name} v{packaged.registry_version} ({packaged.variant}) on http://{host}:{port}", err=True)
+    src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.service from here
+    env = {**os.environ, "DISTILOPS_BENTO_MODEL": packaged.tag, "BENTOML_DO_NOT_TRACK": "true"}
+    bentoml = Path(sys.executable).parent / "bentoml"
+    raise typer.Exit(subprocess.call([str(bentoml), "serve", "distilops.service:Classifier", "--host", host,
+                                      "--port", str(port)], cwd=src, env=env))
 
 
 if __name__ == "__main__":

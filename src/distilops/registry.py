@@ -32,6 +32,8 @@ from distilops.tracking import configure, lineage
 PROMOTIONS_EXPERIMENT = "distilops-promotions"
 METRIC_PREFIX = "eval."
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
+FOLDER_LINEAGE = ("teacher", "teacher_sha256", "optuna_study", "best_temperature", "best_alpha",
+                  "best_learning_rate", "best_cosine_weight", "max_length", "mlflow_run_id")
 
 
 class RegistryError(RuntimeError):
@@ -60,11 +62,15 @@ def register_version(folder: Path, *, model_name: str, tags: dict[str, str], met
                      description: str = "") -> ModelVersion:
     """Log `folder` as a pyfunc model in the active run, register it, tag it; returns the new version.
 
-    Lineage tags (git commit, data hash) are always added; `tags` may add to or override them.
+    Lineage tags are always added (git commit, data hash, and the teacher, Optuna study, best
+    parameters and format that the folder's distilops.json records); `tags` may add or override.
     """
+    from distilops.predict import read_meta
     from distilops.pyfunc import log_model_folder
 
-    tags = {**lineage(), **tags}
+    meta = read_meta(folder)
+    recorded = {k: str(meta[k]) for k in FOLDER_LINEAGE if k in meta}
+    tags = {**lineage(), **recorded, "format": meta.get("format", "pytorch"), **tags}
 
     info = log_model_folder(folder, name=tags.get("variant", "model"), registered_model_name=model_name,
                             metadata={k: v for k, v in tags.items() if not k.startswith(METRIC_PREFIX)})

@@ -43,7 +43,12 @@ def configure(experiment: str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """Current commit (suffixed '-dirty' when tracked files changed), or 'unknown' outside git."""
+    """Current commit (suffixed '-dirty' when tracked files changed), or 'unknown' outside git.
+
+    DISTILOPS_GIT_COMMIT wins: a container image built from a commit has no .git to ask.
+    """
+    if os.environ.get("DISTILOPS_GIT_COMMIT"):
+        return os.environ["DISTILOPS_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         # dvc.lock and metrics/ are the pipeline's own outputs: `dvc repro` rewrites them mid-run.

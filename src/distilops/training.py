@@ -300,7 +300,7 @@ def train(model: torch.nn.Module, train_data: Examples, val_data: Examples, pad_
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", best_acc=f"{max(best_acc, 0):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", best_acc=f"{best_acc:.4f}" if best_acc >= 0 else "-")
             end_of_epoch = i == steps_per_epoch - 1
             if (settings.eval_every_steps and step % settings.eval_every_steps == 0) or (
                 end_of_epoch and not (settings.eval_every_steps and step % settings.eval_every_steps == 0)

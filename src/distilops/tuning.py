@@ -2,7 +2,9 @@
 
 - TPE sampler seeded from `seed`; median pruner fed validation accuracy every `eval_every_steps`.
 - Storage: an SQLite file by default, so an interrupted study resumes (`load_if_exists`) and runs
-  only its missing trials; any SQLAlchemy URL (PostgreSQL) lets many workers share one study.
+  only its missing trials; any SQLAlchemy URL (PostgreSQL) lets many workers share one study
+  (`distilops tune`); every worker stops once the study holds `n_trials` finished trials.
+  DISTILOPS_OPTUNA_STORAGE overrides `distill.storage`, so database passwords stay out of params.yaml.
   Heartbeats mark a crashed worker's trial failed, and it is retried once with the same params.
 - Each trial is a nested MLflow run under the stage's run; memory is released between trials.
 - The study name is derived from everything that changes a trial's result, so editing the
@@ -14,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +28,8 @@ import numpy as np
 import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from tqdm.auto import tqdm
 
 from distilops.config import ConfigError, DistillConfig
 from distilops.losses import distillation_loss
@@ -91,9 +96,61 @@ def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
     return "distill-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+STORAGE_ENV = "DISTILOPS_OPTUNA_STORAGE"
+
+
+@dataclass
+class DistillInputs:
+    """Everything a trial needs, loaded once: teacher, tokenizer, student factory, data with cached targets."""
+
+    teacher: torch.nn.Module
+    tokenizer: object
+    make_student: StudentFactory
+    data: dict[str, Examples]
+    fingerprint: dict  # teacher folder hash, data hash, max_length: what the cache and study name depend on
+    teacher_name: str
+
+
+def load_inputs(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, cache_dir: Path) -> DistillInputs:
+    """Teacher, tokenizer and the train/validation examples with the cached teacher outputs attached."""
+    from distilops.data import read_split
+    from distilops.modeling import ModelError, build_student, check_same_tokenizer, load_classifier, load_tokenizer
+    from distilops.predict import read_meta
+    from distilops.teacher_outputs import StaleCacheError, attach, folder_fingerprint
+    from distilops.tracking import data_hash
+    from distilops.training import tokenize
+
+    if not (cache_dir / "meta.json").exists():
+        raise StaleCacheError(f"{cache_dir} holds no teacher outputs: run `dvc repro teacher_outputs` first")
+    labels = json.loads((data_dir / "report.json").read_text())["labels"]
+    tokenizer = load_tokenizer(str(teacher_dir))
+    teacher = load_classifier(str(teacher_dir))
+    if cfg.student_model:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.student_model), cfg.student_model)
+
+        def make_student() -> torch.nn.Module:
+            return load_classifier(cfg.student_model, labels)
+    else:
+        def make_student() -> torch.nn.Module:
+            return build_student(teacher, cfg.student_layers)
+
+    with_hidden = cfg.search.cosine_weight[1] > 0
+    fingerprint = {"teacher": folder_fingerprint(teacher_dir), "data_hash": data_hash(data_dir / "report.json"),
+                   "max_length": cfg.max_length}
+    data = {}
+    for split in ("train", "validation"):
+        frame = read_split(data_dir, split)
+        data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), cache_dir, split,
+                             expect=fingerprint, with_hidden=with_hidden)
+    if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
+        raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
+    teacher_name = read_meta(teacher_dir).get("source_model", str(teacher_dir))  # e.g. all-MiniLM-L6-v2
+    return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name)
+
+
 def storage_for(cfg: DistillConfig) -> RDBStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed, then retried once."""
-    url = cfg.storage
+    url = os.environ.get(STORAGE_ENV) or cfg.storage
     if not url:
         DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{DEFAULT_STORAGE}"
@@ -115,9 +172,13 @@ def trial_subset(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
-              pad_id: int, *, study_name: str, storage: RDBStorage | str) -> optuna.Study:
-    """Create or resume the study and run the trials still missing (complete or pruned count as done)."""
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+              pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None) -> optuna.Study:
+    """Create or resume the study and run the trials still missing (complete or pruned count as done).
+
+    `worker` (0, 1, ...) marks an extra worker sharing the study: its sampler gets its own seed,
+    or every worker would propose the same first trials.
+    """
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed if worker is None else cfg.seed + 1000 * (worker + 1))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_steps)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
@@ -172,8 +233,21 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                 if device().type == "cuda":
                     torch.cuda.empty_cache()
 
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # One line per trial, written through tqdm so it does not break the progress bars.
+        params = ", ".join(f"{k} {v:.3g}" for k, v in trial.params.items())
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            outcome = f"val accuracy {trial.value:.4f}"
+        else:
+            outcome = f"{trial.state.name.lower()} at step {trial.user_attrs.get('steps', '?')}"
+        tqdm.write(f"[distill] trial {trial.number}: {outcome} ({params})")
+
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=True)
+        # Other workers may be filling the same study: stop once it holds n_trials finished trials.
+        enough = MaxTrialsCallback(cfg.n_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                         optuna.trial.TrialState.PRUNED))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # `report` says the same, bar-safe
+        study.optimize(objective, n_trials=remaining, gc_after_trial=True, callbacks=[enough, report])
     return study
 
 

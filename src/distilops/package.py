@@ -1,0 +1,84 @@
+"""Registry -> BentoML model store: the version an alias names becomes an immutable Bento model.
+
+`bentoml build` then bakes that model into the Bento, so a pod serves exactly the model it was
+built with and never needs the registry at run time. The Bento model is labelled with the
+registry name and version and carries the version's lineage and metrics as metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from distilops.predict import read_meta
+from distilops.pyfunc import find_model_folder
+from distilops.registry import RegistryError, alias_version, client, get_version, version_metrics
+
+MODEL_SUBDIR = "model"  # the model folder inside the Bento model's directory
+
+
+@dataclass
+class Packaged:
+    tag: str
+    registry_name: str
+    registry_version: str
+    variant: str
+    path: str
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def import_model_folder(folder: Path, tag: str, *, labels: dict[str, str], metadata: dict) -> str:
+    """Copy a model folder into the BentoML model store as `tag` (replacing one with the same tag)."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    with contextlib.suppress(NotFound):
+        bentoml.models.delete(tag)  # same version and bytes: re-create it so it becomes `latest`
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as bento_model:
+        shutil.copytree(folder, Path(bento_model.path) / MODEL_SUBDIR)
+    return tag
+
+
+def package(model_name: str, *, alias: str = "production", version: str | None = None,
+            bento_model_name: str | None = None) -> Packaged:
+    """Import `model_name@alias` (or an explicit version) into the BentoML model store; returns its tag.
+
+    The tag is `<name>:v<registry version>-<content hash>`; packaging the same version again
+    re-creates it, so it is also the store's `latest` (what `bentoml build` and `serve` pick).
+    """
+    import bentoml
+
+    c = client()
+    if version is None:
+        mv = alias_version(c, model_name, alias)
+        if mv is None:
+            raise RegistryError(f"'{model_name}@{alias}' points at no version: promote one first "
+                                f"(`distilops promote`)")
+    else:
+        mv = get_version(c, model_name, version)
+    with tempfile.TemporaryDirectory(prefix="distilops-package-") as tmp:
+        downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{mv.version}", dst_path=tmp))
+        folder = find_model_folder(downloaded)
+        meta = read_meta(folder)
+        tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_digest(folder)[:10]}"
+        labels = {"registry_name": model_name, "registry_version": str(mv.version), "alias": alias if version is None
+                  else "", "variant": mv.tags.get("variant", "?"), "format": meta.get("format", "pytorch")}
+        metadata = {**dict(mv.tags), "metrics": version_metrics(mv), "source": f"models:/{model_name}/{mv.version}",
+                    "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": mv.run_id or "",
+                    "max_length": meta.get("max_length")}
+        import_model_folder(folder, tag, labels=labels, metadata=metadata)
+    return Packaged(tag=tag, registry_name=model_name, registry_version=str(mv.version),
+                    variant=labels["variant"], path=str(bentoml.models.get(tag).path))

@@ -1,0 +1,69 @@
+"""Start the real BentoML service (`bentoml serve` on 127.0.0.1, a free port) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PROBE_PATHS = ("/livez", "/readyz")  # what the Kubernetes probes call (tests/test_k8s.py checks the manifests)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._log_file = open(log, "w")  # noqa: SIM115 (kept open for the server's life)
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+        self._log_file.close()
+
+
+def bentoml_serve(port: int, env: dict, log: Path) -> Server:
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    return Server([bentoml, "serve", "distilops.service:Classifier", "--host", "127.0.0.1", "--port", str(port)],
+                  env, port, log)
+
+
+def batch_histogram(metrics_text: str) -> tuple[int, float]:
+    """(model calls, requests) of the classify API from BentoML's adaptive_batch_size histogram."""
+    calls = requests = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_count") and 'method_name="classify"' in line:
+            calls += float(line.rsplit(" ", 1)[1])
+        if line.startswith("bentoml_service_adaptive_batch_size_sum") and 'method_name="classify"' in line:
+            requests += float(line.rsplit(" ", 1)[1])
+    return int(calls), requests

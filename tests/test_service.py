@@ -1,0 +1,136 @@
+"""The BentoML service for real: a tiny model registered in a SQLite MLflow registry, promoted, packaged
+into a temporary BentoML store and served by `bentoml serve` on 127.0.0.1."""
+
+import asyncio
+import os
+
+import httpx
+import pytest
+from serving import PROBE_PATHS, batch_histogram, bentoml_serve, free_port
+from tiny import make_tiny_model
+
+from distilops.config import PromoteConfig
+from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.package import package
+from distilops.predict import TextClassifier
+from distilops.registry import promote, register_version
+from distilops.tracking import stage_run
+
+pytestmark = pytest.mark.slow
+NAME = "tiny-sentiment"
+MAX_TEXTS, MAX_CHARS, MAX_LENGTH = 8, 300, 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "BENTOML_HOME": str(root / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true", "DISTILOPS_MAX_TEXTS": str(MAX_TEXTS),
+           "DISTILOPS_MAX_TEXT_CHARS": str(MAX_CHARS), "DISTILOPS_MAX_LATENCY_MS": "2000"}
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")}
+    os.environ.update({k: env[k] for k in saved})
+    try:
+        raw = make_tiny_model(root / "raw", layers=2)
+        folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "model",
+                                   max_length=MAX_LENGTH, teacher="tiny-teacher")
+        with stage_run("register"):
+            for _ in range(2):  # v1, v2: v2 is promoted, so the server must say 2
+                mv = register_version(folder, model_name=NAME, tags={"variant": "student", "role": "serving"},
+                                      metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
+        promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
+        packaged = package(NAME)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    server = bentoml_serve(free_port(), {**env, "DISTILOPS_BENTO_MODEL": packaged.tag}, root / "server.log")
+    try:
+        server.wait_ready()
+        yield server, folder, packaged
+    finally:
+        server.stop()
+
+
+def post(server, body=None, **kwargs):
+    return httpx.post(server.url + "/classify", json=body, timeout=30, **kwargs)
+
+
+def test_answers_match_the_model_and_name_the_version(served):
+    server, folder, packaged = served
+    texts = ["a wonderful, moving film", "tedious and dull", "the plot is messy but the acting is superb"]
+    response = post(server, {"texts": texts})
+    assert response.status_code == 200
+    assert response.headers["x-model-name"] == NAME and response.headers["x-model-version"] == "2"
+    expected = TextClassifier(folder).classify(texts)
+    got = response.json()
+    assert [r["label"] for r in got] == [e.label for e in expected]
+    assert [r["score"] for r in got] == pytest.approx([e.score for e in expected], abs=1e-5)
+    assert not any(r["truncated"] for r in got)
+
+    info = httpx.get(server.url + "/model").json()
+    assert (info["registry_name"], info["registry_version"], info["bento_model"]) == (NAME, "2", packaged.tag)
+    assert info["lineage"]["teacher"] == "tiny-teacher" and info["metrics"]["accuracy"] == 0.9
+    assert info["limits"]["max_texts"] == MAX_TEXTS
+
+
+def test_health_endpoints_and_prometheus_metrics(served):
+    server, _, _ = served
+    for path in PROBE_PATHS:
+        assert httpx.get(server.url + path).status_code == 200
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.status_code == 200 and "bentoml_service_request_total" in metrics.text
+
+
+def test_a_text_longer_than_the_window_is_truncated_and_flagged(served):
+    server, _, _ = served
+    long_text = " ".join(["great film"] * 20)  # 42 tokens > 16, 219 characters < 300
+    got = post(server, {"texts": [long_text, "dull"]}).json()
+    assert [r["truncated"] for r in got] == [True, False]
+
+
+def test_concurrent_requests_are_batched(served):
+    server, _, _ = served
+    calls_before, requests_before = batch_histogram(httpx.get(server.url + "/metrics").text)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            replies = await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": [f"film {i}"]})
+                                             for i in range(48)])
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(burst()) == [200] * 48
+    calls, requests = batch_histogram(httpx.get(server.url + "/metrics").text)
+    assert requests - requests_before == 48
+    assert calls - calls_before < 48  # several requests shared one model call
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"texts": []}, 400, "at least 1 item"),
+    ({"texts": [""]}, 400, "empty or only whitespace"),
+    ({"texts": ["   "]}, 400, "empty or only whitespace"),
+    ({"texts": ["fine", 3]}, 400, "valid string"),
+    ({"texts": "not a list"}, 400, "valid array"),
+    ({}, 400, "Field required"),
+    ({"texts": ["x"] * (MAX_TEXTS + 1)}, 400, f"at most {MAX_TEXTS} items"),
+    ({"texts": ["x" * (MAX_CHARS + 1)]}, 400, f"at most {MAX_CHARS} characters"),
+])
+def test_bad_input_is_a_clear_4xx_and_the_server_stays_up(served, body, status, message):
+    server, _, _ = served
+    response = post(server, body)
+    assert response.status_code == status and message in response.text
+    assert post(server, {"texts": ["still serving"]}).status_code == 200
+
+
+def test_invalid_json_and_wrong_content_type(served):
+    server, _, _ = served
+    url = server.url + "/classify"
+    bad_json = httpx.post(url, content=b'{"texts": ["x"', headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and "Invalid JSON" in bad_json.text
+    plain = httpx.post(url, content=b'{"texts": ["x"]}', headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and "must be application/json" in plain.text
+    assert plain.headers["x-model-version"] == "2"  # metadata on errors too
+    form = httpx.post(url, data={"texts": "x"})
+    assert form.status_code == 415
+    assert httpx.get(server.url + "/livez").status_code == 200
