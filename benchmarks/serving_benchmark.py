@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="concurrent clients")
     parser.add_argument("--seconds", type=int, default=15, help="duration of one timed run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bento-workers", type=int, default=2, help="BentoML workers (the cpu overlay's 2)")
-    parser.add_argument("--bento-threads", type=int, default=1, help="threads per BentoML worker (cpu overlay: 1)")
+    parser.add_argument("--bento-workers", type=int, default=1, help="BentoML workers (the cpu overlay's 1)")
+    parser.add_argument("--bento-threads", type=int, default=2, help="threads per BentoML worker (cpu overlay: 2)")
     parser.add_argument("--out", default="benchmarks/results/serving_cpu.json")
     args = parser.parse_args()
     if not shutil.which("wrk"):
