@@ -24,6 +24,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self.env = env
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 (kept open for the server's life)
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,

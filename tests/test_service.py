@@ -134,3 +134,30 @@ def test_invalid_json_and_wrong_content_type(served):
     form = httpx.post(url, data={"texts": "x"})
     assert form.status_code == 415
     assert httpx.get(server.url + "/livez").status_code == 200
+
+
+def test_bentoml_build_bakes_exactly_the_packaged_model(served, tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    import yaml
+
+    server, _, packaged = served
+    root = Path(__file__).resolve().parents[1]
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    env = {**server.env, "DISTILOPS_BENTO_MODEL": packaged.tag}
+    build = subprocess.run([bentoml, "build", "-f", str(root / "bentofile.yaml"), "-o", "tag", str(root / "src")],
+                           cwd=root, env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    bento = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    exported = tmp_path / "classifier.bento"
+    subprocess.run([bentoml, "export", bento, str(exported)], env=env, check=True, capture_output=True)
+    with tarfile.open(exported) as archive:
+        names = archive.getnames()
+        info = yaml.safe_load(archive.extractfile("./bento.yaml"))
+    name, version = packaged.tag.split(":")
+    assert info["services"][0]["models"][0]["tag"] == packaged.tag
+    assert f"./models/{name}/{version}/model/model.safetensors" in names  # the weights travel in the Bento
+    assert "./src/distilops/service.py" in names and "./env/docker/Dockerfile" in names
