@@ -21,7 +21,6 @@ from distilops.evaluate import (
     ratios_to_baseline,
     summary_line,
 )
-from distilops.modeling import count_parameters
 from distilops.predict import TextClassifier, read_meta
 from distilops.quantize import weights_size_mb
 from distilops.tracking import stage_run
@@ -32,9 +31,9 @@ METRICS, PLOTS = Path("metrics/evaluate.json"), Path("plots/evaluate")
 
 def model_folders() -> dict[str, Path]:
     """teacher, student, then every quantized variant the quantize stage built (accepted or not)."""
-    accepted = json.loads(Path("metrics/quantize.json").read_text())
+    checks = json.loads(Path("metrics/quantize.json").read_text())
     folders = {"teacher": Path("models/teacher"), "student": Path("models/student")}
-    folders.update({f"student_{variant}": QUANTIZED / variant for variant in accepted})
+    folders.update({f"student_{variant}": QUANTIZED / variant for variant in checks})
     return folders
 
 
@@ -46,25 +45,19 @@ def main() -> None:
     label_names = json.loads((DATA / "report.json").read_text())["labels"]
     models = {name: TextClassifier(folder, threads=threads) for name, folder in model_folders().items()}
 
-    results, predictions = {}, {"actual": [label_names[i] for i in labels]}
-    for name, model in models.items():
-        preds = model.predict_logits_batched(texts).argmax(-1)
-        predictions[name] = [label_names[i] for i in preds]
-        parameters = read_meta(model.folder).get("parameters") or (
-            count_parameters(model.model) if model.format == "pytorch" else 0)  # folders saved before the meta had it
-        results[name] = {"format": model.format, **classification_metrics(labels, preds, label_names),
-                         "size_mb": weights_size_mb(model.folder), "parameters": int(parameters)}
-    teacher_preds = predictions["teacher"]
-    for name in models:
-        results[name]["agreement_with_teacher"] = sum(
-            a == b for a, b in zip(predictions[name], teacher_preds, strict=True)) / len(texts)
+    predictions = {name: model.predict_logits_batched(texts).argmax(-1) for name, model in models.items()}
+    results = {
+        name: {"format": model.format, **classification_metrics(labels, predictions[name], label_names),
+               "agreement_with_teacher": float((predictions[name] == predictions["teacher"]).mean()),
+               "size_mb": weights_size_mb(model.folder), "parameters": int(read_meta(model.folder)["parameters"])}
+        for name, model in models.items()
+    }
 
     speed_texts = texts[: cfg.speed_texts] if cfg.speed_texts else texts
     speed = measure_speed(models, speed_texts, batch_size=cfg.batch_size, latency_samples=cfg.latency_samples,
                           repeats=cfg.repeats)
     for name in models:
         results[name].update(speed[name])
-    for name in models:
         if name != "teacher":
             results[name]["vs_teacher"] = ratios_to_baseline(results[name], results["teacher"], cfg.batch_size)
 
@@ -76,7 +69,9 @@ def main() -> None:
     METRICS.parent.mkdir(exist_ok=True)
     METRICS.write_text(json.dumps(report, indent=2) + "\n")
     PLOTS.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(predictions).to_csv(PLOTS / "predictions.csv", index=False)
+    pd.DataFrame({"actual": [label_names[i] for i in labels],
+                  **{name: [label_names[i] for i in preds] for name, preds in predictions.items()}}
+                 ).to_csv(PLOTS / "predictions.csv", index=False)
     pd.DataFrame([{"model": n, "latency_p50_ms": r["latency_p50_ms"], "accuracy": r["accuracy"],
                    "size_mb": r["size_mb"], f"throughput_batch{cfg.batch_size}": r[f"throughput_batch{cfg.batch_size}"]}
                   for n, r in results.items()]).to_csv(PLOTS / "tradeoff.csv", index=False)

@@ -20,12 +20,13 @@ def main() -> None:
     test = read_split(DATA, "test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
     student_preds = TextClassifier(STUDENT).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
+    student_size = weights_size_mb(STUDENT)
     results = {}
     for variant in cfg.variants:
         folder = build(variant, STUDENT, OUT, opset=cfg.onnx_opset)
         preds = TextClassifier(folder).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
         result = check(variant, preds, student_preds, labels, max_accuracy_drop=cfg.max_accuracy_drop,
-                       size_mb=weights_size_mb(folder), student_size_mb=weights_size_mb(STUDENT))
+                       size_mb=weights_size_mb(folder), student_size_mb=student_size)
         results[variant] = result.as_dict()
         verdict = "accepted" if result.accepted else "REJECTED"
         print(f"[quantize] {variant:10s} {verdict}: {result.reason}; agreement with student "

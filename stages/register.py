@@ -12,19 +12,15 @@ import mlflow
 from distilops.config import ConfigError, RegisterConfig, as_flat_dict, load_section
 from distilops.predict import read_meta
 from distilops.registry import RegistryError, register_version
-from distilops.tracking import data_hash, stage_run
+from distilops.tracking import stage_run
 
 STUDENT, QUANTIZED, OUT = Path("models/student"), Path("models/quantized"), Path("metrics/register.json")
 TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms",
                   "throughput_batch32", "size_mb", "parameters")
 
 
-def version_tags(variant: str, role: str, params_hash: str) -> dict[str, str]:
-    # register_version adds the lineage recorded in the folder (teacher, study, best parameters...).
-    return {"data_hash": data_hash(), "variant": variant, "role": role, "params_sha256": params_hash}
-
-
-def version_metrics(evaluation: dict, variant: str) -> dict[str, float]:
+def test_metrics(evaluation: dict, variant: str) -> dict[str, float]:
+    """A variant's test metrics from the evaluate stage, with its teacher's accuracy for the gates."""
     entry = evaluation["models"]["student" if variant == "student" else f"student_{variant}"]
     metrics = {k: float(entry[k]) for k in TAGGED_METRICS if k in entry}
     metrics["teacher_accuracy"] = float(evaluation["models"]["teacher"]["accuracy"])
@@ -52,12 +48,13 @@ def main() -> None:
     with stage_run("register", as_flat_dict(cfg)):
         mlflow.log_text(params_text, "params.yaml")
         for variant, folder, role in plan:
+            # register_version adds the lineage: git commit, data hash, teacher, study, best parameters.
+            m = test_metrics(evaluation, variant)
             mv = register_version(
-                folder, model_name=cfg.model_name, tags=version_tags(variant, role, params_hash),
-                metrics=version_metrics(evaluation, variant),
+                folder, model_name=cfg.model_name, metrics=m,
+                tags={"variant": variant, "role": role, "params_sha256": params_hash},
                 description=f"{variant} ({role}) distilled from {read_meta(folder).get('teacher', '?')}")
             registered[variant] = {"version": int(mv.version), "role": role}
-            m = version_metrics(evaluation, variant)
             print(f"[register] {cfg.model_name} v{mv.version}: {variant} ({role}), test accuracy "
                   f"{m['accuracy']:.4f} ({m['accuracy_retention']:.1%} of the teacher's), "
                   f"p95 {m['latency_p95_ms']:.2f} ms")

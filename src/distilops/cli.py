@@ -73,7 +73,7 @@ def promote_cmd(
     version beyond a tolerance, batch-1 p95 latency under a bound. A refusal names the failed gate
     and its numbers. Every move is recorded: see `distilops history`.
     """
-    from distilops.registry import GateError, RegistryError, promote
+    from distilops.registry import RegistryError, promote
 
     cfg, name = _promote_config(params, model_name)
     if force and not reason.strip():
@@ -81,9 +81,7 @@ def promote_cmd(
     try:
         event, gates = promote(name, cfg, version=version, rollback=rollback, reason=reason,
                                force_reason=reason if force else None, dry_run=dry_run)
-    except GateError as exc:
-        fail(str(exc))
-    except RegistryError as exc:
+    except RegistryError as exc:  # GateError included: the refusal lists the failed gates
         fail(str(exc))
     for gate in gates:
         mark = "skip" if gate.skipped else ("pass" if gate.passed else "FAIL")
@@ -187,6 +185,18 @@ def tune_cmd(
                f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
 
 
+def _package(params: Path, model_name: str | None, version: str | None):
+    """Package the alias's (or an explicit) version into the BentoML store, or fail clearly."""
+    from distilops.package import package
+    from distilops.registry import RegistryError
+
+    cfg, name = _promote_config(params, model_name)
+    try:
+        return package(name, alias=cfg.alias, version=version)
+    except RegistryError as exc:
+        fail(str(exc))
+
+
 @app.command("package")
 def package_cmd(
     version: str = typer.Option(None, "--version", help="Package this registry version instead of the alias's."),
@@ -198,14 +208,7 @@ def package_cmd(
     Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
     immutable Bento that serves without the registry.
     """
-    from distilops.package import package
-    from distilops.registry import RegistryError
-
-    cfg, name = _promote_config(params, model_name)
-    try:
-        packaged = package(name, alias=cfg.alias, version=version)
-    except RegistryError as exc:
-        fail(str(exc))
+    packaged = _package(params, model_name, version)
     typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
                f"as Bento model {packaged.tag}", err=True)
     typer.echo(packaged.tag)
@@ -224,15 +227,9 @@ def serve_cmd(
     import subprocess
     import sys
 
-    from distilops.package import package
-    from distilops.registry import RegistryError
-
-    cfg, name = _promote_config(params, model_name)
-    try:
-        packaged = package(name, alias=cfg.alias, version=version)
-    except RegistryError as exc:
-        fail(str(exc))
-    typer.echo(f"serving {name} v{packaged.registry_version} ({packaged.variant}) on http://{host}:{port}", err=True)
+    packaged = _package(params, model_name, version)
+    typer.echo(f"serving {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
+               f"on http://{host}:{port}", err=True)
     src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.service from here
     env = {**os.environ, "DISTILOPS_BENTO_MODEL": packaged.tag, "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).parent / "bentoml"

@@ -8,7 +8,6 @@ registry name and version and carries the version's lineage and metrics as metad
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import mlflow
 from distilops.predict import read_meta
 from distilops.pyfunc import find_model_folder
 from distilops.registry import RegistryError, alias_version, client, get_version, version_metrics
+from distilops.teacher_outputs import folder_fingerprint
 
 MODEL_SUBDIR = "model"  # the model folder inside the Bento model's directory
 
@@ -30,14 +30,6 @@ class Packaged:
     registry_version: str
     variant: str
     path: str
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def import_model_folder(folder: Path, tag: str, *, labels: dict[str, str], metadata: dict) -> str:
@@ -73,7 +65,7 @@ def package(model_name: str, *, alias: str = "production", version: str | None =
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{mv.version}", dst_path=tmp))
         folder = find_model_folder(downloaded)
         meta = read_meta(folder)
-        tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_digest(folder)[:10]}"
+        tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_fingerprint(folder)[:10]}"
         labels = {"registry_name": model_name, "registry_version": str(mv.version), "alias": alias if version is None
                   else "", "variant": mv.tags.get("variant", "?"), "format": meta.get("format", "pytorch")}
         metadata = {**dict(mv.tags), "metrics": version_metrics(mv), "source": f"models:/{model_name}/{mv.version}",

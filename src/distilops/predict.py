@@ -56,10 +56,9 @@ def load_torch_int8(folder: str | Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_config(config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        # torch.ao.quantization is deprecated in favour of torchao; its tensors load through TypedStorage
+        warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors still go through the deprecated TypedStorage
         model.load_state_dict(torch.load(Path(folder) / FORMAT_FILES["pytorch-int8"], weights_only=False))
     return model.eval()
 

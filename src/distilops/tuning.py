@@ -36,6 +36,8 @@ from distilops.losses import distillation_loss
 from distilops.training import DivergedError, Examples, TrainSettings, device, model_inputs, seed_everything, train
 
 DEFAULT_STORAGE = Path("optuna/distill.db")
+# A trial in these states is done: it counts towards n_trials, and a resumed study does not rerun it.
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 StudentFactory = Callable[[], torch.nn.Module]
 
 
@@ -183,8 +185,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                                          n_warmup_steps=cfg.pruner_warmup_steps)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
-    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                   optuna.trial.TrialState.PRUNED)]
+    done = [t for t in study.trials if t.state in FINISHED_STATES]
     remaining = cfg.n_trials - len(done)
     print(f"[distill] study '{study_name}': {len(done)} trial(s) done, {max(remaining, 0)} to run", flush=True)
     subset = train_data.subset(trial_subset(len(train_data), cfg.trial_train_examples, cfg.seed))
@@ -244,8 +245,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
 
     if remaining > 0:
         # Other workers may be filling the same study: stop once it holds n_trials finished trials.
-        enough = MaxTrialsCallback(cfg.n_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                         optuna.trial.TrialState.PRUNED))
+        enough = MaxTrialsCallback(cfg.n_trials, states=FINISHED_STATES)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # `report` says the same, bar-safe
         study.optimize(objective, n_trials=remaining, gc_after_trial=True, callbacks=[enough, report])
     return study
