@@ -5,21 +5,48 @@ export DVC_NO_ANALYTICS := 1
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint ui serve bento benchmark clean-env
+.PHONY: run test lint ui serve bento benchmark test-tools clean-env
 
-# The venv is rebuilt when the dependencies change. torch first: the CPU build (see ../shared/STACK.md);
-# the rest is pinned by constraints.txt to the versions seen working together.
+# The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
+# (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
+# PATH or installable into the venv, else pip. uv does not read pip's configuration, so pip's find-links
+# (where a machine may keep a CPU build of torch) are handed to it.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@UV=$$(command -v uv || { $(PY) -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }); \
+	LINKS=$$($(PY) -m pip config get global.find-links 2>/dev/null | tr ' ' '\n' | sed -n 's/^\(.\)/--find-links \1/p'); \
+	if [ -n "$$UV" ]; then \
+	  echo "installing with uv ($$UV)"; \
+	  $$UV pip install --python $(PY) -q $$LINKS -c constraints.txt -e '.[dev]'; \
+	else \
+	  echo "uv unavailable: installing with pip (a few minutes)"; \
+	  $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 && \
+	  $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'; \
+	fi
 	$(PY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
 run: $(VENV)/.installed  ## the main job: every pipeline stage that is out of date
 	. $(VENV)/bin/activate && dvc repro
 
-test: $(VENV)/.installed  ## the test suite
+# Besides Python, the tests need kubectl >= 1.27 (its built-in kustomize v5 renders k8s/) and, for the
+# container test, podman, buildah, debootstrap and runc. As root on Debian the container tools are
+# installed here (about 25 s); otherwise this says what to install. Debian's kubectl (kubernetes-client)
+# is 1.20, too old for the kustomizations: install kubectl from Kubernetes' own packages.
+CONTAINER_TOOLS := podman buildah debootstrap runc
+test-tools:
+	@command -v kubectl >/dev/null || echo "kubectl not found: tests/test_k8s.py needs kubectl >= 1.27 (https://kubernetes.io/docs/tasks/tools/)"
+	@missing=""; for tool in $(CONTAINER_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian packages, for the container test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing uidmap >/dev/null; \
+	  else \
+	    echo "missing:$$missing. The container test needs them: sudo apt-get install$$missing uidmap"; \
+	  fi; \
+	fi
+
+test: $(VENV)/.installed test-tools  ## the test suite
 	. $(VENV)/bin/activate && pytest
 
 lint: $(VENV)/.installed

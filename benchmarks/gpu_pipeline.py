@@ -16,19 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distilops.batching import accuracy, device, model_inputs, predict_logits, tokenize
 from distilops.data import read_split
 from distilops.losses import distillation_loss
 from distilops.modeling import build_student, count_parameters, load_classifier, load_tokenizer
-from distilops.training import (
-    TrainSettings,
-    accuracy,
-    device,
-    model_inputs,
-    predict_logits,
-    seed_everything,
-    tokenize,
-    train,
-)
+from distilops.training import TrainSettings, seed_everything, train
 
 
 def timed_throughput(model, data, pad_id, batch_size: int, repeats: int = 3) -> float:
@@ -62,7 +54,7 @@ def main() -> None:
     dev = device()
     labels = ["rotten", "fresh"]
     tokenizer = load_tokenizer(args.teacher)
-    splits = {name: read_split(args.data, name) for name in ("train", "validation", "test")}
+    splits = {name: read_split(name, args.data) for name in ("train", "validation", "test")}
     data = {name: tokenize(tokenizer, f["text"], f["label"], args.max_length) for name, f in splits.items()}
     pad = tokenizer.pad_token_id
     results: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",

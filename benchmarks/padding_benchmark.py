@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distilops.batching import length_grouped_batches, make_collate, tokenize
 from distilops.data import read_split
 from distilops.modeling import load_classifier, load_tokenizer
-from distilops.training import cross_entropy_loss, length_grouped_batches, make_collate, tokenize
+from distilops.training import cross_entropy_loss
 
 
 def padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
@@ -52,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)
-    frame = read_split(args.data, "train")
+    frame = read_split("train", args.data)
     data = tokenize(tokenizer, frame["text"], frame["label"], args.max_length)
     lengths = [len(ids) for ids in data.input_ids]
     grouped = length_grouped_batches(lengths, args.batch_size, seed=0)

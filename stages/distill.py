@@ -7,19 +7,20 @@ database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and th
 survive a crash; rerunning continues where it stopped.
 """
 
-import json
-import sys
+import logging
 import warnings
-from pathlib import Path
 
+import matplotlib
 import mlflow
 import optuna
+from matplotlib import pyplot as plt
+from optuna.visualization import matplotlib as optuna_plots
 
-from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
-from distilops.data import DataError
-from distilops.modeling import ModelError, count_parameters, save_model_folder
+from distilops import paths
+from distilops.config import DistillConfig, as_flat_dict, load_section
+from distilops.modeling import count_parameters, save_model_folder
 from distilops.pyfunc import log_model_folder
-from distilops.teacher_outputs import StaleCacheError
+from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, stage_run
 from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
 from distilops.tuning import (
@@ -32,27 +33,22 @@ from distilops.tuning import (
     study_name_for,
 )
 
-DATA, TEACHER, CACHE = Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs")
-OUT, METRICS, PLOTS = Path("models/student"), Path("metrics/distill.json"), Path("plots/distill")
+log = logging.getLogger("distill")
+PLOTS = paths.plots_dir("distill")
 
 
 def log_study_plots(study: optuna.Study) -> None:
     """Optimisation history and parameter importances, as files and MLflow artifacts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
+    matplotlib.use("Agg")  # optuna draws with pyplot: no display here
     PLOTS.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-        for name, plot in (("optimization_history", ovm.plot_optimization_history),
-                           ("param_importances", ovm.plot_param_importances)):
+        for name, plot in (("optimization_history", optuna_plots.plot_optimization_history),
+                           ("param_importances", optuna_plots.plot_param_importances)):
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError) as exc:  # importances need >= 2 complete trials
-                print(f"[distill] no {name} plot: {exc}")
+                log.info("no %s plot: %s", name, exc)
                 axes = plt.figure(figsize=(6, 1.5)).gca()
                 axes.axis("off")
                 axes.text(0.5, 0.5, f"no {name.replace('_', ' ')}: {exc}", ha="center", wrap=True)
@@ -65,43 +61,39 @@ def log_study_plots(study: optuna.Study) -> None:
 
 
 def main() -> None:
-    cfg = load_section(DistillConfig, "distill")
+    cfg = load_section(DistillConfig)
     seed_everything(cfg.seed)
-    inputs = load_inputs(cfg, DATA, TEACHER, CACHE)
-    teacher, tokenizer, data = inputs.teacher, inputs.tokenizer, inputs.data
-    teacher_name = inputs.teacher_name
-    make_student = inputs.make_student
+    inputs = load_inputs(cfg)
+    data, pad_id = inputs.data, inputs.tokenizer.pad_token_id
     study_name = study_name_for(cfg, inputs.fingerprint)
     storage = storage_for(cfg)
-    pad_id = tokenizer.pad_token_id
-    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=teacher_name) as run:
-        study = run_study(cfg, make_student, data["train"], data["validation"], pad_id,
+    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=inputs.teacher_name) as run:
+        study = run_study(cfg, inputs.make_student, data["train"], data["validation"], pad_id,
                           study_name=study_name, storage=storage)
         best = params_of(study.best_trial, cfg)
         summary = pruning_summary(study)
         mlflow.log_params({f"best_{k}": v for k, v in vars(best).items()})
         mlflow.log_metrics({"best_trial_val_accuracy": study.best_value, **summary})
         log_study_plots(study)
-        print(f"[distill] best trial #{study.best_trial.number}: {vars(best)} "
-              f"(val acc {study.best_value:.4f}); {summary['trials_pruned']} pruned, "
-              f"~{summary['pruning_seconds_saved']} s saved")
+        log.info("best trial #%d: %s (val acc %.4f); %d pruned, ~%s s saved", study.best_trial.number, vars(best),
+                 study.best_value, summary["trials_pruned"], summary["pruning_seconds_saved"])
 
         seed_everything(cfg.seed)
-        student = make_student()
+        student = inputs.make_student()
         settings = TrainSettings(
             epochs=cfg.final_epochs, batch_size=cfg.batch_size, learning_rate=best.learning_rate,
             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-            checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=Path("checkpoints/student"),
+            checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=paths.CHECKPOINTS / "student",
             fingerprint={"stage": "distill-final", "study": study_name, **vars(best), "epochs": cfg.final_epochs,
                          "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                          "warmup_ratio": cfg.warmup_ratio}, progress="student",
         )
         result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
                        on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
-        save_model_folder(student, tokenizer, OUT, max_length=cfg.max_length, role="student",
-                          teacher=teacher_name, teacher_sha256=inputs.fingerprint["teacher"], optuna_study=study_name,
-                          data_hash=data_hash(),
-                          mlflow_run_id=run.info.run_id, **{f"best_{k}": v for k, v in vars(best).items()})
+        save_model_folder(student, inputs.tokenizer, paths.STUDENT, max_length=cfg.max_length, role="student",
+                          teacher=inputs.teacher_name, teacher_sha256=inputs.fingerprint["teacher"],
+                          optuna_study=study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,
+                          **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = {
             "study_name": study_name,
             "best_trial": study.best_trial.number,
@@ -113,22 +105,18 @@ def main() -> None:
                                            == data["validation"].labels).mean()),
             "final_train_seconds": round(result.seconds, 1),
             "student_layers": int(student.config.num_hidden_layers),
-            "teacher_layers": int(teacher.config.num_hidden_layers),
+            "teacher_layers": int(inputs.teacher.config.num_hidden_layers),
             "student_parameters": count_parameters(student),
-            "teacher_parameters": count_parameters(teacher),
+            "teacher_parameters": count_parameters(inputs.teacher),
         }
         metrics["val_accuracy_retention"] = round(metrics["val_accuracy"] / metrics["teacher_val_accuracy"], 4)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_model_folder(OUT, name="student")
-    METRICS.parent.mkdir(exist_ok=True)
-    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+        log_model_folder(paths.STUDENT, name="student")
+    write_json(paths.metrics_file("distill"), metrics)
     clear_checkpoints(settings)
-    print(f"[distill] student val accuracy {result.best_accuracy:.4f} "
-          f"({metrics['val_accuracy_retention']:.1%} of the teacher's)")
+    log.info("student val accuracy %.4f (%.1f%% of the teacher's)", result.best_accuracy,
+             100 * metrics["val_accuracy_retention"])
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, ModelError, StaleCacheError) as exc:
-        sys.exit(f"distill: error: {exc}")
+    run_stage("distill", main)

@@ -3,15 +3,16 @@ quality (accuracy, macro F1, per-class precision/recall, agreement with the teac
 parameters, batch-1 latency, batch-32 throughput), each with its ratio to the teacher."""
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
 
-from distilops.config import ConfigError, EvaluateConfig, as_flat_dict, load_section
-from distilops.data import DataError, read_split
+from distilops import paths
+from distilops.config import EvaluateConfig, as_flat_dict, load_section
+from distilops.data import read_labels, read_split
 from distilops.evaluate import (
     classification_metrics,
     hardware,
@@ -23,26 +24,27 @@ from distilops.evaluate import (
 )
 from distilops.predict import TextClassifier, read_meta
 from distilops.quantize import weights_size_mb
+from distilops.stage import run_stage, write_json
 from distilops.tracking import stage_run
 
-DATA, QUANTIZED = Path("data/prepared"), Path("models/quantized")
-METRICS, PLOTS = Path("metrics/evaluate.json"), Path("plots/evaluate")
+log = logging.getLogger("evaluate")
+METRICS, PLOTS = paths.metrics_file("evaluate"), paths.plots_dir("evaluate")
 
 
 def model_folders() -> dict[str, Path]:
     """teacher, student, then every quantized variant the quantize stage built (accepted or not)."""
-    checks = json.loads(Path("metrics/quantize.json").read_text())
-    folders = {"teacher": Path("models/teacher"), "student": Path("models/student")}
-    folders.update({f"student_{variant}": QUANTIZED / variant for variant in checks})
+    checks = json.loads(paths.metrics_file("quantize").read_text())
+    folders = {"teacher": paths.TEACHER, "student": paths.STUDENT}
+    folders.update({f"student_{variant}": paths.QUANTIZED / variant for variant in checks})
     return folders
 
 
 def main() -> None:
-    cfg = load_section(EvaluateConfig, "evaluate")
+    cfg = load_section(EvaluateConfig)
     threads = cfg.threads or torch.get_num_threads()
-    test = read_split(DATA, "test")
+    test = read_split("test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
-    label_names = json.loads((DATA / "report.json").read_text())["labels"]
+    label_names = read_labels()
     models = {name: TextClassifier(folder, threads=threads) for name, folder in model_folders().items()}
 
     predictions = {name: model.predict_logits_batched(texts).argmax(-1) for name, model in models.items()}
@@ -66,8 +68,7 @@ def main() -> None:
                                  "latency_samples": cfg.latency_samples, "repeats": cfg.repeats,
                                  "timing": "end to end: tokenization + forward, models interleaved"},
               "models": results}
-    METRICS.parent.mkdir(exist_ok=True)
-    METRICS.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(METRICS, report)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"actual": [label_names[i] for i in labels],
                   **{name: [label_names[i] for i in preds] for name, preds in predictions.items()}}
@@ -87,13 +88,10 @@ def main() -> None:
         mlflow.log_artifact(str(METRICS))
         for path in sorted(PLOTS.iterdir()):
             mlflow.log_artifact(str(path), artifact_path="plots")
-    print(f"[evaluate] {len(texts)} test texts; {report['hardware']['cpu']}, {threads} threads")
+    log.info("%d test texts; %s, %d threads", len(texts), report["hardware"]["cpu"], threads)
     for name, entry in results.items():
-        print("[evaluate] " + summary_line(name, entry, cfg.batch_size))
+        log.info(summary_line(name, entry, cfg.batch_size))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as exc:
-        sys.exit(f"evaluate: error: {exc}")
+    run_stage("evaluate", main)

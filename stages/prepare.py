@@ -1,28 +1,25 @@
 """DVC stage `prepare`: load, clean, split and validate the data set; write splits and a report."""
 
-import json
-import sys
-from pathlib import Path
+import logging
 
-from distilops.config import ConfigError, PrepareConfig, load_section
-from distilops.data import DataError, prepare
+from distilops import paths
+from distilops.config import PrepareConfig, load_section
+from distilops.data import prepare
+from distilops.stage import run_stage, write_json
 
-OUT = Path("data/prepared")
+log = logging.getLogger("prepare")
 
 
 def main() -> None:
-    cfg = load_section(PrepareConfig, "prepare")
+    cfg = load_section(PrepareConfig)
     splits, report = prepare(cfg)
-    OUT.mkdir(parents=True, exist_ok=True)
+    paths.PREPARED.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
-        frame.to_parquet(OUT / f"{name}.parquet", index=False)
-    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        frame.to_parquet(paths.PREPARED / f"{name}.parquet", index=False)
+    write_json(paths.DATA_REPORT, report)
     sizes = ", ".join(f"{n} {s['examples']}" for n, s in report["splits"].items())
-    print(f"[prepare] {report['total_examples']} examples ({sizes}); data hash {report['data_hash'][:12]}")
+    log.info("%d examples (%s); data hash %s", report["total_examples"], sizes, report["data_hash"][:12])
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as exc:
-        sys.exit(f"prepare: error: {exc}")
+    run_stage("prepare", main)

@@ -2,19 +2,21 @@
 of one registered model in the MLflow registry, each tagged with its lineage and test metrics.
 Nothing here moves the `production` alias: that is `distilops promote`, behind its gates."""
 
-import hashlib
 import json
-import sys
+import logging
 from pathlib import Path
 
 import mlflow
 
-from distilops.config import ConfigError, RegisterConfig, as_flat_dict, load_section
+from distilops import paths
+from distilops.config import RegisterConfig, as_flat_dict, load_section
+from distilops.hashing import sha256
 from distilops.predict import read_meta
-from distilops.registry import RegistryError, register_version
+from distilops.registry import register_version
+from distilops.stage import run_stage, write_json
 from distilops.tracking import stage_run
 
-STUDENT, QUANTIZED, OUT = Path("models/student"), Path("models/quantized"), Path("metrics/register.json")
+log = logging.getLogger("register")
 TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms",
                   "throughput_batch32", "size_mb", "parameters")
 
@@ -29,20 +31,20 @@ def test_metrics(evaluation: dict, variant: str) -> dict[str, float]:
 
 
 def main() -> None:
-    cfg = load_section(RegisterConfig, "register")
-    evaluation = json.loads(Path("metrics/evaluate.json").read_text())
-    checks = json.loads(Path("metrics/quantize.json").read_text())
+    cfg = load_section(RegisterConfig)
+    evaluation = json.loads(paths.metrics_file("evaluate").read_text())
+    checks = json.loads(paths.metrics_file("quantize").read_text())
     serving = cfg.serving_variant
     if serving != "student" and not checks.get(serving, {}).get("accepted", False):
         reason = checks[serving]["reason"] if serving in checks else "not built by the quantize stage"
-        print(f"[register] serving variant '{serving}' is not registered: {reason}. The fp32 student serves instead.")
+        log.warning("serving variant '%s' is not registered: %s. The fp32 student serves instead.", serving, reason)
         serving = "student"
     params_text = Path("params.yaml").read_text()
-    params_hash = hashlib.sha256(params_text.encode()).hexdigest()
+    params_hash = sha256(params_text)
     # The student first, so the serving model is the newest version.
-    plan = [("student", STUDENT, "serving" if serving == "student" else "reference")]
+    plan = [("student", paths.STUDENT, "serving" if serving == "student" else "reference")]
     if serving != "student":
-        plan.append((serving, QUANTIZED / serving, "serving"))
+        plan.append((serving, paths.QUANTIZED / serving, "serving"))
 
     registered = {}
     with stage_run("register", as_flat_dict(cfg)):
@@ -55,17 +57,12 @@ def main() -> None:
                 tags={"variant": variant, "role": role, "params_sha256": params_hash},
                 description=f"{variant} ({role}) distilled from {read_meta(folder).get('teacher', '?')}")
             registered[variant] = {"version": int(mv.version), "role": role}
-            print(f"[register] {cfg.model_name} v{mv.version}: {variant} ({role}), test accuracy "
-                  f"{m['accuracy']:.4f} ({m['accuracy_retention']:.1%} of the teacher's), "
-                  f"p95 {m['latency_p95_ms']:.2f} ms")
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"model_name": cfg.model_name, "versions": registered,
-                               "serving_version": registered[serving]["version"]}, indent=2) + "\n")
-    print(f"[register] promote with: distilops promote {registered[serving]['version']}")
+            log.info("%s v%s: %s (%s), test accuracy %.4f (%.1f%% of the teacher's), p95 %.2f ms", cfg.model_name,
+                     mv.version, variant, role, m["accuracy"], 100 * m["accuracy_retention"], m["latency_p95_ms"])
+    write_json(paths.metrics_file("register"), {"model_name": cfg.model_name, "versions": registered,
+                                                "serving_version": registered[serving]["version"]})
+    log.info("promote with: distilops promote %s", registered[serving]["version"])
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, RegistryError) as exc:
-        sys.exit(f"register: error: {exc}")
+    run_stage("register", main)

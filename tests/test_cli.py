@@ -25,3 +25,21 @@ def test_fetching_an_unknown_asset_is_a_clear_error():
     assert result.exit_code == 1
     assert "error: 'nope' is not in the asset catalogue" in result.output
     assert "Traceback" not in result.output
+
+
+def test_params_lists_every_key_with_its_help():
+    result = runner.invoke(app, ["params", "distill"])
+    assert result.exit_code == 0
+    assert "n_trials" in result.output and "Optuna trials in the study" in result.output
+    assert "seed" in result.output  # shared keys a section declares are listed with it
+    bad = runner.invoke(app, ["params", "nope"])
+    assert bad.exit_code == 1 and "no section 'nope'" in bad.output
+
+
+def test_a_bad_params_file_is_a_clear_error(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("promote:\n  min_accuracy_retention: lots\n")
+    result = runner.invoke(app, ["promote", "--dry-run", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "error: params.yaml: promote.min_accuracy_retention: Input should be a valid number" in result.output
+    assert "Traceback" not in result.output

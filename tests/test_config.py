@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from distilops.config import ConfigError, DistillConfig, TeacherConfig, load_section
+from distilops.config import DistillConfig, TeacherConfig, load_section
+from distilops.errors import ConfigError
 
 
 def write(tmp_path, data) -> str:
@@ -14,34 +15,33 @@ def write(tmp_path, data) -> str:
 
 def test_shared_keys_fill_sections(tmp_path):
     path = write(tmp_path, {"seed": 3, "max_length": 48, "teacher": {"model": "m", "epochs": 1}})
-    cfg = load_section(TeacherConfig, "teacher", path)
+    cfg = load_section(TeacherConfig, path)
     assert (cfg.seed, cfg.max_length, cfg.epochs, cfg.model) == (3, 48, 1, "m")
 
 
 def test_unknown_key_is_named(tmp_path):
     path = write(tmp_path, {"teacher": {"epochz": 1}})
-    with pytest.raises(ConfigError, match=r"teacher: unknown key\(s\) \['epochz'\]"):
-        load_section(TeacherConfig, "teacher", path)
+    with pytest.raises(ConfigError, match=r"teacher.epochz: unknown key; known keys: \['batch_size'"):
+        load_section(TeacherConfig, path)
 
 
 def test_nested_search_space_is_validated(tmp_path):
     path = write(tmp_path, {"distill": {"search": {"alpha": [0.9, 0.1]}}})
     with pytest.raises(ConfigError, match="distill.search.alpha"):
-        load_section(DistillConfig, "distill", path)
+        load_section(DistillConfig, path)
     path = write(tmp_path, {"distill": {"search": {"temperature": [2, 2]}}})
-    assert load_section(DistillConfig, "distill", path).search.temperature == [2.0, 2.0]
+    assert load_section(DistillConfig, path).search.temperature == [2.0, 2.0]
 
 
 def test_missing_section_and_file(tmp_path):
     with pytest.raises(ConfigError, match="no 'teacher' section"):
-        load_section(TeacherConfig, "teacher", write(tmp_path, {"seed": 1}))
+        load_section(TeacherConfig, write(tmp_path, {"seed": 1}))
     with pytest.raises(ConfigError, match="not found"):
-        load_section(TeacherConfig, "teacher", tmp_path / "missing.yaml")
+        load_section(TeacherConfig, tmp_path / "missing.yaml")
 
 
 def test_repository_params_load():
     from distilops.config import PrepareConfig, TeacherOutputsConfig
 
-    for cls, section in ((PrepareConfig, "prepare"), (TeacherConfig, "teacher"),
-                         (TeacherOutputsConfig, "teacher_outputs"), (DistillConfig, "distill")):
-        load_section(cls, section)
+    for cls in (PrepareConfig, TeacherConfig, TeacherOutputsConfig, DistillConfig):
+        load_section(cls)

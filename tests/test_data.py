@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 from tiny import make_reviews
 
-from distilops.config import ConfigError, PrepareConfig
-from distilops.data import DataError, clean, content_hash, load_source, prepare, split, validate
+from distilops.config import PrepareConfig
+from distilops.data import clean, content_hash, load_source, prepare, split, validate
+from distilops.errors import ConfigError, DataError
 
 
 def cfg(**overrides) -> PrepareConfig:

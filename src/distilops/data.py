@@ -8,7 +8,7 @@ grouped by it (no movie's reviews cross splits), deterministic for a given seed.
 
 from __future__ import annotations
 
-import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from distilops import paths
 from distilops.assets import CATALOGUE, fetch
 from distilops.config import PrepareConfig
+from distilops.errors import DataError
+from distilops.hashing import sha256
 
 SPLITS = ("train", "validation", "test")
 LOCAL_READERS = {
@@ -28,10 +31,6 @@ LOCAL_READERS = {
     ".json": lambda p: pd.read_json(p, lines=True),
     ".parquet": pd.read_parquet,
 }
-
-
-class DataError(ValueError):
-    """The data set cannot be loaded or breaks a validation rule."""
 
 
 @dataclass
@@ -59,7 +58,7 @@ def load_source(source: str) -> pd.DataFrame:
 
 
 def _load_hub_dataset(name: str) -> pd.DataFrame:
-    import datasets
+    import datasets  # only online, for hub ids: importing it costs seconds the offline default never needs
 
     try:
         loaded = datasets.load_dataset(name)
@@ -157,11 +156,7 @@ def validate(splits: dict[str, pd.DataFrame], cfg: PrepareConfig) -> None:
 
 def content_hash(splits: dict[str, pd.DataFrame]) -> str:
     """sha256 over the split contents (format-independent: the same rows give the same hash)."""
-    digest = hashlib.sha256()
-    for name in SPLITS:
-        digest.update(name.encode())
-        digest.update(splits[name][["text", "label"]].to_csv(index=False).encode())
-    return digest.hexdigest()
+    return sha256(part for name in SPLITS for part in (name, splits[name][["text", "label"]].to_csv(index=False)))
 
 
 def report(splits: dict[str, pd.DataFrame], stats: CleanStats, cfg: PrepareConfig) -> dict:
@@ -198,8 +193,16 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, pd.DataFrame], dict]:
     return splits, report(splits, stats, cfg)
 
 
-def read_split(folder: str | Path, name: str) -> pd.DataFrame:
+def read_split(name: str, folder: str | Path = paths.PREPARED) -> pd.DataFrame:
     path = Path(folder) / f"{name}.parquet"
     if not path.exists():
         raise DataError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
     return pd.read_parquet(path)
+
+
+def read_labels(report: str | Path = paths.DATA_REPORT) -> list[str]:
+    """The label names, in class-id order, that the prepare stage recorded."""
+    try:
+        return json.loads(Path(report).read_text())["labels"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise DataError(f"{report} holds no labels: run the prepare stage first (`dvc repro prepare`)") from exc

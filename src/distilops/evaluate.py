@@ -16,6 +16,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import onnxruntime
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
@@ -50,9 +54,6 @@ def cpu_name() -> str:
 
 
 def hardware(threads: int) -> dict:
-    import onnxruntime
-    import torch
-
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
@@ -127,12 +128,8 @@ def summary_line(name: str, entry: dict, batch_size: int = 32) -> str:
 
 def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> None:
     """One confusion matrix per model, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(results), 3.4))  # no pyplot: no global figure state, no GUI backend
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
         matrix = np.asarray(entry["confusion_matrix"])
         ax.imshow(matrix, cmap="Blues")
@@ -146,18 +143,12 @@ def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str]
     axes[0][0].set_ylabel("actual")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
     """Test accuracy against batch-1 median latency (log scale): the distillation trade-off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     ordered = sorted(results.items(), key=lambda item: item[1]["latency_p50_ms"])
     for k, (name, entry) in enumerate(ordered):
         x, y = entry["latency_p50_ms"], entry["accuracy"]
@@ -176,4 +167,3 @@ def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

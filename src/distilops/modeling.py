@@ -16,12 +16,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from distilops.assets import resolve_model
+from distilops.errors import ModelError
+from distilops.predict import write_meta
 
 LAYER_KEY = re.compile(r"(\.encoder\.layer\.)(\d+)(\.)")
-
-
-class ModelError(ValueError):
-    """A model cannot be loaded or does not fit the pipeline."""
 
 
 def load_tokenizer(name_or_path: str):
@@ -99,8 +97,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def save_model_folder(model: PreTrainedModel, tokenizer, folder: str | Path, *, max_length: int, **meta) -> Path:
     """save_pretrained + tokenizer + distilops.json (format, max_length, ...): a model folder (predict.py)."""
-    from distilops.predict import write_meta
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -13,14 +13,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import bentoml
 import mlflow
+from bentoml.exceptions import NotFound
 
-from distilops.predict import read_meta
+from distilops.errors import RegistryError
+from distilops.hashing import folder_sha256
+from distilops.predict import MODEL_SUBDIR, read_meta
 from distilops.pyfunc import find_model_folder
-from distilops.registry import RegistryError, alias_version, client, get_version, version_metrics
-from distilops.teacher_outputs import folder_fingerprint
-
-MODEL_SUBDIR = "model"  # the model folder inside the Bento model's directory
+from distilops.registry import alias_version, client, get_version, version_metrics
 
 
 @dataclass
@@ -34,9 +35,6 @@ class Packaged:
 
 def import_model_folder(folder: Path, tag: str, *, labels: dict[str, str], metadata: dict) -> str:
     """Copy a model folder into the BentoML model store as `tag` (replacing one with the same tag)."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
     with contextlib.suppress(NotFound):
         bentoml.models.delete(tag)  # same version and bytes: re-create it so it becomes `latest`
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as bento_model:
@@ -51,8 +49,6 @@ def package(model_name: str, *, alias: str = "production", version: str | None =
     The tag is `<name>:v<registry version>-<content hash>`; packaging the same version again
     re-creates it, so it is also the store's `latest` (what `bentoml build` and `serve` pick).
     """
-    import bentoml
-
     c = client()
     if version is None:
         mv = alias_version(c, model_name, alias)
@@ -65,7 +61,7 @@ def package(model_name: str, *, alias: str = "production", version: str | None =
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{mv.version}", dst_path=tmp))
         folder = find_model_folder(downloaded)
         meta = read_meta(folder)
-        tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_fingerprint(folder)[:10]}"
+        tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_sha256(folder)[:10]}"
         labels = {"registry_name": model_name, "registry_version": str(mv.version), "alias": alias if version is None
                   else "", "variant": mv.tags.get("variant", "?"), "format": meta.get("format", "pytorch")}
         metadata = {**dict(mv.tags), "metrics": version_metrics(mv), "source": f"models:/{model_name}/{mv.version}",

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-# Quiet the per-load "Loading weights" bar: evaluation and serving load several models.
-transformers.utils.logging.disable_progress_bar()
+from distilops.errors import ModelError
 
 META_FILE = "distilops.json"
+MODEL_SUBDIR = "model"  # the model folder inside a Bento model's directory (distilops package)
 FORMAT_FILES = {"pytorch": "model.safetensors", "pytorch-int8": "model_int8.pt", "onnx": "model.onnx"}
 
 
@@ -48,7 +48,7 @@ def detect_format(folder: str | Path) -> str:
     for fmt, filename in FORMAT_FILES.items():
         if (Path(folder) / filename).exists():
             return fmt
-    raise FileNotFoundError(f"{folder}: no model file found (expected one of {sorted(FORMAT_FILES.values())})")
+    raise ModelError(f"{folder}: no model file found (expected one of {sorted(FORMAT_FILES.values())})")
 
 
 def load_torch_int8(folder: str | Path) -> torch.nn.Module:
@@ -85,8 +85,6 @@ class TextClassifier:
         if threads:
             torch.set_num_threads(threads)
         if self.format == "onnx":
-            import onnxruntime as ort
-
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads

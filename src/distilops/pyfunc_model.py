@@ -12,7 +12,8 @@ import mlflow
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from pydantic import BaseModel
 
-ARTIFACT_KEY = "model_dir"
+from distilops.predict import TextClassifier
+from distilops.pyfunc import ARTIFACT_KEY
 
 
 class Classification(BaseModel):
@@ -23,8 +24,6 @@ class Classification(BaseModel):
 
 class TextClassifierModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
-        from distilops.predict import TextClassifier
-
         self.classifier = TextClassifier(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, model_input: list[str], params: dict[str, Any] | None = None) -> list[Classification]:
@@ -32,4 +31,5 @@ class TextClassifierModel(PythonModel):
         return [Classification(label=r.label, score=r.score, truncated=r.truncated) for r in rows]
 
 
+# MLflow runs this file to load the model (never imported by distilops itself): it must end here.
 mlflow.models.set_model(TextClassifierModel())

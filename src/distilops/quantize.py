@@ -5,31 +5,50 @@ metadata beside its own weights, so every consumer loads it the same way. A vari
 accepted when its test accuracy stays within a tolerance of the fp32 student's (`check`).
 
 Why this order: a model already quantized by torch cannot be exported to ONNX, so ONNX int8 is
-made from the fp32 ONNX export by ONNX Runtime (see ../shared/STACK.md). The legacy TorchScript
-exporter (`dynamo=False`) is used because its graph quantizes cleanly with `quantize_dynamic`.
+made from the fp32 ONNX export by ONNX Runtime. The legacy TorchScript exporter (`dynamo=False`)
+is used because its graph quantizes cleanly with `quantize_dynamic` (the dynamo exporter's
+graph fails ONNX Runtime's shape inference unless its value_info is cleared; docs/stack.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from distilops.config import QUANTIZE_VARIANTS as VARIANTS
+from distilops.errors import QuantizeError
 from distilops.predict import FORMAT_FILES, read_meta, write_meta
 
-VARIANTS = ("torch_int8", "onnx_fp32", "onnx_int8")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".pt", ".data")
 
 
-class QuantizeError(RuntimeError):
-    """A variant could not be built."""
+class _FromOnnxRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime_root_logs() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs a pre-processing hint with `logging.warning` (the root logger):
+    drop the root logger's records that come from ONNX Runtime, for this call only."""
+    only_ours = _FromOnnxRuntime()
+    root = logging.getLogger()
+    root.addFilter(only_ours)
+    try:
+        yield
+    finally:
+        root.removeFilter(only_ours)
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
@@ -81,12 +100,10 @@ def export_onnx(student: Path, out: Path, opset: int = 17) -> Path:
 
 def quantize_onnx_int8(onnx_fp32: Path, out: Path) -> Path:
     """ONNX Runtime dynamic quantization: int8 MatMul weights and int8 embedding tables (Gather)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     copy_model_files(onnx_fp32, out)
-    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger
-    quantize_dynamic(str(onnx_fp32 / FORMAT_FILES["onnx"]), str(out / FORMAT_FILES["onnx"]),
-                     weight_type=QuantType.QInt8)
+    with quiet_onnxruntime_root_logs():
+        quantize_dynamic(str(onnx_fp32 / FORMAT_FILES["onnx"]), str(out / FORMAT_FILES["onnx"]),
+                         weight_type=QuantType.QInt8)
     write_meta(out, format="onnx", variant="onnx_int8", quantized_from=str(onnx_fp32))
     return out
 

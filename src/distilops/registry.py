@@ -27,6 +27,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from distilops.config import PromoteConfig
+from distilops.errors import GateError, RegistryError
+from distilops.predict import read_meta
+from distilops.pyfunc import log_model_folder
 from distilops.tracking import configure, lineage
 
 PROMOTIONS_EXPERIMENT = "distilops-promotions"
@@ -34,20 +37,6 @@ METRIC_PREFIX = "eval."
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
 FOLDER_LINEAGE = ("teacher", "teacher_sha256", "optuna_study", "best_temperature", "best_alpha",
                   "best_learning_rate", "best_cosine_weight", "max_length", "mlflow_run_id")
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot be done as asked (unknown version, nothing to roll back to, ...)."""
-
-
-class GateError(RegistryError):
-    """A version failed its promotion gates."""
-
-    def __init__(self, version: str, failed: list[GateResult]) -> None:
-        lines = "\n".join(f"  - {g.name}: {g.detail}" for g in failed)
-        super().__init__(f"version {version} was not promoted; failed gate(s):\n{lines}\n"
-                         "Fix the model, or override with --force --reason '...' (recorded).")
-        self.failed = failed
 
 
 def client() -> mlflow.MlflowClient:
@@ -65,9 +54,6 @@ def register_version(folder: Path, *, model_name: str, tags: dict[str, str], met
     Lineage tags are always added (git commit, data hash, and the teacher, Optuna study, best
     parameters and format that the folder's distilops.json records); `tags` may add or override.
     """
-    from distilops.predict import read_meta
-    from distilops.pyfunc import log_model_folder
-
     meta = read_meta(folder)
     recorded = {k: str(meta[k]) for k in FOLDER_LINEAGE if k in meta}
     tags = {**lineage(), **recorded, "format": meta.get("format", "pytorch"), **tags}

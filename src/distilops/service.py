@@ -21,6 +21,8 @@ from fastapi import FastAPI
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.responses import JSONResponse
 
+from distilops.predict import MODEL_SUBDIR, TextClassifier
+
 MODEL_TAG = os.environ.get("DISTILOPS_BENTO_MODEL", "distilops-sentiment:latest")
 MAX_TEXTS = int(os.environ.get("DISTILOPS_MAX_TEXTS", "64"))  # texts in one request
 MAX_TEXT_CHARS = int(os.environ.get("DISTILOPS_MAX_TEXT_CHARS", "5000"))  # characters in one text
@@ -99,9 +101,6 @@ class Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from distilops.package import MODEL_SUBDIR
-        from distilops.predict import TextClassifier
-
         stored = self.bento_model
         self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, threads=THREADS)
         labels = stored.info.labels

@@ -9,28 +9,15 @@ Layout of the cache folder (a DVC output):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from distilops.training import Examples, predict_logits
+from distilops.batching import Examples, predict_logits
+from distilops.errors import StaleCacheError
 
 SPLITS = ("train", "validation")
-
-
-class StaleCacheError(ValueError):
-    """The cached teacher outputs do not belong to these inputs."""
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 over a model folder's files (names and bytes)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, batch_size: int,

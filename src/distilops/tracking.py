@@ -16,12 +16,15 @@ from typing import Any
 
 import mlflow
 
-EXPERIMENT = os.environ.get("DISTILOPS_EXPERIMENT", "distilops")
-DATA_REPORT = Path("data/prepared/report.json")
+from distilops import paths
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / paths.MLFLOW_DB}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("DISTILOPS_EXPERIMENT", "distilops")
 
 
 def configure(experiment: str | None = None) -> str:
@@ -29,7 +32,7 @@ def configure(experiment: str | None = None) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    name = experiment or EXPERIMENT
+    name = experiment or experiment_name()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         mlflow.set_experiment(name)
@@ -59,7 +62,7 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def data_hash(report: Path = DATA_REPORT) -> str:
+def data_hash(report: Path = paths.DATA_REPORT) -> str:
     """Content hash of the prepared splits, written by the prepare stage."""
     try:
         return json.loads(Path(report).read_text())["data_hash"]

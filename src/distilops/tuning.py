@@ -14,8 +14,7 @@
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
+import logging
 import os
 import time
 import warnings
@@ -29,13 +28,24 @@ import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
-from tqdm.auto import tqdm
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from distilops.config import ConfigError, DistillConfig
+from distilops import paths
+from distilops.batching import Examples, device, model_inputs, tokenize
+from distilops.config import DistillConfig
+from distilops.data import read_labels, read_split
+from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError
+from distilops.hashing import folder_sha256, json_sha256
 from distilops.losses import distillation_loss
-from distilops.training import DivergedError, Examples, TrainSettings, device, model_inputs, seed_everything, train
+from distilops.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
+from distilops.predict import read_meta
+from distilops.teacher_outputs import attach
+from distilops.tracking import data_hash
+from distilops.training import TrainSettings, seed_everything, train
 
-DEFAULT_STORAGE = Path("optuna/distill.db")
+log = logging.getLogger(__name__)
+STORAGE_ENV = "DISTILOPS_OPTUNA_STORAGE"
 # A trial in these states is done: it counts towards n_trials, and a resumed study does not rerun it.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 StudentFactory = Callable[[], torch.nn.Module]
@@ -91,14 +101,11 @@ def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
     """'distill-<hash>' of the search space, trial budget and inputs (teacher, data)."""
     if cfg.study_name:
         return cfg.study_name
-    key = {"search": vars(cfg.search), "trial_train_examples": cfg.trial_train_examples,
+    key = {"search": cfg.search.model_dump(), "trial_train_examples": cfg.trial_train_examples,
            "trial_epochs": cfg.trial_epochs, "eval_every_steps": cfg.eval_every_steps,
            "batch_size": cfg.batch_size, "student": [cfg.student_model, cfg.student_layers],
            "seed": cfg.seed, "max_length": cfg.max_length, **inputs}
-    return "distill-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-STORAGE_ENV = "DISTILOPS_OPTUNA_STORAGE"
+    return "distill-" + json_sha256(key)[:12]
 
 
 @dataclass
@@ -113,18 +120,12 @@ class DistillInputs:
     teacher_name: str
 
 
-def load_inputs(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, cache_dir: Path) -> DistillInputs:
+def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir: Path = paths.TEACHER,
+                cache_dir: Path = paths.TEACHER_OUTPUTS) -> DistillInputs:
     """Teacher, tokenizer and the train/validation examples with the cached teacher outputs attached."""
-    from distilops.data import read_split
-    from distilops.modeling import ModelError, build_student, check_same_tokenizer, load_classifier, load_tokenizer
-    from distilops.predict import read_meta
-    from distilops.teacher_outputs import StaleCacheError, attach, folder_fingerprint
-    from distilops.tracking import data_hash
-    from distilops.training import tokenize
-
     if not (cache_dir / "meta.json").exists():
         raise StaleCacheError(f"{cache_dir} holds no teacher outputs: run `dvc repro teacher_outputs` first")
-    labels = json.loads((data_dir / "report.json").read_text())["labels"]
+    labels = read_labels(data_dir / "report.json")
     tokenizer = load_tokenizer(str(teacher_dir))
     teacher = load_classifier(str(teacher_dir))
     if cfg.student_model:
@@ -137,11 +138,11 @@ def load_inputs(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, cache_dir
             return build_student(teacher, cfg.student_layers)
 
     with_hidden = cfg.search.cosine_weight[1] > 0
-    fingerprint = {"teacher": folder_fingerprint(teacher_dir), "data_hash": data_hash(data_dir / "report.json"),
+    fingerprint = {"teacher": folder_sha256(teacher_dir), "data_hash": data_hash(data_dir / "report.json"),
                    "max_length": cfg.max_length}
     data = {}
     for split in ("train", "validation"):
-        frame = read_split(data_dir, split)
+        frame = read_split(split, data_dir)
         data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), cache_dir, split,
                              expect=fingerprint, with_hidden=with_hidden)
     if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
@@ -150,20 +151,30 @@ def load_inputs(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, cache_dir
     return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name)
 
 
+def redact(url: str) -> str:
+    """A storage URL fit to print: its password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
 def storage_for(cfg: DistillConfig) -> RDBStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed, then retried once."""
     url = os.environ.get(STORAGE_ENV) or cfg.storage
     if not url:
-        DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{DEFAULT_STORAGE}"
+        paths.OPTUNA_DB.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{paths.OPTUNA_DB}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return RDBStorage(url, heartbeat_interval=30, grace_period=90,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
         except Exception as exc:  # SQLAlchemy raises many types: bad URL, missing driver, refused login
-            raise ConfigError(f"params.yaml: distill.storage: cannot open '{url}': "
-                              f"{type(exc).__name__}: {exc}") from exc
+            # The message may quote the URL, password included: say what failed, never print the secret.
+            reason = str(exc).replace(url, redact(url))
+            raise ConfigError(f"params.yaml: distill.storage: cannot open '{redact(url)}': "
+                              f"{type(exc).__name__}: {reason}") from None
 
 
 def trial_subset(n: int, size: int, seed: int) -> np.ndarray:
@@ -171,6 +182,22 @@ def trial_subset(n: int, size: int, seed: int) -> np.ndarray:
     if not size or size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def free_memory() -> None:
+    gc.collect()
+    if device().type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial (Optuna's own log lines are turned down: this one is bar-safe)."""
+    params = ", ".join(f"{k} {v:.3g}" for k, v in trial.params.items())
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        outcome = f"val accuracy {trial.value:.4f}"
+    else:
+        outcome = f"{trial.state.name.lower()} at step {trial.user_attrs.get('steps', '?')}"
+    log.info("trial %d: %s (%s)", trial.number, outcome, params)
 
 
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
@@ -187,33 +214,34 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                                 direction="maximize", load_if_exists=True)
     done = [t for t in study.trials if t.state in FINISHED_STATES]
     remaining = cfg.n_trials - len(done)
-    print(f"[distill] study '{study_name}': {len(done)} trial(s) done, {max(remaining, 0)} to run", flush=True)
+    log.info("study '%s': %d trial(s) done, %d to run", study_name, len(done), max(remaining, 0))
     subset = train_data.subset(trial_subset(len(train_data), cfg.trial_train_examples, cfg.seed))
     steps_per_trial = -(-len(subset) // cfg.batch_size) * cfg.trial_epochs
 
     def objective(trial: optuna.Trial) -> float:
+        """Train a fresh student with the suggested parameters; report validation accuracy to the pruner."""
         params = suggest(trial, cfg)
         seed_everything(cfg.seed)
         student = make_student()
+        settings = TrainSettings(epochs=cfg.trial_epochs, batch_size=cfg.batch_size,
+                                 learning_rate=params.learning_rate, weight_decay=cfg.weight_decay,
+                                 warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
+                                 eval_every_steps=cfg.eval_every_steps, progress=f"trial {trial.number}")
         reports: list[tuple[int, float]] = []
 
-        def on_eval(step: int, acc: float) -> None:
+        def report_or_prune(step: int, acc: float) -> None:
             reports.append((step, acc))
             mlflow.log_metric("val_accuracy", acc, step=step)
             trial.report(acc, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
 
-        settings = TrainSettings(epochs=cfg.trial_epochs, batch_size=cfg.batch_size,
-                                 learning_rate=params.learning_rate, weight_decay=cfg.weight_decay,
-                                 warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-                                 eval_every_steps=cfg.eval_every_steps, progress=f"trial {trial.number}")
         started = time.perf_counter()
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}):
             mlflow.log_params(vars(params))
             try:
-                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params), on_eval)
+                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params), report_or_prune)
                 mlflow.set_tag("state", "complete")
                 return result.best_accuracy
             except optuna.TrialPruned:
@@ -223,31 +251,19 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                 mlflow.set_tag("state", "diverged")
                 raise optuna.TrialPruned(str(exc)) from exc
             finally:
-                seconds = time.perf_counter() - started
-                steps_done = reports[-1][0] if reports else 0
+                seconds, steps_done = time.perf_counter() - started, (reports[-1][0] if reports else 0)
                 trial.set_user_attr("seconds", seconds)
                 trial.set_user_attr("steps", steps_done)
                 trial.set_user_attr("planned_steps", steps_per_trial)
                 mlflow.log_metrics({"trial_seconds": seconds, "trial_steps": steps_done})
                 del student
-                gc.collect()
-                if device().type == "cuda":
-                    torch.cuda.empty_cache()
-
-    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # One line per trial, written through tqdm so it does not break the progress bars.
-        params = ", ".join(f"{k} {v:.3g}" for k, v in trial.params.items())
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            outcome = f"val accuracy {trial.value:.4f}"
-        else:
-            outcome = f"{trial.state.name.lower()} at step {trial.user_attrs.get('steps', '?')}"
-        tqdm.write(f"[distill] trial {trial.number}: {outcome} ({params})")
+                free_memory()
 
     if remaining > 0:
         # Other workers may be filling the same study: stop once it holds n_trials finished trials.
         enough = MaxTrialsCallback(cfg.n_trials, states=FINISHED_STATES)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # `report` says the same, bar-safe
-        study.optimize(objective, n_trials=remaining, gc_after_trial=True, callbacks=[enough, report])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # log_trial says the same, bar-safe
+        study.optimize(objective, n_trials=remaining, gc_after_trial=True, callbacks=[enough, log_trial])
     return study
 
 

@@ -1,0 +1,32 @@
+"""What every DVC stage script shares: running its `main` (logging set up, any `DistilopsError`
+turned into `<stage>: error: ...` on stderr with exit status 1, no traceback: the message names
+the fix) and writing its JSON outputs.
+
+    if __name__ == "__main__":
+        run_stage("prepare", main)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distilops import logs
+from distilops.errors import DistilopsError
+
+
+def run_stage(name: str, main: Callable[[], object]) -> None:
+    logs.setup(names=("distilops", name))  # the stage script logs as `name`
+    try:
+        main()
+    except DistilopsError as exc:
+        sys.exit(f"{name}: error: {exc}")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write a metrics or report file (indented, newline-terminated: readable in diffs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n")
