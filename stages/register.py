@@ -1,6 +1,8 @@
-"""DVC stage `register`: the fp32 student and the serving model (ONNX int8 by default) become versions
-of one registered model in the MLflow registry, each tagged with its lineage and test metrics.
-Nothing here moves the `production` alias: that is `distilops promote`, behind its gates."""
+"""DVC stage `register`: the fp32 student and the serving models (ONNX int8 for CPU nodes, ONNX fp16
+for GPU nodes by default) become versions of one registered model in the MLflow registry, each
+tagged with its lineage, its device and its test metrics. The CPU version is the one promoted; its
+GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). Nothing here moves the
+`production` alias: that is `distilops promote`, behind its gates."""
 
 import json
 import logging
@@ -10,58 +12,79 @@ import mlflow
 
 from distilops import paths
 from distilops.config import RegisterConfig, as_flat_dict, load_section
+from distilops.errors import RegistryError
 from distilops.hashing import sha256
 from distilops.predict import read_meta
-from distilops.registry import register_version
+from distilops.registry import link_release, register_version
 from distilops.stage import run_stage, write_json
 from distilops.tracking import stage_run
 
 log = logging.getLogger("register")
-TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms",
-                  "throughput_batch32", "size_mb", "parameters")
+TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms", "size_mb",
+                  "parameters")
 
 
 def test_metrics(evaluation: dict, variant: str) -> dict[str, float]:
     """A variant's test metrics from the evaluate stage, with its teacher's accuracy for the gates."""
     entry = evaluation["models"]["student" if variant == "student" else f"student_{variant}"]
-    metrics = {k: float(entry[k]) for k in TAGGED_METRICS if k in entry}
+    metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
     metrics["teacher_accuracy"] = float(evaluation["models"]["teacher"]["accuracy"])
     metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
     return metrics
+
+
+def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
+    """{device: variant}: the configured ONNX variant per device, onnx_fp32 where quantize rejected it."""
+    plan = {}
+    for device, wanted in cfg.serving.model_dump().items():
+        if not wanted:
+            continue
+        variant = wanted
+        if not checks.get(variant, {}).get("accepted", False):
+            reason = checks[variant]["reason"] if variant in checks else "not built by the quantize stage"
+            log.warning("%s variant %s is not registered: %s. onnx_fp32 serves instead.", device, variant, reason)
+            variant = "onnx_fp32"
+        if not checks.get(variant, {}).get("accepted", False):
+            raise RegistryError(f"no accepted ONNX variant to serve on {device}: add onnx_fp32 to quantize.variants")
+        plan[device] = variant
+    if "cpu" not in plan:
+        raise RegistryError("register.serving.cpu must name a variant: the CPU version is the one promoted")
+    return plan
 
 
 def main() -> None:
     cfg = load_section(RegisterConfig)
     evaluation = json.loads(paths.metrics_file("evaluate").read_text())
     checks = json.loads(paths.metrics_file("quantize").read_text())
-    serving = cfg.serving_variant
-    if serving != "student" and not checks.get(serving, {}).get("accepted", False):
-        reason = checks[serving]["reason"] if serving in checks else "not built by the quantize stage"
-        log.warning("serving variant '%s' is not registered: %s. The fp32 student serves instead.", serving, reason)
-        serving = "student"
+    devices = serving_variants(cfg, checks)
     params_text = Path("params.yaml").read_text()
-    params_hash = sha256(params_text)
-    # The student first, so the serving model is the newest version.
-    plan = [("student", paths.STUDENT, "serving" if serving == "student" else "reference")]
-    if serving != "student":
-        plan.append((serving, paths.QUANTIZED / serving, "serving"))
+    # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling).
+    plan = [("student", paths.STUDENT, "reference", "")]
+    plan += [(variant, paths.QUANTIZED / variant, "serving", device) for device, variant in devices.items()]
 
-    registered = {}
+    registered, release = {}, {}
     with stage_run("register", as_flat_dict(cfg)):
         mlflow.log_text(params_text, "params.yaml")
-        for variant, folder, role in plan:
+        for variant, folder, role, device in plan:
             # register_version adds the lineage: git commit, data hash, teacher, study, best parameters.
             m = test_metrics(evaluation, variant)
             mv = register_version(
                 folder, model_name=cfg.model_name, metrics=m,
-                tags={"variant": variant, "role": role, "params_sha256": params_hash},
-                description=f"{variant} ({role}) distilled from {read_meta(folder).get('teacher', '?')}")
-            registered[variant] = {"version": int(mv.version), "role": role}
-            log.info("%s v%s: %s (%s), test accuracy %.4f (%.1f%% of the teacher's), p95 %.2f ms", cfg.model_name,
-                     mv.version, variant, role, m["accuracy"], 100 * m["accuracy_retention"], m["latency_p95_ms"])
+                tags={"variant": variant, "role": role, "device": device, "params_sha256": sha256(params_text)},
+                description=f"{variant} ({role}{', ' + device if device else ''}) distilled from "
+                            f"{read_meta(folder).get('teacher', '?')}")
+            registered[f"{variant}@{device}" if device else variant] = {"version": int(mv.version), "role": role,
+                                                                         "device": device}
+            if device:
+                release[device] = str(mv.version)
+            log.info("%s v%s: %s (%s%s), test accuracy %.4f (%.1f%% of the teacher's), p95 %.2f ms", cfg.model_name,
+                     mv.version, variant, role, f", {device}" if device else "", m["accuracy"],
+                     100 * m["accuracy_retention"], m["latency_p95_ms"])
+        link_release(cfg.model_name, release)
     write_json(paths.metrics_file("register"), {"model_name": cfg.model_name, "versions": registered,
-                                                "serving_version": registered[serving]["version"]})
-    log.info("promote with: distilops promote %s", registered[serving]["version"])
+                                                "serving_version": int(release["cpu"]),
+                                                "serving_versions": {d: int(v) for d, v in release.items()}})
+    log.info("promote with: distilops promote %s", release["cpu"])
 
 
 if __name__ == "__main__":

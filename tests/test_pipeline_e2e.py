@@ -15,7 +15,7 @@ from test_pipeline_train import tiny_pipeline
 pytestmark = pytest.mark.slow
 
 FAST_EVALUATION = {"evaluate.speed_texts": 32, "evaluate.latency_samples": 10, "evaluate.repeats": 1,
-                   "register.serving_variant": "onnx_int8", "model_name": "tiny-sentiment"}
+                   "model_name": "tiny-sentiment"}
 
 
 def test_full_pipeline_registers_a_serving_version(repo_copy):
@@ -26,10 +26,11 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
         assert f"Running stage '{stage}'" in result.stdout
 
     checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
-    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"}
     evaluation = json.loads((repo_copy.path / "metrics/evaluate.json").read_text())
     models = evaluation["models"]
-    assert set(models) == {"teacher", "student", "student_torch_int8", "student_onnx_fp32", "student_onnx_int8"}
+    assert set(models) == {"teacher", "student", "student_torch_int8", "student_onnx_fp32", "student_onnx_int8",
+                           "student_onnx_fp16"}
     assert models["student"]["vs_teacher"]["parameter_fraction"] < 1
     assert all(m["size_mb"] > 0 and m["latency_p50_ms"] > 0 for m in models.values())
     assert evaluation["hardware"]["threads"] >= 1 and evaluation["hardware"]["cpu"]
@@ -39,10 +40,17 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
 
     registered = json.loads((repo_copy.path / "metrics/register.json").read_text())
     assert registered["versions"]["student"]["role"] == "reference"
+    devices = {device: str(v) for device, v in registered["serving_versions"].items()}
+    assert set(devices) == {"cpu", "gpu"} and devices["cpu"] == str(registered["serving_version"])
     mlflow.set_tracking_uri(repo_copy.env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     serving = client.get_model_version("tiny-sentiment", str(registered["serving_version"]))
     assert serving.tags["variant"] == "onnx_int8" and serving.tags["role"] == "serving"
+    assert serving.tags["device"] == "cpu" and serving.tags["format"] == "onnx"
+    gpu = client.get_model_version("tiny-sentiment", devices["gpu"])
+    assert (gpu.tags["variant"], gpu.tags["device"]) == ("onnx_fp16", "gpu")  # never int8 on a GPU
+    for version in (serving, gpu):  # each names its release's version for every device
+        assert {version.tags["release.cpu"], version.tags["release.gpu"]} == set(devices.values())
     assert serving.tags["teacher"] == "tiny-teacher" and serving.tags["optuna_study"].startswith("distill-")
     assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8"]["accuracy"])
     assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"]

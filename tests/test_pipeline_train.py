@@ -78,7 +78,7 @@ def test_tune_workers_share_one_study_then_distill_only_trains(repo_copy):
     workers = [subprocess.Popen([distilops, "tune", "--worker", str(i)], cwd=repo_copy.path, env=repo_copy.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(out[-4000:] for out in outputs)
 
     storage = f"sqlite:///{repo_copy.path / 'optuna/distill.db'}"
     (name,) = optuna.get_all_study_names(storage)

@@ -31,7 +31,7 @@ def texts():
 @pytest.fixture(scope="module")
 def variants(student, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized")
-    return {v: build(v, student, out) for v in ("torch_int8", "onnx_fp32", "onnx_int8")}
+    return {v: build(v, student, out) for v in ("torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16")}
 
 
 def test_onnx_fp32_matches_the_student(student, variants, texts):
@@ -58,6 +58,22 @@ def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
     assert meta["variant"] == variant and meta["max_length"] == 32 and meta["teacher"] == "tiny"
 
 
+def test_onnx_fp16_for_gpus_keeps_fp32_logits_and_halves_the_weights(student, variants, texts):
+    """What GPU pods serve: fp16 inside, int64 ids in and fp32 logits out; checked here on the CPU provider."""
+    import onnx
+
+    graph = onnx.load(str(variants["onnx_fp16"] / "model.onnx")).graph
+    assert {t.data_type for t in graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    half = TextClassifier(variants["onnx_fp16"])
+    assert half.providers == ["CPUExecutionProvider"]
+    reference = TextClassifier(student).predict_logits_batched(texts, 16)
+    np.testing.assert_allclose(half.predict_logits_batched(texts, 16), reference, atol=2e-3)
+    # half the weights' bytes; the graph itself weighs more in so tiny a model
+    assert weights_size_mb(variants["onnx_fp16"]) < 0.7 * weights_size_mb(variants["onnx_fp32"])
+    assert read_meta(variants["onnx_fp16"])["variant"] == "onnx_fp16"
+
+
 def test_onnx_int8_also_quantizes_the_embeddings(student, variants):
     # MatMul weights alone would leave the (vocabulary x hidden) table in fp32: most of a small model's bytes.
     import onnx
@@ -74,7 +90,7 @@ def test_mpnet_exports_without_token_type_ids(tmp_path, texts):
     folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
                                max_length=32)
     onnx = TextClassifier(build("onnx_fp32", folder, tmp_path / "q"))
-    assert "token_type_ids" not in onnx.onnx_inputs
+    assert "token_type_ids" not in onnx.model.inputs
     np.testing.assert_allclose(onnx.predict_logits(texts[:4]), TextClassifier(folder).predict_logits(texts[:4]),
                                atol=1e-4)
 

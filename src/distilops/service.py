@@ -7,10 +7,16 @@
 Requests are batched across clients (adaptive batching). Every response carries the headers
 X-Model-Name and X-Model-Version. Limits and batching come from the environment (a ConfigMap in
 Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up.
+
+The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
+With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider never becomes
+ready: the pod is not served on its CPU by mistake, and the log says why.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +34,30 @@ MAX_TEXTS = int(os.environ.get("DISTILOPS_MAX_TEXTS", "64"))  # texts in one req
 MAX_TEXT_CHARS = int(os.environ.get("DISTILOPS_MAX_TEXT_CHARS", "5000"))  # characters in one text
 MAX_BATCH_SIZE = int(os.environ.get("DISTILOPS_MAX_BATCH_SIZE", "64"))  # texts in one model call
 MAX_LATENCY_MS = int(os.environ.get("DISTILOPS_MAX_LATENCY_MS", "1000"))  # queueing + inference budget
-THREADS = int(os.environ.get("DISTILOPS_THREADS", "0")) or None  # CPU threads (None = all cores)
+WORKERS = int(os.environ.get("DISTILOPS_WORKERS", "1"))  # model copies per pod; batching gathers within each
+THREADS = int(os.environ.get("DISTILOPS_THREADS", "0"))  # CPU threads per worker (0 = the CPU limit / workers)
+REQUIRE_GPU = os.environ.get("DISTILOPS_REQUIRE_GPU", "0") == "1"
+log = logging.getLogger("distilops.service")
+
+
+def cpu_limit() -> int:
+    """The CPUs this container may use: the pod's limit (downward API), else the cgroup quota, else all cores.
+
+    Thread pools that size themselves from the node's cores oversubscribe a pod limited to a few of them.
+    """
+    if os.environ.get("DISTILOPS_CPU_LIMIT", "").isdigit():
+        return max(1, int(os.environ["DISTILOPS_CPU_LIMIT"]))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker() -> int:
+    return THREADS or max(1, cpu_limit() // WORKERS)
 
 
 def _not_blank(text: str) -> str:
@@ -91,7 +120,7 @@ class RequireJson:
 
 @bentoml.service(
     name="distilops_classifier",
-    workers=int(os.environ.get("DISTILOPS_WORKERS", "1")),  # model copies per pod; batching gathers within each
+    workers=WORKERS,
     traffic={"timeout": 30, "max_concurrency": 256},
     metrics={"enabled": True},
     logging={"access": {"enabled": os.environ.get("DISTILOPS_ACCESS_LOG", "false") == "true"}},
@@ -102,7 +131,15 @@ class Classifier:
 
     def __init__(self) -> None:
         stored = self.bento_model
-        self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, threads=THREADS)
+        threads = threads_per_worker()
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizer's pool, before its first use
+        self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, device="cuda" if REQUIRE_GPU else None,
+                                         threads=threads)
+        self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
+        if self.gpu_missing:
+            log.error("DISTILOPS_REQUIRE_GPU=1 but ONNX Runtime runs this model on %s (CUDA provider unavailable: no "
+                      "GPU visible, or CUDA/cuDNN libraries missing): not ready, so no traffic reaches a CPU-bound "
+                      "GPU pod", self.classifier.providers)
         labels = stored.info.labels
         SERVED.update({
             "registry_name": labels.get("registry_name", stored.tag.name),
@@ -111,6 +148,9 @@ class Classifier:
             "variant": labels.get("variant", "?"),
             "format": self.classifier.format,
             "device": self.classifier.device,
+            "providers": self.classifier.providers,  # what ONNX Runtime really runs on
+            "require_gpu": REQUIRE_GPU,
+            "threads": threads,
             "max_length": self.classifier.max_length,
             "labels": self.classifier.labels,
             "lineage": {k: v for k, v in stored.info.metadata.items()
@@ -121,7 +161,7 @@ class Classifier:
         })
 
     def __is_ready__(self) -> bool:
-        return bool(SERVED)
+        return bool(SERVED) and not self.gpu_missing
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:

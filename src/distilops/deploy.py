@@ -1,0 +1,163 @@
+"""`distilops deploy`: the production version's image into a Kubernetes overlay, pinned and validated.
+
+    alias (production) -> release version -> the version serving the overlay's device -> its image
+    -> k8s/overlays/<cpu|gpu> rendered by `kubectl kustomize`, the image pinned (tag, and digest where
+    known), the registry version as a pod label and annotation -> strict schema validation (offline)
+    -> printed, or `kubectl apply` + `kubectl rollout status` + /model checked through the Service.
+
+Pinning a new tag changes the pod template, so re-applying rolls the pods; after `distilops promote
+--rollback`, deploy renders the previous version's image, and applying it rolls back the cluster too.
+`kubectl rollout history` shows the registry version in CHANGE-CAUSE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+from distilops.errors import DeployError
+from distilops.image import IMAGE_NAME
+from distilops.package import resolve
+
+log = logging.getLogger(__name__)
+OVERLAYS = {"cpu": "cpu", "gpu": "gpu"}  # overlay -> the device its pods serve on
+K8S = Path("k8s")
+SCHEMA_VERSIONS = ("1.30.0", "1.33.0")
+LABEL = "distilops.ai/registry-version"
+
+
+@dataclass
+class Rendered:
+    documents: list[dict]
+    image: str
+    registry_name: str
+    version: str  # the registry version the pods serve
+    release: str  # the promoted version whose release it is
+    device: str
+
+    def yaml(self) -> str:
+        return yaml.safe_dump_all(self.documents, sort_keys=False)
+
+
+def kubectl(*args: str, what: str, stdin: str | None = None, timeout: float | None = None) -> str:
+    if shutil.which("kubectl") is None:
+        raise DeployError("kubectl not found: deploy renders overlays with `kubectl kustomize` (kubectl >= 1.27)")
+    result = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise DeployError(f"{what} failed: {result.stderr.strip()[-1500:]}")
+    return result.stdout
+
+
+def render_overlay(overlay: str, root: Path = K8S) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(kubectl("kustomize", str(root / "overlays" / overlay),
+                                                      what=f"kubectl kustomize overlays/{overlay}")) if doc]
+
+
+def image_reference(tags: dict[str, str], registry: str | None, version: str) -> str:
+    """Where the pods pull from: the recorded local image renamed into `registry` (same tag), with the
+    digest when the image was pushed there (`image.pushed` / `image.pushed_digest`)."""
+    local = tags.get("image.ref")
+    if not local:
+        raise DeployError(f"version {version} has no image: build it first (`distilops image --version {version} "
+                          "--device ...`), then push it to your registry")
+    tag = local.rsplit(":", 1)[1]
+    if not registry:
+        return local
+    ref = f"{registry.rstrip('/')}/{IMAGE_NAME}:{tag}"
+    pushed, digest = tags.get("image.pushed", ""), tags.get("image.pushed_digest", "")
+    return f"{ref}@{digest}" if pushed == ref and digest else ref
+
+
+def pin(documents: list[dict], *, image: str, registry_name: str, version: str, release: str, variant: str) -> None:
+    """Set the classifier's image and mark its pods with the registry version (label, annotations)."""
+    deployments = [d for d in documents if d["kind"] == "Deployment"]
+    if len(deployments) != 1:
+        raise DeployError(f"the overlay must hold one Deployment, found {len(deployments)}")
+    deployment = deployments[0]
+    cause = f"{registry_name} v{version} ({variant}), release v{release}, image {image}"
+    deployment["metadata"].setdefault("annotations", {})["kubernetes.io/change-cause"] = cause
+    template = deployment["spec"]["template"]
+    template["metadata"].setdefault("labels", {})[LABEL] = version
+    template["metadata"].setdefault("annotations", {}).update({
+        "distilops.ai/registry-model": registry_name, "distilops.ai/registry-version": version,
+        "distilops.ai/release-version": release, "distilops.ai/variant": variant})
+    containers = template["spec"]["containers"]
+    for container in containers:
+        if container["image"].split("@")[0].rsplit(":", 1)[0].endswith(IMAGE_NAME):
+            container["image"] = image
+            break
+    else:
+        raise DeployError(f"no container running the {IMAGE_NAME} image in the Deployment")
+
+
+def validate(documents: list[dict], versions: tuple[str, ...] = SCHEMA_VERSIONS) -> None:
+    """Strict validation against the official Kubernetes schemas (unknown fields, wrong types): offline."""
+    for doc in documents:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise DeployError(f"{doc['kind']}/{doc['metadata']['name']} fails Kubernetes {version}'s schema: "
+                                  f"{exc.message} (at {'.'.join(map(str, exc.path))})") from None
+
+
+def render(model_name: str, *, overlay: str, alias: str = "production", version: str | None = None,
+           registry: str | None = None, root: Path = K8S) -> Rendered:
+    if overlay not in OVERLAYS:
+        raise DeployError(f"unknown overlay '{overlay}': use one of {sorted(OVERLAYS)}")
+    device = OVERLAYS[overlay]
+    release, served = resolve(model_name, alias=alias, version=version, device=device)
+    image = image_reference(served.tags, registry, served.version)
+    documents = render_overlay(overlay, root)
+    pin(documents, image=image, registry_name=model_name, version=str(served.version), release=str(release.version),
+        variant=served.tags.get("variant", "?"))
+    validate(documents)
+    return Rendered(documents, image, model_name, str(served.version), str(release.version), device)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply(rendered: Rendered, *, timeout_s: int = 600) -> dict:
+    """kubectl apply, wait for the rollout, then ask the Service which version answers (via port-forward)."""
+    kubectl("apply", "-f", "-", what="kubectl apply", stdin=rendered.yaml())
+    deployment = next(d for d in rendered.documents if d["kind"] == "Deployment")
+    namespace, name = deployment["metadata"].get("namespace", "default"), deployment["metadata"]["name"]
+    kubectl("rollout", "status", f"deployment/{name}", "-n", namespace, f"--timeout={timeout_s}s",
+            what="kubectl rollout status", timeout=timeout_s + 30)
+    service = next(d for d in rendered.documents if d["kind"] == "Service")
+    port = free_port()
+    forward = subprocess.Popen(["kubectl", "port-forward", "-n", namespace, f"service/{service['metadata']['name']}",
+                                f"{port}:{service['spec']['ports'][0]['port']}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/model", timeout=5) as reply:
+                    served = json.loads(reply.read())
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline or forward.poll() is not None:
+                    raise DeployError(f"the rollout finished but /model did not answer through the Service: "
+                                      f"{exc}") from None
+                time.sleep(1)
+    finally:
+        forward.terminate()
+    if str(served.get("registry_version")) != rendered.version:
+        raise DeployError(f"the Service answers with version {served.get('registry_version')}, expected "
+                          f"{rendered.version}: old pods still serving?")
+    return served

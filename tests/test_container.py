@@ -1,0 +1,166 @@
+"""The serving image for real: `distilops image` builds it with buildah from the promoted registry version,
+then podman runs it under exactly the CPU Deployment's security context (tests/containers.py reads it from
+the rendered manifest) with no network but loopback, and the service is called from inside the container."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from containers import RUNTIME, missing_tools, podman_args, render
+from tiny import make_tiny_model
+
+from distilops.config import PromoteConfig
+from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.predict import TextClassifier
+from distilops.quantize import build
+from distilops.registry import link_release, promote, register_version
+from distilops.tracking import stage_run
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny-sentiment"
+TEXTS = ["a wonderful, moving film", "tedious and dull", "the plot is messy but the acting is superb"]
+
+# Runs inside the container (its own Python and httpx): waits for readiness, then calls the service.
+PROBE = textwrap.dedent("""
+    import json, time, httpx
+    url, out, start = "http://127.0.0.1:3000", {}, time.monotonic()
+    while time.monotonic() - start < WAIT:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    out["ready_after_s"] = time.monotonic() - start
+    out["readyz"] = httpx.get(url + "/readyz", timeout=5).status_code
+    out["livez"] = httpx.get(url + "/livez", timeout=5).status_code
+    if out["readyz"] == 200:
+        reply = httpx.post(url + "/classify", json={"texts": TEXTS}, timeout=30)
+        out["classify"] = [reply.status_code, reply.json(), reply.headers.get("x-model-version")]
+        out["model"] = httpx.get(url + "/model", timeout=5).json()
+        bad = httpx.post(url + "/classify", json={"texts": [""]}, timeout=30)
+        out["bad"] = [bad.status_code, bad.text]
+    print(json.dumps(out))
+""").replace("TEXTS", json.dumps(TEXTS))
+
+
+def probe(wait_s: float) -> str:
+    return PROBE.replace("WAIT", str(wait_s))
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args[:4])} failed: {result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny distilled model's ONNX int8 variant registered twice (v1, v2), v2 promoted, its image built."""
+    missing = missing_tools()
+    assert not missing, f"the container test needs {missing}: `make test-tools` installs them (as root, Debian)"
+    root = tmp_path_factory.mktemp("image")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "BENTOML_HOME": str(root / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true"}
+    raw = make_tiny_model(root / "raw", layers=2)
+    student = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student",
+                                max_length=16, teacher="tiny-teacher")
+    variant = build("onnx_int8", student, root / "quantized")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        with stage_run("register"):
+            for _ in range(2):
+                mv = register_version(variant, model_name=NAME, tags={"variant": "onnx_int8", "role": "serving",
+                                                                      "device": "cpu"},
+                                      metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
+                link_release(NAME, {"cpu": mv.version})
+        promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
+    distilops = str(Path(sys.executable).parent / "distilops")
+    started = time.monotonic()
+    result = subprocess.run([distilops, "image", "--device", "cpu", "-m", NAME], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(f"image built in {time.monotonic() - started:.0f} s: {result.stderr.strip().splitlines()[-1]}")
+    ref = result.stdout.strip().splitlines()[-1]
+    yield {"ref": ref, "version": str(mv.version), "env": env, "folder": variant}
+    podman("rmi", "-f", ref, check=False)
+
+
+def run_like_the_deployment(ref: str, name: str, extra_env: dict[str, str] | None = None, wait_s: float = 120) -> dict:
+    """Start the image as the CPU Deployment's pod would run, call it from inside, return what it said."""
+    args = podman_args(render("cpu"))
+    extra = [arg for key, value in (extra_env or {}).items() for arg in ("--env", f"{key}={value}")]
+    podman("rm", "-f", name, check=False)
+    podman("run", "-d", "--name", name, "--network", "none", *args, *extra, ref)
+    try:
+        said = podman("exec", name, "/opt/venv/bin/python", "-c", probe(wait_s), timeout=wait_s + 60)
+        result = json.loads(said.stdout.strip().splitlines()[-1])
+        logs = podman("logs", name, check=False)
+        result["logs"] = logs.stdout + logs.stderr
+        result["inspect"] = json.loads(podman("inspect", name).stdout)[0]
+        return result
+    finally:
+        podman("rm", "-f", name, check=False)
+
+
+def test_the_image_holds_no_torch_and_no_cuda(built):
+    check = ("import importlib.util as u; "
+             "print([m for m in ('torch', 'transformers', 'mlflow', 'onnxruntime', 'tokenizers') if u.find_spec(m)])")
+    found = podman("run", "--rm", "--entrypoint", "/opt/venv/bin/python", *RUNTIME, built["ref"], "-c", check).stdout
+    assert found.strip() == "['onnxruntime', 'tokenizers']"
+    libraries = podman("run", "--rm", "--entrypoint", "/bin/sh", *RUNTIME, built["ref"], "-c",
+                       "find / -xdev \\( -name 'libcud*' -o -name 'libcublas*' -o -name 'libnvrtc*' \\) | head").stdout
+    assert libraries.strip() == ""
+
+
+def test_the_container_serves_the_promoted_version_under_the_deployments_security_context(built):
+    result = run_like_the_deployment(built["ref"], "distilops-test-cpu")
+    config = result["inspect"]["HostConfig"]
+    assert result["inspect"]["Config"]["User"] == "1034:1034"
+    assert config["ReadonlyRootfs"] is True and "no-new-privileges" in config["SecurityOpt"]
+    assert config["CapDrop"] and not config["CapAdd"] and config["NetworkMode"] == "none"
+    assert result["readyz"] == 200 and result["livez"] == 200, result["logs"][-3000:]
+    print(f"ready {result['ready_after_s']:.1f} s after the probe started")
+
+    status, answers, header_version = result["classify"]
+    expected = TextClassifier(built["folder"]).classify(TEXTS)
+    assert status == 200 and header_version == built["version"]
+    assert [a["label"] for a in answers] == [e.label for e in expected]
+    assert [a["score"] for a in answers] == pytest.approx([e.score for e in expected], abs=1e-5)
+
+    model = result["model"]
+    assert (model["registry_name"], model["registry_version"]) == (NAME, built["version"])
+    assert model["variant"] == "onnx_int8" and model["format"] == "onnx"
+    assert model["providers"] == ["CPUExecutionProvider"] and model["threads"] == 2  # the CPU limit, not the node's
+    assert result["bad"][0] == 400 and "empty or only whitespace" in result["bad"][1]
+
+
+def test_a_gpu_pod_without_cuda_is_never_ready_and_says_why(built):
+    """The CPU image has no CUDA provider: with DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) it must not serve."""
+    result = run_like_the_deployment(built["ref"], "distilops-test-gpu-refused", {"DISTILOPS_REQUIRE_GPU": "1"},
+                                     wait_s=20)
+    assert result["livez"] == 200 and result["readyz"] == 503
+    assert "DISTILOPS_REQUIRE_GPU=1 but ONNX Runtime runs this model on ['CPUExecutionProvider']" in result["logs"]
+
+
+def test_the_image_is_recorded_on_the_registry_version(built):
+    client = mlflow.MlflowClient(tracking_uri=built["env"]["MLFLOW_TRACKING_URI"])
+    tags = client.get_model_version(NAME, built["version"]).tags
+    assert tags["image.ref"] == built["ref"] == f"localhost/distilops-classifier:v{built['version']}-cpu"
+    image = json.loads(podman("image", "inspect", built["ref"]).stdout)[0]
+    assert tags["image.id"] == image["Id"] and tags["image.digest"] == image["Digest"].strip()
+    assert image["Config"]["Labels"]["ai.distilops.registry-version"] == built["version"]
