@@ -5,7 +5,7 @@ export DVC_NO_ANALYTICS := 1
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint ui serve bento benchmark test-tools clean-env
+.PHONY: run test lint ui serve bento image benchmark test-tools clean-env
 
 # The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
 # (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
@@ -58,8 +58,12 @@ ui: $(VENV)/.installed  ## MLflow UI on the local store: http://127.0.0.1:5000
 serve: $(VENV)/.installed  ## package the production version and serve it on http://127.0.0.1:3000
 	. $(VENV)/bin/activate && distilops serve --port 3000
 
-bento: $(VENV)/.installed  ## package the production version and build the Bento (then: bentoml containerize)
+bento: $(VENV)/.installed  ## package the production version and build the Bento alone
 	. $(VENV)/bin/activate && DISTILOPS_BENTO_MODEL=$$(distilops package) bentoml build -f bentofile.yaml src
+
+DEVICE ?= cpu
+image: $(VENV)/.installed test-tools  ## the production version's serving image (DEVICE=cpu|gpu), built with buildah
+	. $(VENV)/bin/activate && distilops image --device $(DEVICE)
 
 benchmark: $(VENV)/.installed  ## serving throughput, BentoML vs a naive server (needs wrk and `make run`)
 	. $(VENV)/bin/activate && python benchmarks/serving_benchmark.py

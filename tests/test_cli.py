@@ -43,3 +43,10 @@ def test_a_bad_params_file_is_a_clear_error(tmp_path):
     assert result.exit_code == 1
     assert "error: params.yaml: promote.min_accuracy_retention: Input should be a valid number" in result.output
     assert "Traceback" not in result.output
+
+
+def test_image_outside_the_repository_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("model_name: m\npromote: {}\n")
+    result = runner.invoke(app, ["image", "--device", "cpu"])
+    assert result.exit_code == 1 and "run `distilops image` from the repository root" in result.output

@@ -27,6 +27,7 @@ from distilops.tracking import stage_run
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-sentiment"
+REPOSITORY = "localhost/distilops-test-classifier"
 TEXTS = ["a wonderful, moving film", "tedious and dull", "the plot is messy but the acting is superb"]
 
 # Runs inside the container (its own Python and httpx): waits for readiness, then calls the service.
@@ -91,7 +92,9 @@ def built(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
     distilops = str(Path(sys.executable).parent / "distilops")
     started = time.monotonic()
-    result = subprocess.run([distilops, "image", "--device", "cpu", "-m", NAME], cwd=ROOT, env=env,
+    # A repository of its own: the test must not replace (then delete) an image a user built for their version 2.
+    result = subprocess.run([distilops, "image", "--device", "cpu", "-m", NAME, "--repository", REPOSITORY],
+                            cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"image built in {time.monotonic() - started:.0f} s: {result.stderr.strip().splitlines()[-1]}")
@@ -158,9 +161,10 @@ def test_a_gpu_pod_without_cuda_is_never_ready_and_says_why(built):
 
 
 def test_the_image_is_recorded_on_the_registry_version(built):
-    client = mlflow.MlflowClient(tracking_uri=built["env"]["MLFLOW_TRACKING_URI"])
+    uri = built["env"]["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the registry another test set
     tags = client.get_model_version(NAME, built["version"]).tags
-    assert tags["image.ref"] == built["ref"] == f"localhost/distilops-classifier:v{built['version']}-cpu"
+    assert tags["image.ref"] == built["ref"] == f"{REPOSITORY}:v{built['version']}-cpu"
     image = json.loads(podman("image", "inspect", built["ref"]).stdout)[0]
     assert tags["image.id"] == image["Id"] and tags["image.digest"] == image["Digest"].strip()
     assert image["Config"]["Labels"]["ai.distilops.registry-version"] == built["version"]

@@ -13,7 +13,7 @@ from distilops.config import PromoteConfig
 from distilops.deploy import LABEL, pin, render, render_overlay, validate
 from distilops.errors import DeployError, RegistryError
 from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.package import package
+from distilops.package import resolve
 from distilops.registry import client, latest_serving_version, link_release, promote, register_version
 from distilops.tracking import stage_run
 
@@ -26,7 +26,6 @@ METRICS = {"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 2.0}
 def registry(tmp_path, monkeypatch):
     """Two releases, each a CPU version and its GPU sibling, each with an image recorded; release 1 promoted."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     monkeypatch.setenv("DISTILOPS_USER", "alice")
     raw = make_tiny_model(tmp_path / "raw")
     folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
@@ -55,9 +54,12 @@ def deployment(rendered):
 def test_the_gpu_sibling_follows_its_release(registry):
     first, second = registry
     assert str(latest_serving_version(client(), NAME).version) == second["cpu"]  # never the GPU one
-    packaged = package(NAME, device="gpu")
-    assert (packaged.registry_version, packaged.release_version, packaged.device) == (first["gpu"], first["cpu"], "gpu")
-    assert package(NAME, device="cpu").registry_version == first["cpu"]
+    # What `distilops package|image --device` pick (package then copies that version into the BentoML store:
+    # test_service.py; not here, as BentoML fixes its store's folder once per process).
+    release, served = resolve(NAME, device="gpu")
+    assert (str(served.version), str(release.version), served.tags["variant"]) == (first["gpu"], first["cpu"],
+                                                                                   "onnx_fp16")
+    assert str(resolve(NAME, device="cpu")[1].version) == first["cpu"]
 
 
 def test_a_release_without_a_gpu_variant_is_a_clear_error(registry, tmp_path):
@@ -66,7 +68,7 @@ def test_a_release_without_a_gpu_variant_is_a_clear_error(registry, tmp_path):
         lone = register_version(folder, model_name=NAME, metrics=METRICS,
                                 tags={"variant": "onnx_int8", "role": "serving", "device": "cpu"})
     with pytest.raises(RegistryError, match=f"version {lone.version} of '{NAME}' has no GPU variant"):
-        package(NAME, version=str(lone.version), device="gpu")
+        resolve(NAME, version=str(lone.version), device="gpu")
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
@@ -133,3 +135,10 @@ def test_deploy_command_prints_valid_manifests(registry):
     assert pod["containers"][0]["image"] == f"r.example.com/ml/distilops-classifier:v{registry[0]['gpu']}-gpu"
     bad = CliRunner().invoke(app, ["deploy", "--overlay", "tpu", "-m", NAME])
     assert bad.exit_code == 1 and "unknown overlay 'tpu'" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_packaged_model_carries_no_tracking_credentials():
+    from distilops.tracking import redact_uri
+
+    assert redact_uri("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
+    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

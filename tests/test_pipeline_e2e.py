@@ -42,8 +42,9 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
     assert registered["versions"]["student"]["role"] == "reference"
     devices = {device: str(v) for device, v in registered["serving_versions"].items()}
     assert set(devices) == {"cpu", "gpu"} and devices["cpu"] == str(registered["serving_version"])
-    mlflow.set_tracking_uri(repo_copy.env["MLFLOW_TRACKING_URI"])
-    client = mlflow.MlflowClient()
+    # Both URIs: an earlier test may have set the process-wide registry URI to its own store.
+    uri = repo_copy.env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     serving = client.get_model_version("tiny-sentiment", str(registered["serving_version"]))
     assert serving.tags["variant"] == "onnx_int8" and serving.tags["role"] == "serving"
     assert serving.tags["device"] == "cpu" and serving.tags["format"] == "onnx"

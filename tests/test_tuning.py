@@ -90,3 +90,9 @@ def test_study_name_follows_the_search_space(tmp_path):
 def test_bad_storage_url_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="distill.storage: cannot open 'nosuchdb://x'"):
         storage_for(config(tmp_path, storage="nosuchdb://x"))
+
+
+def test_a_storage_password_is_never_printed(tmp_path):
+    with pytest.raises(ConfigError) as failure:
+        storage_for(config(tmp_path, storage="postgresql://optuna:s3cret-pw@127.0.0.1:1/optuna"))
+    assert "s3cret-pw" not in str(failure.value) and "optuna:***@127.0.0.1:1/optuna" in str(failure.value)

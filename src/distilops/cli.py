@@ -241,6 +241,8 @@ def image_cmd(
     push_to: str = typer.Option(None, "--push", help="Then push it to this registry (HOST[:PORT]/PATH) and record "
                                                      "the pushed digest, which `deploy --registry` pins."),
     tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
+    repository: str = typer.Option("localhost/distilops-classifier", "--repository",
+                                   help="Local name of the image; its tag is v<version>-<device>."),
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
@@ -252,7 +254,7 @@ def image_cmd(
     from distilops.image import build_image, push
 
     cfg, name = promote_config(params, model_name)
-    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base)
+    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base, repository=repository)
     typer.echo(f"built {built.ref} ({built.size_mb:.0f} MB) for {name} v{built.registry_version} "
                f"(release v{built.release_version}) in {sum(built.seconds.values()):.0f} s", err=True)
     if push_to:

@@ -158,6 +158,9 @@ def build_image(model_name: str, *, device: str = "cpu", alias: str = "productio
                 context_root: Path | None = None) -> BuiltImage:
     """Package the version serving `device` in the alias's (or the given version's) release, build its image
     with buildah, record the image on the version; returns what was built."""
+    missing = [str(p) for p in (CONTAINERFILE, BENTOFILE, Path("src/distilops/service.py")) if not p.exists()]
+    if missing:
+        raise ImageError(f"{', '.join(missing)} not found: run `distilops image` from the repository root")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     packaged = package(model_name, alias=alias, version=version, device=device)

@@ -15,6 +15,7 @@ folders are run by `predict_torch`, imported only for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,8 +97,13 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = [CUDA, "CPUExecutionProvider"] if cuda and CUDA in ort.get_available_providers() else [
-            "CPUExecutionProvider"]
+        cuda = cuda and CUDA in ort.get_available_providers()  # onnxruntime-gpu is installed
+        if cuda:
+            # The CUDA and cuDNN libraries come as nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), not on the
+            # loader's path: without this the CUDA provider fails to load (libcublasLt.so.13 not found).
+            with contextlib.suppress(Exception):
+                ort.preload_dlls(directory="")
+        providers = [CUDA, "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
