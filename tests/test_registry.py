@@ -93,13 +93,16 @@ def test_promote_refuse_force_rollback_and_history(store):
     assert any(not g["passed"] for g in events[0].gates)
 
 
-def test_naming_an_earlier_production_version_is_a_rollback(store):
+def test_naming_an_earlier_production_version_does_not_skip_the_gates(store):
     v1 = register(store, 0.85)
     v2 = register(store, 0.86)
     promote(NAME, GATES, version=v1)
     promote(NAME, GATES, version=v2)
-    # v1 held production before: going back to it is a rollback, not compared against v2.
-    event, gates = promote(NAME, GATES, version=v1)
+    # v1 held production before, but naming it is no rollback: it is 1 point worse than v2, so refused.
+    with pytest.raises(GateError, match=r"no_regression: accuracy 0.8500 vs production v2 0.8600"):
+        promote(NAME, GATES, version=v1)
+    assert current() == v2
+    event, gates = promote(NAME, GATES, rollback=True)  # the explicit way back skips it, and says so
     assert event.action == "rollback" and current() == v1
     assert next(g for g in gates if g.name == "no_regression").skipped
 
@@ -140,3 +143,18 @@ def test_a_version_without_metrics_cannot_pass(store):
         mv = register_version(store, model_name=NAME, tags={"role": "serving"}, metrics={})
     with pytest.raises(GateError, match="has no"):
         promote(NAME, GATES, version=mv.version)
+
+
+def test_register_tags_the_throughput_of_any_evaluate_batch_size():
+    """evaluate.batch_size 16 writes throughput_batch16: the register stage must not look for batch 32 only."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "stages" / "register.py"
+    spec = importlib.util.spec_from_file_location("register_stage", path)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    entry = {"accuracy": 0.85, "latency_p95_ms": 3.0, "throughput_batch16": 250.0, "confusion_matrix": [[1]]}
+    metrics = stage.test_metrics({"models": {"student_onnx_int8": entry, "teacher": {"accuracy": 0.86}}}, "onnx_int8")
+    assert metrics["throughput_batch16"] == 250.0 and "confusion_matrix" not in metrics
+    assert metrics["accuracy_retention"] == pytest.approx(0.85 / 0.86)

@@ -92,7 +92,7 @@ def params_cmd(
 @app.command("promote")
 def promote_cmd(
     version: str = typer.Argument(None, help="Version to promote (default: the newest serving version). "
-                                             "Naming an earlier production version rolls back to it."),
+                                             "An earlier version passes the same gates (or use --rollback)."),
     rollback: bool = typer.Option(False, "--rollback", help="Move the alias back to the version it held before."),
     force: bool = typer.Option(False, "--force", help="Promote even if gates fail (needs --reason; recorded)."),
     reason: str = typer.Option("", "--reason", "-r", help="Why: recorded in the history (required with --force)."),

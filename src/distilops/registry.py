@@ -270,10 +270,8 @@ def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None 
         raise RegistryError(f"version {target.version} is already '{model_name}@{alias}'")
     if target.status != "READY":
         raise RegistryError(f"version {target.version} is {target.status}, not READY")
-    if not rollback and current is not None and int(target.version) < int(current.version):
-        earlier = {e.to_version for e in history(model_name, alias=alias)}
-        rollback = str(target.version) in earlier
-
+    # Naming a version that held the alias before is no rollback: only --rollback (or --force with a reason)
+    # bypasses the no-regression gate, so a gate is never skipped by accident.
     results = check_gates(target, current, gates, rollback=rollback)
     failed = [g for g in results if not g.passed]
     if failed and not force_reason:
