@@ -278,12 +278,12 @@ def deploy_cmd(
 
     After `distilops promote --rollback`, deploy puts the previous version's image back.
     """
-    from distilops.deploy import apply, render
+    from distilops.deploy import SCHEMA_VERSIONS, apply, render
 
     cfg, name = promote_config(params, model_name)
     rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry)
     typer.echo(f"{name} v{rendered.version} (release v{rendered.release}, {rendered.device}): {rendered.image}; "
-               f"valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in ('1.30.0', '1.33.0'))}", err=True)
+               f"valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in SCHEMA_VERSIONS)}", err=True)
     if not do_apply:
         typer.echo(rendered.yaml())
         return

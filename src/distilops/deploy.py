@@ -28,9 +28,9 @@ import yaml
 from distilops.errors import DeployError
 from distilops.image import IMAGE_NAME
 from distilops.package import resolve
+from distilops.registry import DEVICES
 
 log = logging.getLogger(__name__)
-OVERLAYS = {"cpu": "cpu", "gpu": "gpu"}  # overlay -> the device its pods serve on
 K8S = Path("k8s")
 SCHEMA_VERSIONS = ("1.30.0", "1.33.0")
 LABEL = "distilops.ai/registry-version"
@@ -113,9 +113,9 @@ def validate(documents: list[dict], versions: tuple[str, ...] = SCHEMA_VERSIONS)
 
 def render(model_name: str, *, overlay: str, alias: str = "production", version: str | None = None,
            registry: str | None = None, root: Path = K8S) -> Rendered:
-    if overlay not in OVERLAYS:
-        raise DeployError(f"unknown overlay '{overlay}': use one of {sorted(OVERLAYS)}")
-    device = OVERLAYS[overlay]
+    if overlay not in DEVICES:  # k8s/overlays/<device>: one overlay per device
+        raise DeployError(f"unknown overlay '{overlay}': use one of {sorted(DEVICES)}")
+    device = overlay
     release, served = resolve(model_name, alias=alias, version=version, device=device)
     image = image_reference(served.tags, registry, served.version)
     documents = render_overlay(overlay, root)

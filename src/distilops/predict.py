@@ -76,7 +76,6 @@ class TextEncoder:
         pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else None
         if pad_id is None:
             raise ModelError(f"{folder}: the tokenizer has no pad token ({pad_token!r})")
-        self.max_length = max_length
         self.tokenizer.enable_truncation(max_length, direction=settings.get("truncation_side", "right"))
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token,
                                       direction=settings.get("padding_side", "right"))

@@ -111,7 +111,7 @@ DEVICES = ("cpu", "gpu")
 
 def link_release(model_name: str, release: dict[str, str]) -> None:
     """Tag each version of one release with the version that serves every device (`release.cpu`, `release.gpu`)."""
-    c = mlflow.MlflowClient()
+    c = client()
     for version in release.values():
         for device, serving in release.items():
             c.set_model_version_tag(model_name, version, f"release.{device}", serving)

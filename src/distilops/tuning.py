@@ -41,7 +41,7 @@ from distilops.losses import distillation_loss
 from distilops.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
 from distilops.predict import read_meta
 from distilops.teacher_outputs import attach
-from distilops.tracking import data_hash
+from distilops.tracking import data_hash, redact_uri
 from distilops.training import TrainSettings, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ def redact(url: str) -> str:
     """A storage URL fit to print: its password replaced by ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url.split("@")[-1] if "@" in url else url
+    except ArgumentError:  # not an SQLAlchemy URL: drop any user:password@ all the same
+        return redact_uri(url)
 
 
 def storage_for(cfg: DistillConfig) -> RDBStorage:
