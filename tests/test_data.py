@@ -4,8 +4,17 @@ import pandas as pd
 import pytest
 from tiny import make_reviews
 
-from distilops.config import PrepareConfig
-from distilops.data import clean, content_hash, load_source, prepare, split, validate
+from distilops.config import EvalSet, PrepareConfig
+from distilops.data import (
+    build_long_texts,
+    clean,
+    content_hash,
+    load_eval_set,
+    load_source,
+    prepare,
+    split,
+    validate,
+)
 from distilops.errors import ConfigError, DataError
 
 
@@ -119,3 +128,43 @@ def test_content_hash_changes_with_content():
 def test_bad_params_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"prepare.{key}"):
         cfg(**overrides)
+
+
+def test_long_texts_join_one_movies_reviews_with_one_label():
+    test = pd.DataFrame({"text": ["good one two", "great three four", "fine five six", "bad one", "awful two",
+                                  "nice seven eight"],
+                         "label": [1, 1, 1, 0, 0, 1], "group": ["m1", "m1", "m1", "m1", "m1", "m2"]})
+    docs = build_long_texts(test, ["rotten", "fresh"], min_words=5)
+    # m1/fresh: 3 + 3 words reach 5, the 3-word remainder joins that document; m1/rotten (4 words) and m2 are short
+    assert docs[["text", "label", "group", "reviews"]].values.tolist() == [
+        ["good one two great three four fine five six", "fresh", "m1", 3]]
+    with pytest.raises(DataError, match="lower long_texts.min_words"):
+        build_long_texts(test, ["rotten", "fresh"], min_words=50)
+    with pytest.raises(DataError, match="groups"):
+        build_long_texts(test.drop(columns="group"), ["rotten", "fresh"], min_words=5)
+
+
+def test_an_extra_set_loads_with_its_label_mapping(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    pd.DataFrame({"review": ["loved it", "hated it", " "], "stars": [1, 0, 1]}).to_json(path, orient="records",
+                                                                                         lines=True)
+    spec = EvalSet(name="stars", source=str(path), text_column="review", label_column="stars",
+                   labels={0: "rotten", 1: "fresh"})
+    frame = load_eval_set(spec, ["rotten", "fresh"])
+    assert frame.to_dict("list") == {"text": ["loved it", "hated it"], "label": [1, 0]}  # blank text dropped
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"source": "missing.csv"}, r"'stars' \(missing.csv\): data file 'missing.csv' not found"),
+    ({"text_column": "body"}, r"'stars' \(.*reviews.csv\): no column\(s\) \['body'\]"),
+    ({"labels": {0: "rotten"}}, r"reviews.csv\): label value\(s\) \['1'\] are outside its label mapping"),
+    ({"labels": {}}, r"label value\(s\) \['0', '1'\] are outside"),
+    ({"labels": {0: "rotten", 1: "great"}}, r"labels maps to \['great'\], which the model does not have"),
+])
+def test_a_bad_extra_set_names_the_file_and_the_problem(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"review": ["loved it", "hated it"], "stars": [1, 0]}).to_csv("reviews.csv", index=False)
+    fields = {"name": "stars", "source": str(tmp_path / "reviews.csv"), "text_column": "review",
+              "label_column": "stars", "labels": {0: "rotten", 1: "fresh"}, **change}
+    with pytest.raises(DataError, match=message):
+        load_eval_set(EvalSet(**fields), ["rotten", "fresh"])

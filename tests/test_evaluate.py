@@ -53,3 +53,21 @@ def test_ratios_to_the_teacher():
     assert r["throughput_speedup"] == pytest.approx(2.5)
     assert r["latency_p50_speedup"] == pytest.approx(4.0) and r["latency_p95_speedup"] == pytest.approx(2.5)
     assert r["size_fraction"] == pytest.approx(0.25) and r["parameter_fraction"] == pytest.approx(0.5)
+
+
+def test_paired_quality_gives_intervals_retention_and_mcnemar():
+    from distilops.evaluate import paired_quality
+
+    labels = np.array([0, 1] * 50)
+    teacher = labels.copy()
+    teacher[:10] = 1 - teacher[:10]  # 90% right
+    student = teacher.copy()
+    student[10:16] = 1 - student[10:16]  # 6 more wrong: 84%
+    out = paired_quality(labels, {"teacher": teacher, "student": student}, ["rotten", "fresh"],
+                         resamples=500, seed=0)
+    assert out["teacher"]["accuracy"] == 0.9 and "retention" not in out["teacher"]
+    s = out["student"]
+    assert s["accuracy"] == pytest.approx(0.84) and s["agreement_with_teacher"] == pytest.approx(0.94)
+    assert s["accuracy_ci"][0] < 0.84 < s["accuracy_ci"][1]
+    assert s["retention"] == pytest.approx(0.84 / 0.9) and s["retention_ci"][0] < s["retention"] < s["retention_ci"][1]
+    assert s["mcnemar_vs_teacher"] == {"model_only_right": 0, "teacher_only_right": 6, "p_value": pytest.approx(2 / 64)}

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from distilops.losses import distillation_loss, hidden_cosine_loss, soft_target_loss
+from distilops.losses import UNLABELLED, distillation_loss, hidden_cosine_loss, soft_target_loss
 
 
 def softmax(xs):
@@ -112,3 +113,18 @@ def test_cosine_weight_adds_to_total():
 def test_bad_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         distillation_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS), **kwargs)
+
+
+def test_unlabelled_transfer_rows_get_soft_targets_only():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 2, requires_grad=True), torch.randn(6, 2)
+    labels = torch.tensor([0, 1, UNLABELLED, 1, UNLABELLED, 0])
+    parts = distillation_loss(student, teacher, labels, temperature=2.0, alpha=0.3)
+    labelled = labels != UNLABELLED
+    assert torch.isclose(parts.hard, F.cross_entropy(student[labelled], labels[labelled]))  # mean over labelled
+    assert torch.isclose(parts.soft, distillation_loss(student, teacher, labels.clamp(min=0), temperature=2.0,
+                                                       alpha=0.3).soft)  # every row's soft target counts
+    only_transfer = distillation_loss(student, teacher, torch.full((6,), UNLABELLED), temperature=2.0, alpha=0.3)
+    assert only_transfer.hard.item() == 0.0 and torch.isfinite(only_transfer.total)
+    only_transfer.total.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0  # the soft term still teaches

@@ -15,14 +15,16 @@ from test_pipeline_train import tiny_pipeline
 pytestmark = pytest.mark.slow
 
 FAST_EVALUATION = {"evaluate.speed_texts": 32, "evaluate.latency_samples": 10, "evaluate.repeats": 1,
-                   "model_name": "tiny-sentiment"}
+                   "evaluate.bootstrap_resamples": 200, "model_name": "tiny-sentiment",
+                   "max_windows": 4,  # evaluated with, registered with, so served with: /model must say 4
+                   "promote.min_accuracy_retention": 0.5}  # ~70 test texts: the retention interval is wide
 
 
 def test_full_pipeline_registers_a_serving_version(repo_copy):
     tiny_pipeline(repo_copy)
     repo_copy.set_params(FAST_EVALUATION)
     result = repo_copy.dvc("repro")
-    for stage in ("quantize", "evaluate", "register"):
+    for stage in ("long_texts", "quantize", "evaluate", "register"):
         assert f"Running stage '{stage}'" in result.stdout
 
     checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
@@ -34,7 +36,14 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
     assert models["student"]["vs_teacher"]["parameter_fraction"] < 1
     assert all(m["size_mb"] > 0 and m["latency_p50_ms"] > 0 for m in models.values())
     assert evaluation["hardware"]["threads"] >= 1 and evaluation["hardware"]["cpu"]
-    for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png"):
+    long_set = evaluation["sets"]["long_reviews"]  # the long-text set, scored for every model with intervals
+    assert long_set["examples"] > 10 and set(long_set["models"]) == set(models)
+    for entry in [*models.values(), *long_set["models"].values()]:
+        low, high = entry["accuracy_ci"]
+        assert 0 <= low <= entry["accuracy"] <= high <= 1
+    assert 0 <= models["student"]["mcnemar_vs_teacher"]["p_value"] <= 1
+    for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png", "sets.csv",
+                 "set_accuracies.png"):
         assert (repo_copy.path / "plots/evaluate" / plot).stat().st_size > 0
     assert "student_onnx_int8" in (repo_copy.path / "plots/evaluate/predictions.csv").read_text().splitlines()[0]
 
@@ -54,6 +63,11 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
         assert {version.tags["release.cpu"], version.tags["release.gpu"]} == set(devices.values())
     assert serving.tags["teacher"] == "tiny-teacher" and serving.tags["optuna_study"].startswith("distill-")
     assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8"]["accuracy"])
+    assert float(serving.tags["eval.accuracy_retention_low"]) == pytest.approx(
+        models["student_onnx_int8"]["retention_ci"][0])
+    assert float(serving.tags["eval.long_reviews.accuracy"]) == pytest.approx(
+        long_set["models"]["student_onnx_int8"]["accuracy"])
+    assert len(serving.tags["test_correct"]) > 0 and serving.tags["test_examples"] == str(evaluation["test_examples"])
     assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"]
 
     # Every stage ran as an MLflow run tagged with its lineage.
@@ -80,11 +94,15 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
                     cwd=repo_copy.path)
     try:
         server.wait_ready()
-        reply = httpx.post(server.url + "/classify", json={"texts": ["a wonderful, moving film", "dull and bland"]})
-        assert reply.status_code == 200 and len(reply.json()) == 2
+        long_text = " ".join(["a wonderful, moving film"] * 40)  # 200 tokens: 4 windows of 32 are not enough
+        reply = httpx.post(server.url + "/classify", json={"texts": ["a wonderful, moving film", "dull and bland",
+                                                                     long_text]})
+        assert reply.status_code == 200 and len(reply.json()) == 3
+        assert [(r["windows"], r["truncated"]) for r in reply.json()] == [(1, False), (1, False), (4, True)]
         assert reply.headers["x-model-version"] == str(registered["serving_version"])
         info = httpx.get(server.url + "/model").json()
         assert info["variant"] == "onnx_int8" and info["format"] == "onnx"
         assert info["lineage"]["data_hash"] == serving.tags["data_hash"]
+        assert info["limits"]["max_windows"] == 4 and info["max_length"] == 32
     finally:
         server.stop()

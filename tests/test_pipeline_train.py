@@ -3,6 +3,7 @@
 import json
 
 import optuna
+import pandas as pd
 import pytest
 from tiny import make_reviews, make_tiny_model
 
@@ -24,6 +25,7 @@ TINY = {
     "distill.batch_size": 16,
     "distill.trial_train_examples": 0,
     "distill.search.learning_rate": [1.0e-3, 5.0e-3],
+    "long_texts.min_words": 12,  # the fixture reviews are 4-8 words: documents of 2-3 of them
 }
 
 
@@ -90,3 +92,20 @@ def test_tune_workers_share_one_study_then_distill_only_trains(repo_copy):
     result = repo_copy.dvc("repro", "distill")
     assert "0 to run" in result.stdout
     assert json.loads((repo_copy.path / "metrics/distill.json").read_text())["trials"] == len(trials)
+
+
+def test_transfer_texts_are_labelled_by_the_teacher_and_distilled(repo_copy):
+    """teacher_outputs.transfer_texts: the teacher labels unlabelled texts once (a labelled training text among
+    them is dropped), and the student trains on them beside the labelled data, on soft targets only."""
+    tiny_pipeline(repo_copy)
+    train_text = pd.read_csv(repo_copy.path / "reviews.csv")["text"].iloc[0]
+    texts = [f"an unlabelled sentence number {i} about nothing much" for i in range(30)] + [train_text]
+    (repo_copy.path / "transfer.txt").write_text("\n".join(texts) + "\n")
+    repo_copy.set_params({"teacher_outputs.transfer_texts": ["transfer.txt"], "distill.n_trials": 1})
+    repo_copy.dvc("repro", "distill")
+    cached = (repo_copy.path / "data/teacher_outputs/transfer_texts.txt").read_text().splitlines()
+    assert len(cached) == 30 and train_text not in cached
+    meta = json.loads((repo_copy.path / "data/teacher_outputs/meta.json").read_text())
+    assert meta["rows"]["transfer"] == 30 and meta["transfer_sha256"]
+    distill = json.loads((repo_copy.path / "metrics/distill.json").read_text())
+    assert distill["transfer_examples"] == 30 and distill["val_accuracy"] > 0.6

@@ -7,7 +7,7 @@ from tiny import make_tiny_model
 from transformers import AutoTokenizer
 
 from distilops.errors import ModelError
-from distilops.predict import TextClassifier, TextEncoder, softmax
+from distilops.predict import TextClassifier, TextEncoder, softmax, write_meta
 
 TEXTS = [
     "a wonderful, moving film",
@@ -20,15 +20,55 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("arch", ["bert", "mpnet"])
-def test_the_encoder_matches_transformers_tokenizer(tmp_path, arch):
+def test_the_encoder_matches_transformers_tokenizer_windows_included(tmp_path, arch):
     folder = make_tiny_model(tmp_path / arch, arch=arch)
-    reference = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, truncation=True, max_length=16,
-                                                      return_tensors="np")
-    batch, truncated = TextEncoder(folder, 16)(TEXTS)
-    for key in reference:  # input_ids, attention_mask (+ token_type_ids for BERT)
-        np.testing.assert_array_equal(batch[key], reference[key], err_msg=key)
-    full = [len(ids) for ids in AutoTokenizer.from_pretrained(folder)(TEXTS)["input_ids"]]
-    assert truncated == [n > 16 for n in full] and any(truncated)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = tokenizer(TEXTS, padding=True, truncation=True, max_length=16, stride=4,
+                          return_overflowing_tokens=True, return_tensors="np")
+    windows = TextEncoder(folder, 16, window_overlap=4, max_windows=100)(TEXTS)
+    for key in windows.batch:
+        if key in reference:  # input_ids, attention_mask (+ token_type_ids for BERT)
+            np.testing.assert_array_equal(windows.batch[key], reference[key], err_msg=key)
+    owner = [i for i, (start, end) in enumerate(windows.spans) for _ in range(start, end)]
+    assert owner == reference["overflow_to_sample_mapping"].tolist()
+    full = [len(ids) for ids in tokenizer(TEXTS)["input_ids"]]
+    assert [n > 1 for n in windows.windows_per_text] == [n > 16 for n in full] and not any(windows.truncated)
+
+
+def test_the_window_cap_cuts_a_long_text_and_flags_only_it(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+    long_text = " ".join(["great film"] * 40)  # 80 tokens, 14 per window, 4 shared: windows start at 0, 10, .., 70
+    windows = TextEncoder(folder, 16, window_overlap=4, max_windows=3)([long_text, "dull"])
+    assert windows.windows_per_text == [3, 1] and windows.truncated == [True, False]
+    assert windows.batch["input_ids"].shape == (4, 16)
+    uncapped = TextEncoder(folder, 16, window_overlap=4, max_windows=8)([long_text])
+    assert uncapped.windows_per_text == [8] and uncapped.truncated == [False]  # a cap it just fits cuts nothing
+
+
+def test_bad_window_settings_are_a_clear_error(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+    with pytest.raises(ModelError, match="window_overlap < 14"):
+        TextEncoder(folder, 16, window_overlap=14)
+    with pytest.raises(ModelError, match="max_windows >= 1"):
+        TextClassifier(folder, max_windows=0)
+
+
+def test_a_long_text_scores_the_mean_of_its_windows_logits(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+    write_meta(folder, max_length=16, window_overlap=4, max_windows=8)
+    classifier = TextClassifier(folder, threads=1)
+    long_text, short = " ".join(["great film", "bad plot", "superb acting"] * 9), "dull"
+    reference = AutoTokenizer.from_pretrained(folder)([long_text], truncation=True, max_length=16, stride=4,
+                                                      return_overflowing_tokens=True, padding=True, return_tensors="np")
+    window_logits = classifier.model({k: v.astype(np.int64) for k, v in reference.items()
+                                      if k != "overflow_to_sample_mapping"})
+    assert len(window_logits) > 1
+    got = classifier.predict_logits([long_text, short])
+    np.testing.assert_allclose(got[0], window_logits.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(got[1], classifier.predict_logits([short])[0], atol=1e-5)  # padding changes nothing
+    prediction = classifier.classify([long_text, short])
+    assert [p.windows for p in prediction] == [len(window_logits), 1] and not any(p.truncated for p in prediction)
+    assert prediction[0].score == pytest.approx(softmax(got[:1])[0].max(), abs=1e-5)
 
 
 def test_softmax_is_a_stable_probability():

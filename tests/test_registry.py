@@ -154,7 +154,68 @@ def test_register_tags_the_throughput_of_any_evaluate_batch_size():
     spec = importlib.util.spec_from_file_location("register_stage", path)
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    entry = {"accuracy": 0.85, "latency_p95_ms": 3.0, "throughput_batch16": 250.0, "confusion_matrix": [[1]]}
-    metrics = stage.test_metrics({"models": {"student_onnx_int8": entry, "teacher": {"accuracy": 0.86}}}, "onnx_int8")
+    entry = {"accuracy": 0.85, "latency_p95_ms": 3.0, "throughput_batch16": 250.0, "confusion_matrix": [[1]],
+             "accuracy_ci": [0.83, 0.87], "retention_ci": [0.97, 1.01], "mcnemar_vs_teacher": {"p_value": 0.4}}
+    long_set = {"accuracy": 0.9, "accuracy_ci": [0.8, 0.96], "agreement_with_teacher": 0.95}
+    evaluation = {"models": {"student_onnx_int8": entry, "teacher": {"accuracy": 0.86}},
+                  "sets": {"long_reviews": {"models": {"student_onnx_int8": long_set}}}}
+    metrics = stage.test_metrics(evaluation, "onnx_int8")
     assert metrics["throughput_batch16"] == 250.0 and "confusion_matrix" not in metrics
     assert metrics["accuracy_retention"] == pytest.approx(0.85 / 0.86)
+    assert (metrics["accuracy_low"], metrics["accuracy_retention_low"], metrics["long_reviews.accuracy_low"]) == (
+        0.83, 0.97, 0.8)
+
+
+def register_measured(folder, correct, *, retention_low: float = 0.99, data_hash: str = "d1") -> str:
+    """A version as the register stage records it: intervals, and which test texts it got right."""
+    import numpy as np
+
+    from distilops.stats import pack_correct
+
+    accuracy = float(np.mean(correct))
+    with stage_run("register"):
+        mv = register_version(folder, model_name=NAME,
+                              tags={"variant": "onnx_int8", "role": "serving", "data_hash": data_hash,
+                                    "test_correct": pack_correct(correct), "test_examples": str(len(correct))},
+                              metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": 5.0,
+                                       "accuracy_low": accuracy - 0.02, "accuracy_high": accuracy + 0.02,
+                                       "accuracy_retention_low": retention_low, "accuracy_retention_high": 1.02})
+    return str(mv.version)
+
+
+def test_retention_is_gated_on_its_interval_not_its_point_estimate(store):
+    correct = [True] * 85 + [False] * 15  # 0.85: 98.8% of the teacher's 0.86 as a point estimate
+    version = register_measured(store, correct, retention_low=0.96)
+    with pytest.raises(GateError, match=r"accuracy_retention: .* 98.84% .* 95% interval \[96.00%, 102.00%\] "
+                                        r"\(lower end needs >= 97.00%\)"):
+        promote(NAME, GATES, version=version)
+    assert current() is None
+
+
+def test_no_regression_refuses_only_a_significant_drop(store):
+    import numpy as np
+
+    production = np.arange(1000) % 20 != 0  # 95% right
+    right, wrong = np.flatnonzero(production), np.flatnonzero(~production)
+    significant = production.copy()
+    significant[right[:8]] = False  # 8 texts lost, none gained: p = 2 / 2^8
+    noise = production.copy()
+    noise[right[:12]] = False
+    noise[wrong[:6]] = True  # 12 lost, 6 gained: a 0.6-point drop, but 6 of 18 is a fair coin's doing
+    v1, v2, v3 = (register_measured(store, c) for c in (production, significant, noise))
+    promote(NAME, GATES, version=v1)
+
+    with pytest.raises(GateError, match=r"no_regression: accuracy 0.9420 \[0.922, 0.962\] vs production v1 0.9500 "
+                                        r"\[0.930, 0.970\] \(drop \+0.0080, tolerance 0.005; McNemar on the same "
+                                        r"1000 texts: 0 only the candidate gets right, 8 only production, "
+                                        r"p = 0.00781, significant at 0.05\)"):
+        promote(NAME, GATES, version=v2)
+    event, gates = promote(NAME, GATES, version=v3)
+    assert current() == v3
+    assert "p = 0.238, not significant at 0.05" in next(g.detail for g in gates if g.name == "no_regression")
+
+    worse = production.copy()
+    worse[right[:20]] = False  # 0.930 vs v3's 0.944: beyond the tolerance, and on other texts nothing to pair
+    other_split = register_measured(store, worse, data_hash="d2")
+    with pytest.raises(GateError, match=r"not paired \(different test splits: data hashes differ\)"):
+        promote(NAME, GATES, version=other_split)

@@ -19,7 +19,7 @@ from distilops.tracking import stage_run
 
 pytestmark = pytest.mark.slow
 NAME = "tiny-sentiment"
-MAX_TEXTS, MAX_CHARS, MAX_LENGTH = 8, 300, 16
+MAX_TEXTS, MAX_CHARS, MAX_LENGTH, MAX_WINDOWS = 8, 300, 16, 3
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "BENTOML_HOME": str(root / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true", "DISTILOPS_MAX_TEXTS": str(MAX_TEXTS),
-           "DISTILOPS_MAX_TEXT_CHARS": str(MAX_CHARS), "DISTILOPS_MAX_LATENCY_MS": "2000"}
+           "DISTILOPS_MAX_TEXT_CHARS": str(MAX_CHARS), "DISTILOPS_MAX_LATENCY_MS": "2000",
+           "DISTILOPS_MAX_WINDOWS": str(MAX_WINDOWS)}
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")}
     os.environ.update({k: env[k] for k in saved})
     try:
@@ -89,11 +90,16 @@ def test_health_endpoints_and_prometheus_metrics(served):
     assert 'bentoml_service_request_in_progress{endpoint="/classify"' in metrics.text
 
 
-def test_a_text_longer_than_the_window_is_truncated_and_flagged(served):
-    server, _, _ = served
-    long_text = " ".join(["great film"] * 20)  # 42 tokens > 16, 219 characters < 300
-    got = post(server, {"texts": [long_text, "dull"]}).json()
-    assert [r["truncated"] for r in got] == [True, False]
+def test_a_long_text_is_read_in_windows_up_to_the_cap(served):
+    server, folder, _ = served
+    # Windows of 16 tokens: 14 word tokens, 3 shared with the next window (a quarter), so starts 0, 11, 22, 33.
+    two_windows, four_windows = " ".join(["great film"] * 10), " ".join(["great film"] * 20)  # 22 and 42 tokens
+    got = post(server, {"texts": [four_windows, two_windows, "dull"]}).json()
+    assert [(r["windows"], r["truncated"]) for r in got] == [(3, True), (2, False), (1, False)]  # the cap is 3
+    expected = TextClassifier(folder, max_windows=MAX_WINDOWS).classify([four_windows, two_windows, "dull"])
+    assert [r["label"] for r in got] == [p.label for p in expected]
+    assert [r["score"] for r in got] == pytest.approx([p.score for p in expected], abs=1e-5)
+    assert httpx.get(server.url + "/model").json()["limits"]["max_windows"] == MAX_WINDOWS
 
 
 def test_concurrent_requests_are_batched(served):

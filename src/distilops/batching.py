@@ -55,6 +55,15 @@ class Examples:
         )
 
 
+def concat(a: Examples, b: Examples) -> Examples:
+    """`a` then `b` (both with teacher outputs, or neither)."""
+    return Examples(
+        input_ids=a.input_ids + b.input_ids, labels=np.concatenate([a.labels, b.labels]),
+        teacher_logits=None if a.teacher_logits is None else np.concatenate([a.teacher_logits, b.teacher_logits]),
+        teacher_hidden=None if a.teacher_hidden is None else a.teacher_hidden + b.teacher_hidden,
+    )
+
+
 def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Examples:
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return Examples(input_ids=ids, labels=np.asarray(labels, dtype=np.int64))

@@ -162,13 +162,23 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     for alias, number in c.get_registered_model(name).aliases.items():
         by_version.setdefault(str(number), []).append(alias)
     nan = float("nan")
+
+    def with_interval(m: dict, key: str, fmt: str) -> str:
+        value = format(m.get(key, nan), fmt)
+        if f"{key}_low" not in m:
+            return value
+        return f"{value} [{format(m[f'{key}_low'], fmt)}, {format(m[f'{key}_high'], fmt)}]"
+
     for mv in found:
         m = version_metrics(mv)
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
+        extra = "".join(f"  {key.removesuffix('.accuracy')} {with_interval(m, key, '.3f')}" for key in sorted(m)
+                        if key.endswith(".accuracy"))  # extra evaluation sets, e.g. long_reviews
         typer.echo(f"v{mv.version:<4} {mv.tags.get('variant', '?'):11s} {mv.tags.get('role', '?'):9s} "
                    f"{mv.tags.get('device', '-'):4s} "
-                   f"acc {m.get('accuracy', nan):.4f}  retention {m.get('accuracy_retention', nan):.1%}"
-                   f"  p95 {m.get('latency_p95_ms', nan):6.2f} ms  {m.get('size_mb', nan):6.1f} MB"
+                   f"acc {with_interval(m, 'accuracy', '.3f')}  "
+                   f"retention {with_interval(m, 'accuracy_retention', '.1%')}"
+                   f"{extra}  p95 {m.get('latency_p95_ms', nan):5.2f} ms  {m.get('size_mb', nan):5.1f} MB"
                    f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}")
 
 

@@ -10,14 +10,14 @@ prints every key with its default and help.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from distilops.errors import ConfigError
 
-SHARED_KEYS = ("seed", "max_length", "model_name")
+SHARED_KEYS = ("seed", "max_length", "model_name", "window_overlap", "max_windows")
 Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"]
 QUANTIZE_VARIANTS: tuple[str, ...] = get_args(Variant)
 S = TypeVar("S", bound="Section")
@@ -56,6 +56,13 @@ class Windowed(Section):
     max_length: int = Field(64, ge=1, description="Shared (top level): tokens per text the models read.")
 
 
+class LongTextWindows(Section):
+    window_overlap: int = Field(16, ge=0, description="Shared (top level): tokens neighbouring windows of a long "
+                                                      "text share.")
+    max_windows: int = Field(16, ge=1, description="Shared (top level): windows one text is read in at most "
+                                                   "(each costs about one short text); beyond, it is cut.")
+
+
 class Registered(Section):
     model_name: str = Field("distilops-sentiment", min_length=1, description="Shared (top level): registered model.")
 
@@ -88,6 +95,12 @@ class PrepareConfig(Seeded):
             raise ConfigError(f"params.yaml: prepare.labels: values must be unique, got {self.labels}")
 
 
+class LongTextsConfig(Section):
+    SECTION: ClassVar[str] = "long_texts"
+    min_words: int = Field(200, ge=10, description="Words per document at least: a movie's reviews with one "
+                                                   "label are joined until a document reaches this.")
+
+
 class TeacherConfig(Trained):
     SECTION: ClassVar[str] = "teacher"
     model: str = Field("all-MiniLM-L6-v2", min_length=1, description="Asset catalogue name, Hugging Face model "
@@ -97,10 +110,13 @@ class TeacherConfig(Trained):
     max_train_examples: int = Field(0, ge=0, description="Train on at most this many examples (0 = all).")
 
 
-class TeacherOutputsConfig(Windowed):
+class TeacherOutputsConfig(Seeded, Windowed):
     SECTION: ClassVar[str] = "teacher_outputs"
     batch_size: int = Field(64, ge=1, description="Inference batch size for the teacher's soft targets.")
     hidden_states: bool = Field(False, description="Also cache last hidden states (for the cosine loss).")
+    transfer_texts: list[str] = Field([], description="Unlabelled texts the teacher labels for the student (soft "
+                                      "targets only): 'general_english' (offline) or local .txt/.csv/.jsonl/.parquet.")
+    transfer_max_texts: int = Field(15000, ge=1, description="Transfer texts kept at most (shuffled with the seed).")
 
 
 class SearchSpace(Section):
@@ -139,13 +155,33 @@ class QuantizeConfig(Section):
     batch_size: int = Field(64, ge=1, description="Inference batch size of the accuracy check.")
 
 
-class EvaluateConfig(Section):
+class EvalSet(Section):
+    SECTION: ClassVar[str] = "evaluate.extra_sets"
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name: metric and plot keys use it.")
+    source: str = Field(min_length=1, description="Local .csv/.jsonl/.parquet file, or a Hugging Face data set "
+                                                  "id online (imdb).")
+    split: str = Field("test", description="Hugging Face data sets: the split to score (files: ignored).")
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the label.")
+    labels: dict[str | int, str] = Field({}, description="The set's label value -> the model's label name "
+                                                         "({0: rotten, 1: fresh}); {} = values are label names.")
+    max_examples: int = Field(0, ge=0, description="Score at most this many rows, sampled with the seed (0 = all).")
+
+
+class EvaluateConfig(Seeded, LongTextWindows):
     SECTION: ClassVar[str] = "evaluate"
     batch_size: int = Field(32, ge=1, description="Batch size of the throughput measurement.")
     speed_texts: int = Field(640, ge=0, description="Test texts per throughput pass (0 = all).")
     latency_samples: int = Field(200, ge=1, description="Test texts timed one at a time per repeat.")
     repeats: int = Field(3, ge=1, description="Timed repeats per model (medians; models interleaved).")
     threads: int = Field(0, ge=0, description="CPU threads for PyTorch and ONNX Runtime (0 = all cores).")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples of the 95% intervals.")
+    extra_sets: list[EvalSet] = Field([], description="More labelled sets, each scored for every model.")
+
+    def model_post_init(self, context: Any) -> None:
+        names = [s.name for s in self.extra_sets]
+        if len(set(names)) != len(names) or "test" in names:
+            raise ConfigError(f"params.yaml: evaluate.extra_sets: names must be unique and not 'test', got {names}")
 
 
 class ServingVariants(Section):
@@ -156,7 +192,7 @@ class ServingVariants(Section):
                                                        "'' = none.")
 
 
-class RegisterConfig(Registered):
+class RegisterConfig(Registered, LongTextWindows):
     SECTION: ClassVar[str] = "register"
     serving: ServingVariants = Field(default_factory=ServingVariants, description="The variant each device serves; "
                                      "a variant quantize rejected falls back to onnx_fp32.")
@@ -165,13 +201,17 @@ class RegisterConfig(Registered):
 class PromoteConfig(Registered):
     SECTION: ClassVar[str] = "promote"
     alias: str = Field("production", min_length=1, description="Registry alias that serving follows.")
-    min_accuracy_retention: float = Field(0.97, gt=0, le=1.5, description="Gate: accuracy / teacher's accuracy.")
-    max_accuracy_drop: float = Field(0.005, ge=0, le=1, description="Gate: largest accuracy drop vs production.")
+    min_accuracy_retention: float = Field(0.97, gt=0, le=1.5, description="Gate: the lower end of the 95% interval "
+                                          "of accuracy / teacher's accuracy must reach this.")
+    max_accuracy_drop: float = Field(0.005, ge=0, le=1, description="Gate: a drop vs production larger than this "
+                                     "that McNemar's test finds significant is refused.")
+    significance: float = Field(0.05, gt=0, lt=1, description="Gate: McNemar p-value below which a drop counts "
+                                "as real, not noise.")
     max_latency_p95_ms: float = Field(25.0, gt=0, description="Gate: batch-1 p95 latency bound, ms.")
 
 
-SECTIONS: tuple[type[Section], ...] = (PrepareConfig, TeacherConfig, TeacherOutputsConfig, DistillConfig,
-                                       QuantizeConfig, EvaluateConfig, RegisterConfig, PromoteConfig)
+SECTIONS: tuple[type[Section], ...] = (PrepareConfig, LongTextsConfig, TeacherConfig, TeacherOutputsConfig,
+                                       DistillConfig, QuantizeConfig, EvaluateConfig, RegisterConfig, PromoteConfig)
 
 
 def explain(exc: ValidationError, model: type[Section]) -> str:
@@ -185,6 +225,8 @@ def explain(exc: ValidationError, model: type[Section]) -> str:
         for part in parents:  # walk into nested sections (distill.search) to name the right keys
             field = owner.model_fields.get(part) if isinstance(owner, type) else None
             owner = field.annotation if field else None
+            if get_origin(owner) is list:  # extra_sets.0.source -> the item model's fields
+                owner = get_args(owner)[0]
         fields = owner.model_fields if isinstance(owner, type) and issubclass(owner, BaseModel) else {}
         if error["type"] == "extra_forbidden":
             lines.append(f"params.yaml: {where}: unknown key; known keys: {sorted(fields)}")

@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from distilops import paths
 from distilops.assets import CATALOGUE, fetch
-from distilops.config import PrepareConfig
+from distilops.config import EvalSet, PrepareConfig
 from distilops.errors import DataError
 from distilops.hashing import sha256
 
@@ -42,8 +42,9 @@ class CleanStats:
     kept: int
 
 
-def load_source(source: str) -> pd.DataFrame:
-    """A catalogue data set, a local file, or (otherwise) a Hugging Face hub data set, as one frame."""
+def load_source(source: str, split: str | None = None) -> pd.DataFrame:
+    """A catalogue data set, a local file, or (otherwise) a Hugging Face hub data set, as one frame
+    (for a hub data set: one `split` of it, or every split pooled)."""
     if source in CATALOGUE and CATALOGUE[source].kind == "dataset":
         return pd.read_csv(fetch(source))
     path = Path(source)
@@ -54,20 +55,22 @@ def load_source(source: str) -> pd.DataFrame:
         if reader is None:
             raise DataError(f"'{source}': unsupported file type (use {sorted(LOCAL_READERS)})")
         return reader(path)
-    return _load_hub_dataset(source)
+    return _load_hub_dataset(source, split)
 
 
-def _load_hub_dataset(name: str) -> pd.DataFrame:
+def _load_hub_dataset(name: str, split: str | None = None) -> pd.DataFrame:
     import datasets  # only online, for hub ids: importing it costs seconds the offline default never needs
 
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
     except Exception as exc:  # the hub raises many types; the user needs the name and the reason
         raise DataError(
             f"could not load '{name}' from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             f"Offline, use a catalogue data set ({sorted(k for k, a in CATALOGUE.items() if a.kind == 'dataset')}) "
             "or a local .csv/.jsonl/.parquet file."
         ) from exc
+    if split:
+        return loaded.to_pandas()
     # Our own split rules apply, so the hub's splits are pooled (unlabelled rows, e.g. imdb's
     # `unsupervised` split with label -1, are removed by the label check unless dropped).
     return pd.concat([split.to_pandas() for split in loaded.values()], ignore_index=True)
@@ -206,3 +209,62 @@ def read_labels(report: str | Path = paths.DATA_REPORT) -> list[str]:
         return json.loads(Path(report).read_text())["labels"]
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise DataError(f"{report} holds no labels: run the prepare stage first (`dvc repro prepare`)") from exc
+
+
+# --- evaluation sets beyond the test split ------------------------------------------------------------
+
+
+def build_long_texts(test: pd.DataFrame, label_names: list[str], min_words: int) -> pd.DataFrame:
+    """Documents of at least `min_words` words from the test split: one movie's reviews with one label,
+    joined in order; a remainder too short for a document of its own joins the last one. Every text is
+    a test text, so none crosses splits. Columns: text, label (the label name), group, reviews."""
+    if "group" not in test:
+        raise DataError("long texts need the test split's groups (prepare.group_column): without them reviews "
+                        "of different items would be joined")
+    documents = []
+    for (group, label), frame in test.groupby(["group", "label"], sort=True):
+        current: list[str] = []
+        chunks: list[list[str]] = []
+        for text in frame["text"]:
+            current.append(text)
+            if sum(len(t.split()) for t in current) >= min_words:
+                chunks.append(current)
+                current = []
+        if current and chunks:
+            chunks[-1] += current
+        documents += [{"text": " ".join(chunk), "label": label_names[int(label)], "group": group,
+                       "reviews": len(chunk)} for chunk in chunks]
+    if not documents:
+        raise DataError(f"no movie has {min_words} words of reviews with one label in the test split: lower "
+                        "long_texts.min_words")
+    return pd.DataFrame(documents)
+
+
+def load_eval_set(spec: EvalSet, label_names: list[str], seed: int = 0) -> pd.DataFrame:
+    """An extra evaluation set as text + label id, or a DataError naming the set, the file and the problem."""
+    where = f"evaluate.extra_sets '{spec.name}' ({spec.source})"
+    try:
+        frame = load_source(spec.source, spec.split)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    missing = [c for c in (spec.text_column, spec.label_column) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{where}: no column(s) {missing}; it has {list(frame.columns)}")
+    mapping = {str(k): v for k, v in spec.labels.items()} or {name: name for name in label_names}
+    unknown_targets = sorted(set(mapping.values()) - set(label_names))
+    if unknown_targets:
+        raise DataError(f"{where}: labels maps to {unknown_targets}, which the model does not have {label_names}")
+    values = frame[spec.label_column].astype(str)
+    outside = sorted(set(values) - set(mapping))
+    if outside:
+        raise DataError(f"{where}: label value(s) {outside[:10]} are outside its label mapping {sorted(mapping)} "
+                        "(set `labels` for this set)")
+    ids = {name: i for i, name in enumerate(label_names)}
+    out = pd.DataFrame({"text": frame[spec.text_column].astype(str),
+                        "label": values.map(mapping).map(ids).astype("int64")})
+    out = out[out["text"].str.strip() != ""].reset_index(drop=True)
+    if out.empty:
+        raise DataError(f"{where}: no rows with text")
+    if spec.max_examples and len(out) > spec.max_examples:
+        out = out.sample(n=spec.max_examples, random_state=seed).reset_index(drop=True)
+    return out

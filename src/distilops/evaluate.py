@@ -1,6 +1,9 @@
-"""Side-by-side evaluation of teacher, student and quantized students on the test split.
+"""Side-by-side evaluation of teacher, student and quantized students on the test split and on any
+extra evaluation sets (e.g. the long-text set).
 
-Quality: accuracy, macro F1, per-class precision/recall, agreement with the teacher.
+Quality: accuracy with its bootstrap 95% interval, macro F1, per-class precision/recall, agreement
+with the teacher, retention (accuracy / the teacher's, paired interval) and an exact McNemar test
+against the teacher, per set (see stats.py for why intervals).
 Cost: weights on disk, parameters, batch-1 latency (median and p95) and batch-32 throughput,
 measured end to end (tokenization included) through the same `TextClassifier` the service uses.
 Speed is measured in one process, models interleaved within each repeat, so machine noise
@@ -23,6 +26,7 @@ from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
+from distilops import stats
 from distilops.predict import TextClassifier
 
 
@@ -101,6 +105,31 @@ def measure_speed(models: dict[str, TextClassifier], texts: list[str], *, batch_
     }
 
 
+def paired_quality(labels: np.ndarray, predictions: dict[str, np.ndarray], label_names: Sequence[str], *,
+                   resamples: int, seed: int, baseline: str = "teacher") -> dict[str, dict]:
+    """Per model, on one set: accuracy and its 95% interval, macro F1, agreement with the baseline and,
+    against the baseline on the same resampled texts, retention with its interval and McNemar's test."""
+    indices = stats.bootstrap_indices(len(labels), resamples, seed)
+    correct = {name: preds == labels for name, preds in predictions.items()}
+    ids = list(range(len(label_names)))
+    out = {}
+    for name, preds in predictions.items():
+        entry = {"accuracy": float(correct[name].mean()),
+                 "accuracy_ci": list(stats.accuracy_interval(correct[name], indices)),
+                 "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+                 "agreement_with_teacher": float((preds == predictions[baseline]).mean())}
+        if name != baseline:
+            base_accuracy = correct[baseline].mean()
+            test = stats.mcnemar(correct[name], correct[baseline])
+            entry.update({
+                "retention": float(entry["accuracy"] / base_accuracy) if base_accuracy else float("nan"),
+                "retention_ci": list(stats.retention_interval(correct[name], correct[baseline], indices)),
+                "mcnemar_vs_teacher": {"model_only_right": test["a_only"], "teacher_only_right": test["b_only"],
+                                       "p_value": test["p_value"]}})
+        out[name] = entry
+    return out
+
+
 def ratios_to_baseline(entry: dict, baseline: dict, batch_size: int = 32) -> dict:
     """The DistilBERT-style claim in numbers: how much of the baseline's accuracy, how much faster, how small."""
     key = f"throughput_batch{batch_size}"
@@ -115,15 +144,38 @@ def ratios_to_baseline(entry: dict, baseline: dict, batch_size: int = 32) -> dic
     }
 
 
+def interval(entry: dict, key: str = "accuracy", percent: bool = False) -> str:
+    low, high = entry[f"{key}_ci"]
+    return f"{entry[key]:.1%} [{low:.1%}, {high:.1%}]" if percent else f"{entry[key]:.4f} [{low:.3f}, {high:.3f}]"
+
+
 def summary_line(name: str, entry: dict, batch_size: int = 32) -> str:
     vs = entry.get("vs_teacher")
-    text = (f"{name:18s} acc {entry['accuracy']:.4f}  f1 {entry['macro_f1']:.4f}  "
+    text = (f"{name:18s} acc {interval(entry)}  f1 {entry['macro_f1']:.4f}  "
             f"{entry[f'throughput_batch{batch_size}']:7.1f} texts/s  p50 {entry['latency_p50_ms']:6.2f} ms  "
             f"{entry['size_mb']:6.1f} MB")
     if vs:
-        text += (f"  | vs teacher: {vs['accuracy_retention']:.1%} acc, {vs['throughput_speedup']:.2f}x throughput, "
-                 f"{vs['latency_p50_speedup']:.2f}x faster p50, {vs['size_fraction']:.0%} size")
+        text += (f"  | vs teacher: {interval(entry, 'retention', percent=True)} acc, "
+                 f"McNemar p {entry['mcnemar_vs_teacher']['p_value']:.2f}, {vs['throughput_speedup']:.2f}x "
+                 f"throughput, {vs['latency_p50_speedup']:.2f}x faster p50, {vs['size_fraction']:.0%} size")
     return text
+
+
+def set_summary_line(set_name: str, name: str, entry: dict) -> str:
+    text = f"{set_name:14s} {name:18s} acc {interval(entry)}  agreement {entry['agreement_with_teacher']:.1%}"
+    if "retention" in entry:
+        text += f"  retention {interval(entry, 'retention', percent=True)}"
+    return text
+
+
+def measure_set_throughput(models: dict[str, TextClassifier], texts: list[str], *, batch_size: int,
+                           repeats: int) -> dict[str, float]:
+    """Median texts per second on `texts` (long ones read in windows), models interleaved."""
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            speeds[name].append(_throughput(model, texts, batch_size))
+    return {name: statistics.median(values) for name, values in speeds.items()}
 
 
 def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> None:
@@ -165,5 +217,28 @@ def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs latency (marker area ~ size on disk)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_set_accuracies(rows: list[dict], path) -> None:
+    """Accuracy with its 95% interval per evaluation set and model: are differences inside the noise?"""
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(2.2 + 1.6 * len(sets) * max(1, len(models) / 4), 4))
+    ax = fig.subplots()
+    width = 0.8 / len(models)
+    for k, model in enumerate(models):
+        mine = {r["set"]: r for r in rows if r["model"] == model}
+        xs = [i + (k - (len(models) - 1) / 2) * width for i, name in enumerate(sets) if name in mine]
+        ys = [mine[name]["accuracy"] for name in sets if name in mine]
+        errors = [[mine[n]["accuracy"] - mine[n]["accuracy_low"] for n in sets if n in mine],
+                  [mine[n]["accuracy_high"] - mine[n]["accuracy"] for n in sets if n in mine]]
+        ax.errorbar(xs, ys, yerr=errors, fmt="o", capsize=3, label=model)
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_ylabel("accuracy (95% bootstrap interval)")
+    ax.set_title("Accuracy per evaluation set")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

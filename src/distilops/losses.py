@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+UNLABELLED = -100  # the label of a transfer text (PyTorch's ignore_index)
+
 
 @dataclass
 class LossParts:
@@ -56,7 +58,9 @@ def distillation_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     soft = soft_target_loss(student_logits, teacher_logits, temperature)
-    hard = F.cross_entropy(student_logits, labels)
+    labelled = labels != UNLABELLED  # transfer texts have soft targets only: the hard term skips them
+    hard = (F.cross_entropy(student_logits[labelled], labels[labelled]) if bool(labelled.any())
+            else student_logits.sum() * 0.0)
     total = alpha * soft + (1 - alpha) * hard
     cosine = torch.zeros((), device=student_logits.device)
     if cosine_weight > 0:

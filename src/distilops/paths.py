@@ -9,6 +9,7 @@ from pathlib import Path
 
 PREPARED = Path("data/prepared")  # prepare: {train,validation,test}.parquet + report.json
 DATA_REPORT = PREPARED / "report.json"  # labels, counts and the data hash every run is tagged with
+LONG_TEXTS = PREPARED / "test_long.parquet"  # long_texts: test reviews joined into documents (an extra set)
 TEACHER = Path("models/teacher")  # teacher: fine-tuned model folder
 TEACHER_OUTPUTS = Path("data/teacher_outputs")  # teacher_outputs: cached logits (and hidden states)
 STUDENT = Path("models/student")  # distill: the final student

