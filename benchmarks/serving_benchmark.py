@@ -8,6 +8,7 @@ Four arms, so the gain can be attributed:
   bento-fp32            BentoML service on the same fp32 student           (batching alone)
   naive-onnx-int8       Flask + the ONNX int8 student, per request         (quantization alone)
   bento-onnx-int8       BentoML service on the ONNX int8 student           (what distilops ships)
+  bento-onnx-int8+long  the same server, with --long-fraction of requests a long document (read in windows)
 Load comes from wrk (C, one thread: it takes little of the CPU the servers share), with real test
 texts. Arms are interleaved in every repeat; medians are reported with each run's numbers.
 """
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bento-workers", type=int, default=1, help="BentoML workers (the cpu overlay's 1)")
     parser.add_argument("--bento-threads", type=int, default=2, help="threads per BentoML worker (cpu overlay: 2)")
+    parser.add_argument("--long-data", default="data/prepared/test_long.parquet", help="long documents for the mix")
+    parser.add_argument("--long-fraction", type=float, default=0.1,
+                        help="share of requests carrying a long document in the +long arm (0 = no such arm)")
     parser.add_argument("--out", default="benchmarks/results/serving_cpu.json")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -86,6 +90,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="distilops-bench-"))
     texts = pd.read_parquet(args.data)["text"].tolist()[:500]
     script = wrk_script(texts, work / "post.lua")
+    mixed = None
+    if args.long_fraction > 0:  # each long document ~8 windows: what the window cap bounds, under load
+        documents = pd.read_parquet(args.long_data)["text"].tolist()
+        n_long = round(len(texts) * args.long_fraction / (1 - args.long_fraction))
+        mixed = wrk_script(texts + [documents[i % len(documents)] for i in range(n_long)], work / "mixed.lua")
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     servers: dict[str, Server] = {}
@@ -104,13 +113,18 @@ def main() -> None:
         for server in servers.values():
             server.wait_ready()
         order = ["naive-pipeline-fp32", "bento-fp32", "naive-onnx-int8", "bento-onnx-int8"]
+        scripts = dict.fromkeys(order, script)
+        if mixed:
+            servers["bento-onnx-int8+long"] = servers["bento-onnx-int8"]
+            order.append("bento-onnx-int8+long")
+            scripts["bento-onnx-int8+long"] = mixed
         for arm in order:  # warm-up: first requests load kernels and train the batcher
-            run_wrk(servers[arm].url, script, 3, args.connections)
+            run_wrk(servers[arm].url, scripts[arm], 3, args.connections)
         runs: dict[str, list[dict]] = {arm: [] for arm in order}
         for _ in range(args.repeats):
             for arm in order:
                 before = batch_histogram(httpx.get(servers[arm].url + "/metrics").text) if "bento" in arm else None
-                result = run_wrk(servers[arm].url, script, args.seconds, args.connections)
+                result = run_wrk(servers[arm].url, scripts[arm], args.seconds, args.connections)
                 if before:
                     calls, requests = batch_histogram(httpx.get(servers[arm].url + "/metrics").text)
                     result["model_calls"] = calls - before[0]
@@ -123,7 +137,7 @@ def main() -> None:
                       f"  batch {result['mean_requests_per_model_call']:.1f}", flush=True)
                 time.sleep(1)
     finally:
-        for server in servers.values():
+        for server in set(servers.values()):
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -140,6 +154,7 @@ def main() -> None:
             "naive": "Flask threaded server, one process", "clients": args.connections, "texts_per_request": 1,
             "seconds_per_run": args.seconds, "repeats": args.repeats, "load_generator": "wrk -t1",
             "texts": "test split, random per request", "order": "arms interleaved within each repeat; medians",
+            "long_fraction": args.long_fraction,
         },
         "hardware": hardware(os.cpu_count() or 0),
         "summary": summary,
@@ -147,6 +162,8 @@ def main() -> None:
             "bento_onnx_int8 / naive_pipeline_fp32": rps["bento-onnx-int8"] / rps["naive-pipeline-fp32"],
             "bento_fp32 / naive_pipeline_fp32 (same model)": rps["bento-fp32"] / rps["naive-pipeline-fp32"],
             "bento_onnx_int8 / naive_onnx_int8 (same model)": rps["bento-onnx-int8"] / rps["naive-onnx-int8"],
+            **({f"bento_onnx_int8 with {args.long_fraction:.0%} long documents / short only":
+                rps["bento-onnx-int8+long"] / rps["bento-onnx-int8"]} if mixed else {}),
         },
         "runs": runs,
     }

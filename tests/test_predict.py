@@ -83,3 +83,12 @@ def test_a_folder_without_a_model_or_tokenizer_is_a_clear_error(tmp_path):
     (folder / "tokenizer_config.json").unlink()
     with pytest.raises(ModelError, match="tokenizer_config.json: cannot read it"):
         TextClassifier(folder)
+
+
+def test_a_5000_character_text_is_read_up_to_the_window_cap(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+    write_meta(folder, max_length=64)  # the pipeline's window; default overlap and cap (16 windows)
+    text = ("a wonderful film, " * 300)[:5000]  # about 1,200 tokens: more than 16 windows hold
+    prediction = TextClassifier(folder, threads=1).classify([text, "dull"])
+    assert [(p.windows, p.truncated) for p in prediction] == [(16, True), (1, False)]
+    assert prediction[0].label in ("rotten", "fresh") and 0.5 <= prediction[0].score <= 1

@@ -7,19 +7,26 @@ import numpy as np
 import pytest
 from tiny import make_reviews, make_tiny_model
 
+from distilops.batching import tokenize
 from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.predict import TextClassifier, read_meta
 from distilops.quantize import build, check, weights_size_mb
+from distilops.training import TrainSettings, train
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A tiny trained-looking student folder saved the way the distill stage saves it."""
+    """A tiny student, briefly trained on the fixture task so its logits mean something (a random model's
+    are about +-0.03: any tolerance would pass a model returning zeros), saved as the distill stage saves it."""
     root = tmp_path_factory.mktemp("student")
     raw = make_tiny_model(root / "raw", layers=2, hidden=64)
-    folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student",
-                               max_length=32, role="student", teacher="tiny")
-    return folder
+    model, tokenizer = load_classifier(str(raw)), load_tokenizer(str(raw))
+    df = make_reviews(n_movies=40, per_movie=6, seed=1)
+    df = df[df["category"] != "plot"]
+    data = tokenize(tokenizer, df["text"].tolist(), (df["category"] == "fresh").astype(int).to_numpy(), 32)
+    train(model, data, data, tokenizer.pad_token_id,
+          TrainSettings(epochs=8, batch_size=16, learning_rate=3e-3, progress=None))
+    return save_model_folder(model.cpu(), tokenizer, root / "student", max_length=32, role="student", teacher="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,12 @@ def test_dynamic_batch_and_sequence_axes(variants, texts):
 def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
     reference = TextClassifier(student).predict_logits_batched(texts, 16)
     quantized = TextClassifier(variants[variant]).predict_logits_batched(texts, 16)
-    assert np.abs(quantized - reference).max() < 0.1  # int8 rounding, not a different model
+    spread = reference.max() - reference.min()
+    assert spread > 1.0  # a trained model: its logits separate the classes (a random one: ~0.06)
+    assert np.abs(quantized - reference).max() < 0.1 * spread  # int8 rounding, not a different model
+    assert (quantized.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+    zeros = np.zeros_like(reference)  # what the old absolute tolerance let through
+    assert not np.abs(zeros - reference).max() < 0.1 * spread
     assert weights_size_mb(variants[variant]) < weights_size_mb(student)
     meta = read_meta(variants[variant])
     assert meta["variant"] == variant and meta["max_length"] == 32 and meta["teacher"] == "tiny"
@@ -121,3 +133,24 @@ def test_quantizing_leaves_the_process_logging_alone(student, tmp_path, caplog):
         logging.warning("root too")
     assert root.level == level and not root.filters
     assert "still heard" in caplog.text and "root too" in caplog.text
+
+
+def test_register_serves_onnx_fp32_where_quantize_rejected_the_configured_variant(caplog):
+    import importlib.util
+    from pathlib import Path
+
+    from distilops.config import RegisterConfig
+    from distilops.errors import RegistryError
+
+    path = Path(__file__).resolve().parents[1] / "stages" / "register.py"
+    spec = importlib.util.spec_from_file_location("register_stage", path)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    checks = {"onnx_fp32": {"accepted": True}, "onnx_int8": {"accepted": False, "reason": "dropped 3 points"},
+              "onnx_fp16": {"accepted": True}}
+    with caplog.at_level(logging.WARNING, logger="register"):
+        plan = stage.serving_variants(RegisterConfig(), checks)
+    assert plan == {"cpu": "onnx_fp32", "gpu": "onnx_fp16"}
+    assert "cpu variant onnx_int8 is not registered: dropped 3 points. onnx_fp32 serves instead" in caplog.text
+    with pytest.raises(RegistryError, match="add onnx_fp32 to quantize.variants"):
+        stage.serving_variants(RegisterConfig(), {"onnx_int8": {"accepted": False, "reason": "x"}})

@@ -219,3 +219,66 @@ def test_no_regression_refuses_only_a_significant_drop(store):
     other_split = register_measured(store, worse, data_hash="d2")
     with pytest.raises(GateError, match=r"not paired \(different test splits: data hashes differ\)"):
         promote(NAME, GATES, version=other_split)
+
+
+KILLED_PROMOTE = """
+import sys, time
+import mlflow
+from distilops.config import PromoteConfig
+from distilops.registry import promote
+
+step = sys.argv[1]  # stop the real process at one step of the promotion, then get killed there
+
+def stop_here(*args, **kwargs):
+    print("STOPPED", flush=True)
+    time.sleep(600)
+
+original = getattr(mlflow.MlflowClient, step)
+if step == "set_terminated":  # the alias has moved; the event is never closed
+    mlflow.MlflowClient.set_terminated = stop_here
+else:  # killed before the alias moves
+    mlflow.MlflowClient.set_registered_model_alias = stop_here
+promote("tiny-sentiment", PromoteConfig(model_name="tiny-sentiment", max_latency_p95_ms=20.0), version=sys.argv[2])
+"""
+
+
+def kill_promote_at(step: str, version: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PROMOTE, step, version], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "STOPPED", (line, proc.stderr.read() if proc.poll() is not None else "")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_a_promote_killed_after_the_alias_moved_is_recorded_and_can_be_rolled_back(store):
+    v1, v2 = register(store, 0.85), register(store, 0.86)
+    promote(NAME, GATES, version=v1)
+    kill_promote_at("set_terminated", v2)  # a real process, killed after the move, before closing the event
+    assert current() == v2
+    assert [(e.from_version, e.to_version) for e in history(NAME)] == [(v1, v2), ("", v1)]  # reconciled
+    event, _ = promote(NAME, GATES, rollback=True)  # so the way back is known
+    assert (event.from_version, event.to_version) == (v2, v1) and current() == v1
+
+
+def test_a_promote_killed_before_the_alias_moved_leaves_everything_as_it_was(store, monkeypatch):
+    import distilops.registry as registry
+
+    v1, v2 = register(store, 0.85), register(store, 0.86)
+    promote(NAME, GATES, version=v1)
+    kill_promote_at("set_registered_model_alias", v2)
+    monkeypatch.setattr(registry, "STALE_SECONDS", 0)  # the killed event is old enough to call a crash
+    assert current() == v1 and [e.to_version for e in history(NAME)] == [v1]
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("distilops-promotions").experiment_id],
+                         f"tags.to_version = '{v2}'")
+    assert [r.info.status for r in runs] == ["FAILED"] and "never moved" in runs[0].data.tags["reconciled"]
+    event, _ = promote(NAME, GATES, version=v2)  # and the promotion can simply be run again
+    assert current() == v2 and event.from_version == v1

@@ -102,9 +102,10 @@ def promote_cmd(
 ) -> None:
     """Move the `production` alias to a version that passes its gates (params.yaml `promote`), and record it.
 
-    Gates: accuracy retention versus its teacher, no accuracy drop versus the current production
-    version beyond a tolerance, batch-1 p95 latency under a bound. A refusal names the failed gate
-    and its numbers. Every move is recorded: see `distilops history`.
+    Gates: accuracy retention versus its teacher (the lower end of its 95% interval), no drop versus
+    the current production version that is both beyond a tolerance and significant (exact McNemar test
+    on the same test texts), batch-1 p95 latency under a bound. A refusal names the failed gate and its
+    numbers, intervals included, and exits with status 1. Every move is recorded: see `distilops history`.
     """
     from distilops.registry import promote
 

@@ -10,9 +10,12 @@
   `force_reason` overrides, recorded.
 - Every promotion and rollback is an MLflow run in the `distilops-promotions` experiment (who,
   when, from which version to which, why, every gate's numbers): append-only, kept in the same
-  store as the registry (local SQLite or a shared server), listed by `history`. The run is
-  opened before the alias moves and closed as FINISHED after, so a crash in between leaves a
-  FAILED run that `history` ignores, never an unrecorded move.
+  store as the registry (local SQLite or a shared server), listed by `history`. The move and its
+  record are one recoverable unit: the run is opened (RUNNING) with the whole event, the version
+  is tagged, then the alias moves, then the run is closed (FINISHED). A process killed anywhere in
+  between leaves a RUNNING event, which the next `promote` or `history` reconciles against the
+  alias: moved -> FINISHED (tagged `reconciled`), not moved -> FAILED. So `history` and
+  `--rollback` always see every move that happened, and none that did not.
 """
 
 from __future__ import annotations
@@ -237,12 +240,32 @@ def _promotions_experiment(c: mlflow.MlflowClient) -> str:
     return found.experiment_id if found else c.create_experiment(PROMOTIONS_EXPERIMENT)
 
 
+STALE_SECONDS = 120  # an unclosed event this old whose move did not happen is a crash, not one in flight
+
+
+def reconcile(c: mlflow.MlflowClient, model_name: str, experiment_id: str) -> None:
+    """Close the events a killed `promote` left RUNNING: FINISHED if the alias points where the event says
+    it moved it (the move happened), FAILED if not and the event is stale."""
+    unclosed = c.search_runs([experiment_id], f"tags.model_name = '{model_name}' and attributes.status = 'RUNNING'")
+    now_ms = datetime.now(timezone.utc).timestamp() * 1000
+    for run in unclosed:
+        tags = run.data.tags
+        holder = alias_version(c, model_name, tags.get("alias", ""))
+        if holder is not None and str(holder.version) == tags.get("to_version"):
+            c.set_tag(run.info.run_id, "reconciled", "true: the alias had moved; the process ended before closing")
+            c.set_terminated(run.info.run_id, status="FINISHED")
+        elif now_ms - run.info.start_time > STALE_SECONDS * 1000:
+            c.set_tag(run.info.run_id, "reconciled", "true: the alias never moved")
+            c.set_terminated(run.info.run_id, status="FAILED")
+
+
 def history(model_name: str, *, alias: str | None = None, limit: int = 100) -> list[PromotionEvent]:
     """Completed promotions and rollbacks of `model_name`, newest first."""
     c = client()
     found = c.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
     if found is None:
         return []
+    reconcile(c, model_name, found.experiment_id)
     query = f"tags.model_name = '{model_name}' and attributes.status = 'FINISHED'"
     if alias:
         query += f" and tags.alias = '{alias}'"
@@ -287,6 +310,7 @@ def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None 
     except MlflowException as exc:
         raise RegistryError(f"no registered model '{model_name}' in {mlflow.get_tracking_uri()}: "
                             "run the pipeline (`dvc repro`) first") from exc
+    reconcile(c, model_name, _promotions_experiment(c))  # a promote killed mid-way is settled first
     current = alias_version(c, model_name, alias)
     if rollback and version is not None:
         raise RegistryError("give either a version or --rollback, not both")
@@ -317,13 +341,15 @@ def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None 
 
     tags = {k: str(v) for k, v in event.as_dict().items() if k not in ("gates", "run_id")}
     tags["gates"] = json.dumps(event.gates)
+    # Record first, move last: whatever stops this between the steps, `reconcile` can tell what happened.
     run = c.create_run(_promotions_experiment(c), run_name=f"{action} {model_name} v{event.from_version or '-'}"
                        f" -> v{event.to_version}", tags=tags)
     try:
-        c.set_registered_model_alias(model_name, alias, str(target.version))
         c.set_model_version_tag(model_name, str(target.version), f"last_{alias}_at", event.when)
+        c.set_registered_model_alias(model_name, alias, str(target.version))
     except Exception:
-        c.set_terminated(run.info.run_id, status="FAILED")
+        if str(getattr(alias_version(c, model_name, alias), "version", "")) != str(target.version):
+            c.set_terminated(run.info.run_id, status="FAILED")  # nothing moved; else leave it to reconcile
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
     event.run_id = run.info.run_id
