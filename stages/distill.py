@@ -18,13 +18,15 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from distilops import paths
 from distilops.config import DistillConfig, as_flat_dict, load_section
+from distilops.data import read_split
 from distilops.losses import UNLABELLED
 from distilops.modeling import count_parameters, save_model_folder
 from distilops.pyfunc import log_model_folder
 from distilops.stage import run_stage, write_json
-from distilops.tracking import data_hash, stage_run
+from distilops.tracking import data_hash, log_dataset, stage_run
 from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
 from distilops.tuning import (
+    best_trial,
     distill_loss_fn,
     load_inputs,
     params_of,
@@ -69,15 +71,18 @@ def main() -> None:
     study_name = study_name_for(cfg, inputs.fingerprint)
     storage = storage_for(cfg)
     with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=inputs.teacher_name) as run:
+        for split, context in (("train", "training"), ("validation", "validation")):
+            log_dataset(read_split(split), split, paths.PREPARED / f"{split}.parquet", context)
         study = run_study(cfg, inputs.make_student, data["train"], data["validation"], pad_id,
                           study_name=study_name, storage=storage)
-        best = params_of(study.best_trial, cfg)
+        top = best_trial(study)  # a clear error when every trial was pruned or diverged
+        best = params_of(top, cfg)
         summary = pruning_summary(study)
         mlflow.log_params({f"best_{k}": v for k, v in vars(best).items()})
-        mlflow.log_metrics({"best_trial_val_accuracy": study.best_value, **summary})
+        mlflow.log_metrics({"best_trial_val_accuracy": top.value, **summary})
         log_study_plots(study)
-        log.info("best trial #%d: %s (val acc %.4f); %d pruned, ~%s s saved", study.best_trial.number, vars(best),
-                 study.best_value, summary["trials_pruned"], summary["pruning_seconds_saved"])
+        log.info("best trial #%d: %s (val acc %.4f); %d pruned, %d diverged, ~%s s saved", top.number, vars(best),
+                 top.value, summary["trials_pruned"], summary["trials_diverged"], summary["pruning_seconds_saved"])
 
         seed_everything(cfg.seed)
         student = inputs.make_student()
@@ -97,8 +102,8 @@ def main() -> None:
                           **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = {
             "study_name": study_name,
-            "best_trial": study.best_trial.number,
-            "best_trial_val_accuracy": study.best_value,
+            "best_trial": top.number,
+            "best_trial_val_accuracy": top.value,
             "best_params": vars(best),
             **summary,
             "val_accuracy": result.best_accuracy,

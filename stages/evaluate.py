@@ -31,7 +31,7 @@ from distilops.evaluate import (
 from distilops.predict import TextClassifier, read_meta
 from distilops.quantize import weights_size_mb
 from distilops.stage import run_stage, write_json
-from distilops.tracking import stage_run
+from distilops.tracking import log_dataset, stage_run
 
 log = logging.getLogger("evaluate")
 METRICS, PLOTS = paths.metrics_file("evaluate"), paths.plots_dir("evaluate")
@@ -104,6 +104,9 @@ def main() -> None:
     write_json(METRICS, report)
     write_plots(results, sets, labels, predictions, label_names, cfg.batch_size)
     with stage_run("evaluate", as_flat_dict(cfg)):
+        log_dataset(test, "test", paths.PREPARED / "test.parquet", "evaluation")
+        for spec in cfg.extra_sets:
+            log_dataset(extra[spec.name], spec.name, spec.source, "evaluation")
         flat = {f"{name}.{key}": value for name, entry in results.items() for key, value in entry.items()
                 if isinstance(value, (int, float))}
         flat.update({f"{name}.vs_teacher.{k}": v for name, entry in results.items()

@@ -11,7 +11,7 @@ from distilops.data import read_labels, read_split
 from distilops.modeling import count_parameters, load_classifier, load_tokenizer, save_model_folder
 from distilops.pyfunc import log_model_folder
 from distilops.stage import run_stage, write_json
-from distilops.tracking import data_hash, stage_run
+from distilops.tracking import data_hash, log_dataset, stage_run
 from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
 
 log = logging.getLogger("teacher")
@@ -36,6 +36,8 @@ def main() -> None:
         fingerprint={"stage": "teacher", **as_flat_dict(cfg), "data": data_hash()}, progress="teacher",
     )
     with stage_run("teacher", as_flat_dict(cfg), teacher=cfg.model):
+        log_dataset(train_df, "train", paths.PREPARED / "train.parquet", "training")
+        log_dataset(val_df, "validation", paths.PREPARED / "validation.parquet", "validation")
         result = train(model, train_data, val_data, tokenizer.pad_token_id, settings,
                        on_eval=lambda step, acc: mlflow.log_metric("val_accuracy", acc, step=step))
         save_model_folder(model, tokenizer, paths.TEACHER, max_length=cfg.max_length, source_model=cfg.model,

@@ -213,8 +213,10 @@ def tune_cmd(
         study = run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
                           inputs.tokenizer.pad_token_id, study_name=name, storage=storage_for(cfg), worker=worker)
     summary = pruning_summary(study)
-    typer.echo(f"study '{name}': {summary['trials_complete']} complete, {summary['trials_pruned']} pruned; "
-               f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
+    best = (f"best so far {study.best_value:.4f} (trial {study.best_trial.number})" if summary["trials_complete"]
+            else "no trial complete yet")
+    typer.echo(f"study '{name}': {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
+               f"{summary['trials_diverged']} diverged; {best}")
 
 
 DEVICE = typer.Option("cpu", "--device", "-d", help="cpu: the release's CPU variant (ONNX int8); gpu: its GPU "

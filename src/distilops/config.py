@@ -143,6 +143,8 @@ class DistillConfig(Trained):
     pruner_warmup_steps: int = Field(20, ge=0, description="Training steps before a trial may be pruned.")
     storage: str = Field("", description="'' = sqlite:///optuna/distill.db; or any SQLAlchemy URL.")
     study_name: str = Field("", description="'' = derived from everything that changes a trial.")
+    heartbeat_seconds: int = Field(30, ge=1, description="A worker's trials signal life this often; one silent "
+                                                         "for 3 intervals is failed and retried once.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="Ranges Optuna searches.")
 
 

@@ -40,6 +40,10 @@ class DivergedError(DistilopsError):
     """Training produced a non-finite loss."""
 
 
+class TuningError(DistilopsError):
+    """The Optuna study cannot give what the stage needs (e.g. no trial completed)."""
+
+
 class QuantizeError(DistilopsError):
     """A quantized variant could not be built."""
 

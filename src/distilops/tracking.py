@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import mlflow.data
+import pandas as pd
+import yaml
 
 from distilops import paths
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def tracking_uri() -> str:
@@ -45,17 +51,34 @@ def configure(experiment: str | None = None) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         mlflow.set_experiment(name)
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older distilops
+            mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, "custom_model_development")
         return found.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the local store, not in the cwd of whoever runs
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    # MLflow 3 opens an experiment without a kind on its GenAI overview; ours holds training runs.
+    experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location,
+                                             tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     mlflow.set_experiment(name)
     return experiment_id
 
 
+def pipeline_sources(root: Path = Path(".")) -> list[str]:
+    """What produces the models: dvc.yaml, params.yaml and every dependency its stages declare (the
+    stage scripts and the distilops modules they import). Git-ignored data deps never show as changed."""
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ["."]  # no readable pipeline here: any tracked change counts
+    deps = {str(dep) for stage in stages.values() for dep in stage.get("deps", [])}
+    return sorted({"dvc.yaml", "params.yaml", *deps})
+
+
 def git_commit() -> str:
-    """Current commit (suffixed '-dirty' when tracked files changed), or 'unknown' outside git.
+    """Current commit, suffixed '-dirty' when the code or configuration the pipeline runs (its stages'
+    dependencies and params) differs from it; 'unknown' outside git. What `dvc repro` itself rewrites
+    (dvc.lock, metrics/, plots/) and files no stage reads (README, tests) leave it clean.
 
     DISTILOPS_GIT_COMMIT wins: a container image built from a commit has no .git to ask.
     """
@@ -63,9 +86,8 @@ def git_commit() -> str:
         return os.environ["DISTILOPS_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        # dvc.lock and metrics/ are the pipeline's own outputs: `dvc repro` rewrites them mid-run.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!dvc.lock", ":!metrics"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *pipeline_sources()],
+                               capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -98,3 +120,13 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, **tags: Any) -> 
 def log_params(params: dict[str, Any]) -> None:
     # MLflow caps a param value at 6000 chars; ours are short, lists are stringified.
     mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()})
+
+
+def log_dataset(frame: pd.DataFrame, name: str, source: str | Path, context: str) -> None:
+    """Log a split as an MLflow dataset input of the active run (the runs table's Dataset column):
+    its name, content digest, row count and schema, with the file it was read from as source."""
+    with warnings.catch_warnings():  # MLflow warns of two equivalent local sources and of integer labels
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name,
+                                          targets="label" if "label" in frame else None)
+    mlflow.log_input(dataset, context=context)

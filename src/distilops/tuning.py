@@ -1,14 +1,17 @@
 """Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight).
 
-- TPE sampler seeded from `seed`; median pruner fed validation accuracy every `eval_every_steps`.
+- TPE sampler seeded from `seed` (a resumed study or an extra worker derives its own seed, so it
+  never replays the first trials); median pruner fed validation accuracy every `eval_every_steps`.
 - Storage: an SQLite file by default, so an interrupted study resumes (`load_if_exists`) and runs
   only its missing trials; any SQLAlchemy URL (PostgreSQL) lets many workers share one study
   (`distilops tune`); every worker stops once the study holds `n_trials` finished trials.
   DISTILOPS_OPTUNA_STORAGE overrides `distill.storage`, so database passwords stay out of params.yaml.
-  Heartbeats mark a crashed worker's trial failed, and it is retried once with the same params.
+  Heartbeats (`heartbeat_seconds`) mark a crashed worker's trial failed once it has been silent for
+  three intervals; the next worker to start a trial retries it once with the same params.
 - Each trial is a nested MLflow run under the stage's run; memory is released between trials.
-- The study name is derived from everything that changes a trial's result, so editing the
-  search space or the data starts a new study instead of mixing incomparable trials.
+- The study name is derived from the whole trial configuration and the inputs, so editing anything
+  that changes a trial (search space, data, weight decay...) starts a new study instead of resuming
+  one whose trials were run differently.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from distilops import paths
 from distilops.batching import Examples, concat, device, model_inputs, tokenize
 from distilops.config import DistillConfig
 from distilops.data import read_labels, read_split
-from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError
+from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError, TuningError
 from distilops.hashing import folder_sha256, json_sha256, sha256
 from distilops.losses import UNLABELLED, distillation_loss
 from distilops.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
@@ -97,14 +100,17 @@ def distill_loss_fn(p: TrialParams) -> Callable[[torch.nn.Module, dict], torch.T
     return loss_fn
 
 
+# DistillConfig fields that do not change a trial's result: every other field is in the study key,
+# so a field added later starts a new study by default instead of silently resuming a stale one.
+NOT_IN_STUDY_KEY = frozenset({"n_trials", "final_epochs", "checkpoint_every_steps", "storage", "study_name",
+                              "heartbeat_seconds"})
+
+
 def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
-    """'distill-<hash>' of the search space, trial budget and inputs (teacher, data)."""
+    """'distill-<hash>' of the whole trial configuration and the inputs (teacher, data)."""
     if cfg.study_name:
         return cfg.study_name
-    key = {"search": cfg.search.model_dump(), "trial_train_examples": cfg.trial_train_examples,
-           "trial_epochs": cfg.trial_epochs, "eval_every_steps": cfg.eval_every_steps,
-           "batch_size": cfg.batch_size, "student": [cfg.student_model, cfg.student_layers],
-           "seed": cfg.seed, "max_length": cfg.max_length, **inputs}
+    key = {**cfg.model_dump(exclude=set(NOT_IN_STUDY_KEY)), **inputs}
     return "distill-" + json_sha256(key)[:12]
 
 
@@ -174,7 +180,8 @@ def storage_for(cfg: DistillConfig) -> RDBStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return RDBStorage(url, heartbeat_interval=30, grace_period=90,
+            return RDBStorage(url, heartbeat_interval=cfg.heartbeat_seconds,
+                              grace_period=3 * cfg.heartbeat_seconds,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
         except Exception as exc:  # SQLAlchemy raises many types: bad URL, missing driver, refused login
             # The message may quote the URL, password included: say what failed, never print the secret.
@@ -206,6 +213,29 @@ def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     log.info("trial %d: %s (%s)", trial.number, outcome, params)
 
 
+def sampler_seed(seed: int, worker: int | None, trials_in_study: int) -> int:
+    """The TPE seed of one run: `seed` itself for the pipeline's first run (a fresh study reproduces),
+    else derived from (seed, worker, trials already in the study). Re-seeded as on its first run, a
+    resumed study, or a second worker, would propose the parameters of the first trials again."""
+    if worker is None and trials_in_study == 0:
+        return seed
+    worker_key = 0 if worker is None else worker + 1
+    return int(np.random.SeedSequence([seed, worker_key, trials_in_study]).generate_state(1)[0])
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The study's best trial, or a clear error when no trial completed (all pruned, diverged or failed)."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        return study.best_trial
+    diverged = sum(bool(t.user_attrs.get("diverged")) for t in study.trials)
+    raise TuningError(
+        f"study '{study.study_name}': none of its {len(study.trials)} trial(s) completed ({diverged} diverged, "
+        f"the rest pruned or failed), so there are no parameters to train the final student with. Lower the top "
+        f"of distill.search.learning_rate if trials diverge; raise distill.pruner_startup_trials or "
+        f"distill.pruner_warmup_steps if they are pruned; or raise distill.n_trials. Any of these starts a new study.")
+
+
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
               pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None) -> optuna.Study:
     """Create or resume the study and run the trials still missing (complete or pruned count as done).
@@ -213,11 +243,16 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
     `worker` (0, 1, ...) marks an extra worker sharing the study: its sampler gets its own seed,
     or every worker would propose the same first trials.
     """
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed if worker is None else cfg.seed + 1000 * (worker + 1))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_steps)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg.seed, worker, len(study.trials)))
+    # Optuna fails stale trials only when a new trial starts: a complete study would keep a dead
+    # worker's trial RUNNING for ever. Fail it now (its retry is queued, run if trials remain).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     done = [t for t in study.trials if t.state in FINISHED_STATES]
     remaining = cfg.n_trials - len(done)
     log.info("study '%s': %d trial(s) done, %d to run", study_name, len(done), max(remaining, 0))
@@ -243,6 +278,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                 raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
 
         started = time.perf_counter()
+        trial.set_user_attr("worker", -1 if worker is None else worker)  # which process ran it, for the logs
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}):
             mlflow.log_params(vars(params))
@@ -255,6 +291,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                 raise
             except DivergedError as exc:  # a learning rate too high for this model is a bad setting, not a crash
                 mlflow.set_tag("state", "diverged")
+                trial.set_user_attr("diverged", True)  # not the pruner's doing: no time saved by it
                 raise optuna.TrialPruned(str(exc)) from exc
             finally:
                 seconds, steps_done = time.perf_counter() - started, (reports[-1][0] if reports else 0)
@@ -274,11 +311,17 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
 
 
 def pruning_summary(study: optuna.Study) -> dict:
-    """How many trials were pruned and the training time that saved (estimated from each trial's speed)."""
+    """How many trials were pruned and the training time that saved (estimated from each trial's speed).
+
+    A diverged trial is recorded as pruned but saved nothing: it could not have gone on, and when it
+    diverged before its first report its speed is unknown."""
     trials = [t for t in study.trials if "seconds" in t.user_attrs]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    diverged = [t for t in pruned if t.user_attrs.get("diverged")]
     saved = 0.0
     for t in pruned:
+        if t.user_attrs.get("diverged"):
+            continue
         steps = max(t.user_attrs.get("steps", 0), 1)
         per_step = t.user_attrs["seconds"] / steps
         saved += per_step * max(t.user_attrs.get("planned_steps", steps) - steps, 0)
@@ -286,7 +329,8 @@ def pruning_summary(study: optuna.Study) -> dict:
     return {
         "trials": len(study.trials),
         "trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
-        "trials_pruned": len(pruned),
+        "trials_pruned": len(pruned) - len(diverged),
+        "trials_diverged": len(diverged),
         "tuning_seconds": round(spent, 1),
         "pruning_seconds_saved": round(saved, 1),
         "pruning_time_saved_fraction": round(saved / (spent + saved), 3) if spent + saved else 0.0,
