@@ -129,4 +129,4 @@ def log_dataset(frame: pd.DataFrame, name: str, source: str | Path, context: str
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=str(source), name=name,
                                           targets="label" if "label" in frame else None)
-    mlflow.log_input(dataset, context=context)
+        mlflow.log_input(dataset, context=context)
