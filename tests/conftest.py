@@ -77,3 +77,13 @@ class RepoCopy:
 @pytest.fixture()
 def repo_copy(tmp_path) -> RepoCopy:
     return RepoCopy(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/services.py)."""
+    from services import Postgres
+
+    server = Postgres().start()
+    yield server
+    server.stop()

@@ -66,28 +66,57 @@ def test_training_stages_run_cache_and_resume(repo_copy):
     assert "Running stage" not in third.stdout
 
 
-def test_tune_workers_share_one_study_then_distill_only_trains(repo_copy):
-    """What the Kubernetes Indexed Job does, with SQLite in place of PostgreSQL: two workers fill one
-    study up to n_trials; the distill stage then runs no trial, only the final student."""
+def test_tune_workers_share_a_postgres_study_and_a_killed_workers_trial_is_retried(repo_copy, postgres):
+    """What the Kubernetes Indexed Job does: two `distilops tune` workers fill one study in PostgreSQL
+    (the documented postgresql:// URL). One is killed (SIGKILL) mid-trial: its heartbeat stops, the
+    other worker fails that trial and runs it again with the same parameters, and the study completes
+    with nothing lost. The distill stage then runs no trial, only the final student."""
+    import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     tiny_pipeline(repo_copy)
-    repo_copy.set_params({"distill.n_trials": 4, "distill.pruner_startup_trials": 4})
+    n_trials = 6
+    repo_copy.set_params({"distill.n_trials": n_trials, "distill.pruner_startup_trials": n_trials,
+                          "distill.trial_epochs": 6, "distill.heartbeat_seconds": 1})
     repo_copy.dvc("repro", "teacher_outputs")
+    storage = postgres.create_database("optuna_workers")
+    repo_copy.env["DISTILOPS_OPTUNA_STORAGE"] = storage  # as the Job's Secret sets it
+    env = repo_copy.env
     distilops = str(Path(sys.executable).parent / "distilops")
-    workers = [subprocess.Popen([distilops, "tune", "--worker", str(i)], cwd=repo_copy.path, env=repo_copy.env,
+    workers = [subprocess.Popen([distilops, "tune", "--worker", str(i)], cwd=repo_copy.path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(out[-4000:] for out in outputs)
+    try:
+        # Kill worker 1 once it is inside a trial (each trial records the worker running it).
+        deadline, killed = time.monotonic() + 300, None
+        while killed is None and time.monotonic() < deadline and workers[1].poll() is None:
+            names = optuna.get_all_study_names(storage)
+            trials = optuna.load_study(study_name=names[0], storage=storage).trials if names else []
+            running = [t for t in trials
+                       if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == 1]
+            if running:
+                workers[1].send_signal(signal.SIGKILL)
+                killed = running[0]
+            time.sleep(0.2)
+        assert killed is not None, "worker 1 never started a trial:\n" + workers[1].communicate(timeout=60)[0][-3000:]
+        output = workers[0].communicate(timeout=600)[0]
+        assert workers[0].returncode == 0, output[-4000:]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
 
-    storage = f"sqlite:///{repo_copy.path / 'optuna/distill.db'}"
     (name,) = optuna.get_all_study_names(storage)
     trials = optuna.load_study(study_name=name, storage=storage).trials
-    finished = [t for t in trials if t.state.is_finished()]
-    assert len(finished) >= 4  # a worker may finish the trial it started as the other reached the total
-    assert len({tuple(sorted(t.params.items())) for t in finished}) == len(finished)  # own seeds: no repeats
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # failed by the heartbeat, not left running
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.params == killed.params and retry.state == optuna.trial.TrialState.COMPLETE
+    finished = [t for t in trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    assert len(finished) == n_trials and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == n_trials  # own seeds: no repeats
 
     result = repo_copy.dvc("repro", "distill")
     assert "0 to run" in result.stdout

@@ -3,14 +3,24 @@
 import mlflow
 import optuna
 import pytest
+import torch
 from tiny import make_reviews, make_tiny_model
+from tqdm.auto import tqdm
 
 from distilops.batching import predict_logits, tokenize
 from distilops.config import DistillConfig
-from distilops.errors import ConfigError
+from distilops.errors import ConfigError, TuningError
 from distilops.modeling import build_student, load_classifier, load_tokenizer
 from distilops.tracking import stage_run
-from distilops.tuning import pruning_summary, run_study, storage_for, study_name_for
+from distilops.tuning import (
+    NOT_IN_STUDY_KEY,
+    best_trial,
+    pruning_summary,
+    run_study,
+    sampler_seed,
+    storage_for,
+    study_name_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +95,76 @@ def test_study_name_follows_the_search_space(tmp_path):
     assert a != study_name_for(config(tmp_path), {"data_hash": "y"})
     assert a != study_name_for(config(tmp_path, search={"alpha": [0.5, 0.5]}), {"data_hash": "x"})
     assert study_name_for(config(tmp_path, study_name="mine"), {}) == "mine"
+
+
+# A different value for every DistillConfig field: each must start a new study, except those that do not
+# change a trial (NOT_IN_STUDY_KEY). A field added later fails here until it is listed in one or the other.
+CHANGED = {"seed": 7, "max_length": 48, "batch_size": 8, "weight_decay": 0.1, "warmup_ratio": 0.2,
+           "student_model": "other-model", "student_layers": 2, "trial_train_examples": 100, "trial_epochs": 2,
+           "eval_every_steps": 5, "pruner_startup_trials": 3, "pruner_warmup_steps": 7,
+           "search": {"temperature": [1.0, 2.0]},
+           "n_trials": 9, "final_epochs": 5, "checkpoint_every_steps": 11, "heartbeat_seconds": 5,
+           "storage": "sqlite:///elsewhere.db"}
+
+
+def test_every_setting_that_changes_a_trial_starts_a_new_study(tmp_path):
+    assert set(CHANGED) == set(DistillConfig.model_fields) - {"study_name"}
+    base = config(tmp_path)
+    name = study_name_for(base, {"data_hash": "x"})
+    for field, value in CHANGED.items():
+        other = study_name_for(base.model_copy(update={field: DistillConfig(**{field: value}).__dict__[field]}),
+                               {"data_hash": "x"})
+        assert (other == name) == (field in NOT_IN_STUDY_KEY), field
+
+
+def test_a_resumed_study_proposes_no_trial_twice(setup, tmp_path, monkeypatch):
+    """Re-seeding the sampler as on the first run would replay the first trials' parameters."""
+    root, teacher, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = config(tmp_path, n_trials=2, trial_epochs=1, pruner_startup_trials=10)
+    name = study_name_for(cfg, {"data_hash": "x"})
+
+    def student():
+        return build_student(teacher, 1)
+
+    with stage_run("distill"):
+        first = [t.params for t in run_study(cfg, student, data, data, tokenizer.pad_token_id, study_name=name,
+                                             storage=storage_for(cfg)).trials]
+    with stage_run("distill"):  # resumed with a larger budget
+        more = cfg.model_copy(update={"n_trials": 4})
+        study = run_study(more, student, data, data, tokenizer.pad_token_id, study_name=name,
+                          storage=storage_for(more))
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 4 and len(set(params)) == 4
+    assert [t.params for t in study.trials[:2]] == first
+    assert sampler_seed(42, None, 0) == 42  # a fresh study still reproduces from the seed
+    assert len({sampler_seed(42, None, 2), sampler_seed(42, 0, 2), sampler_seed(42, 0, 0)}) == 3
+
+
+def test_a_trial_diverging_before_its_first_report_saves_no_time_and_a_study_without_a_complete_trial_is_a_clear_error(
+        setup, tmp_path, monkeypatch):
+    root, teacher, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = config(tmp_path, n_trials=1)
+
+    def broken_student():  # NaN weights: a non-finite loss on the very first step
+        student = build_student(teacher, 1)
+        torch.nn.init.constant_(student.classifier.weight, float("nan"))
+        return student
+
+    name = study_name_for(cfg, {"data_hash": "x"})
+    with stage_run("distill"):
+        study = run_study(cfg, broken_student, data, data, tokenizer.pad_token_id, study_name=name,
+                          storage=storage_for(cfg))
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["diverged"]
+    assert trial.user_attrs["steps"] == 0 and trial.user_attrs["seconds"] > 0
+    summary = pruning_summary(study)
+    assert summary["trials_diverged"] == 1 and summary["trials_pruned"] == 0
+    assert summary["pruning_seconds_saved"] == 0  # was seconds x planned steps: the trial "ran" 1 step
+    assert not list(tqdm._instances)  # the trial's progress bar was closed when it diverged
+    with pytest.raises(TuningError, match=r"none of its 1 trial\(s\) completed \(1 diverged.*learning_rate"):
+        best_trial(study)
 
 
 def test_bad_storage_url_is_a_clear_error(tmp_path):

@@ -65,13 +65,16 @@ def configure(experiment: str | None = None) -> str:
 
 
 def pipeline_sources(root: Path = Path(".")) -> list[str]:
-    """What produces the models: dvc.yaml, params.yaml and every dependency its stages declare (the
-    stage scripts and the distilops modules they import). Git-ignored data deps never show as changed."""
+    """What produces the models: dvc.yaml, params.yaml and every dependency its stages declare that no
+    stage writes (the stage scripts and the distilops modules they import). Data deps are git-ignored."""
     try:
         stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
     except (OSError, yaml.YAMLError, AttributeError):
         return ["."]  # no readable pipeline here: any tracked change counts
-    deps = {str(dep) for stage in stages.values() for dep in stage.get("deps", [])}
+    outputs = {next(iter(out)) if isinstance(out, dict) else out for stage in stages.values()
+               for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
+    deps = {dep for stage in stages.values() for dep in stage.get("deps", [])
+            if not any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in outputs)}
     return sorted({"dvc.yaml", "params.yaml", *deps})
 
 
