@@ -1,6 +1,7 @@
-"""The whole pipeline for real: `dvc repro` of every stage on a tiny model and fixture data in a
-temporary copy of the repository, then the registry it leaves behind, then promote, package and
-serve, and a real request answered by the promoted version."""
+"""The whole pipeline for real, as a team runs it: `dvc repro` of every stage on a tiny model and
+fixture data in a temporary copy of the repository, tracked by a real `mlflow server` (runs and
+registry in PostgreSQL, artifacts proxied) through MLFLOW_TRACKING_URI; then the registry it leaves
+behind, then promote, package and serve, and a real request answered by the promoted version."""
 
 import json
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+from conftest import run
+from services import mlflow_server, wait_healthy
 from serving import Server, free_port
 from test_pipeline_train import tiny_pipeline
 
@@ -20,12 +23,36 @@ FAST_EVALUATION = {"evaluate.speed_texts": 32, "evaluate.latency_samples": 10, "
                    "promote.min_accuracy_retention": 0.5}  # ~70 test texts: the retention interval is wide
 
 
-def test_full_pipeline_registers_a_serving_version(repo_copy):
+@pytest.fixture()
+def tracking_server(repo_copy, postgres):
+    artifacts = repo_copy.path.parent / "mlartifacts"
+    artifacts.mkdir()
+    server = mlflow_server(postgres.create_database("mlflow_e2e"), artifacts, repo_copy.path.parent / "mlflow.log")
+    try:
+        wait_healthy(server)
+        repo_copy.env["MLFLOW_TRACKING_URI"] = server.url
+        yield server
+    finally:
+        server.stop()
+
+
+def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     tiny_pipeline(repo_copy)
     repo_copy.set_params(FAST_EVALUATION)
+    run(["git", "add", "-A"], repo_copy.path)
+    run(["git", "commit", "-qm", "tiny pipeline"], repo_copy.path, repo_copy.env)  # runs tag a clean commit
+    head = run(["git", "rev-parse", "HEAD"], repo_copy.path).stdout.strip()
     result = repo_copy.dvc("repro")
-    for stage in ("long_texts", "quantize", "evaluate", "register"):
+    for stage in ("long_texts", "quantize", "evaluate", "register", "summary"):
         assert f"Running stage '{stage}'" in result.stdout
+
+    # `dvc metrics show`: one short row of headline numbers; each stage's detail stays in its own file.
+    shown = json.loads(repo_copy.dvc("metrics", "show", "--json").stdout)
+    (files,) = [entry["data"] for entry in shown.values()]
+    assert list(files) == ["metrics/summary.json"]
+    summary = files["metrics/summary.json"]["data"]
+    assert summary["serving_variant"] == "onnx_int8" and 0 <= summary["test_accuracy_low"] <= summary["test_accuracy"]
+    assert len(summary) < 20
 
     checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
     assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"}
@@ -68,21 +95,30 @@ def test_full_pipeline_registers_a_serving_version(repo_copy):
     assert float(serving.tags["eval.long_reviews.accuracy"]) == pytest.approx(
         long_set["models"]["student_onnx_int8"]["accuracy"])
     assert len(serving.tags["test_correct"]) > 0 and serving.tags["test_examples"] == str(evaluation["test_examples"])
-    assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"]
+    assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"] == head  # not -dirty
+    # stored through the server (proxied artifacts), not on this disk
+    assert client.get_model_version_download_uri("tiny-sentiment", serving.version).startswith("mlflow-artifacts:")
+    assert summary["serving_version"] == registered["serving_version"]
+    assert summary["test_accuracy"] == pytest.approx(models["student_onnx_int8"]["accuracy"], abs=1e-4)
 
     # Every stage ran as an MLflow run tagged with its lineage.
     runs = client.search_runs([client.get_experiment_by_name("distilops").experiment_id],
                               "tags.mlflow.parentRunId IS NULL")
     assert {r.data.tags["stage"] for r in runs} >= {"teacher", "distill", "evaluate", "register"}
     assert all(r.data.tags["data_hash"] == serving.tags["data_hash"] for r in runs)
+    assert all(r.data.tags["git_commit"] == head for r in runs)
+    datasets = {r.data.tags["stage"]: {(i.dataset.name, i.tags[0].value) for i in r.inputs.dataset_inputs}
+                for r in runs}  # the runs table's Dataset column
+    assert datasets["teacher"] == datasets["distill"] == {("train", "training"), ("validation", "validation")}
+    assert datasets["evaluate"] == {("test", "evaluation"), ("long_reviews", "evaluation")}
+    experiment = client.get_experiment_by_name("distilops")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on these runs
 
     again = repo_copy.dvc("repro")
     assert "Running stage" not in again.stdout
 
     # Promote (gated; the tiny model's p95 is far under the bound), then package and serve it.
     distilops = str(Path(sys.executable).parent / "distilops")
-    from conftest import run
-
     promoted = run([distilops, "promote"], repo_copy.path, repo_copy.env)
     assert f"to v{registered['serving_version']}" in promoted.stdout
     history = run([distilops, "history"], repo_copy.path, repo_copy.env)

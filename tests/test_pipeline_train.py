@@ -51,9 +51,9 @@ def test_training_stages_run_cache_and_resume(repo_copy):
     assert (student / "model.safetensors").exists() and (student / "distilops.json").exists()
     assert not any((repo_copy.path / "checkpoints").rglob("*.pt"))  # finished runs leave no checkpoints
 
-    # A distill-only change: the teacher and its cached outputs are reused, the study resumes.
-    repo_copy.set_params({"distill.n_trials": 3})
-    second = repo_copy.dvc("repro", "distill")
+    # A distill-only change as a DVC experiment (README: parameter sweeps): the teacher and its cached
+    # outputs are reused, and the study, kept outside DVC's outputs, resumes instead of starting again.
+    second = repo_copy.dvc("exp", "run", "-n", "three-trials", "-S", "distill.n_trials=3", "distill")
     assert "Running stage 'distill'" in second.stdout
     for stage in ("prepare", "teacher", "teacher_outputs"):
         assert f"Running stage '{stage}'" not in second.stdout
@@ -61,6 +61,11 @@ def test_training_stages_run_cache_and_resume(repo_copy):
     study = optuna.load_study(study_name=distill["study_name"],
                               storage=f"sqlite:///{repo_copy.path / 'optuna/distill.db'}")
     assert len(study.trials) == 3
+    shown = json.loads(repo_copy.dvc("exp", "show", "--json").stdout)
+    experiments = [exp for row in shown for exp in (row.get("experiments") or [])]
+    (experiment,) = [e for e in experiments if e["name"] == "three-trials"]
+    revision = experiment["revs"][0]["data"]
+    assert revision["params"]["params.yaml"]["data"]["distill"]["n_trials"] == 3
 
     third = repo_copy.dvc("repro", "distill")
     assert "Running stage" not in third.stdout

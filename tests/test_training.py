@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from tiny import make_reviews, make_tiny_model
+from tqdm.auto import tqdm
 
 from distilops.batching import accuracy, length_grouped_batches, make_collate, tokenize
 from distilops.errors import DivergedError, StaleCacheError
@@ -131,3 +132,18 @@ def test_half_precision_checkpoints_load_as_fp32(tmp_path):
     folder = make_tiny_model(tmp_path / "half")
     load_classifier(str(folder)).half().save_pretrained(folder)
     assert next(load_classifier(str(folder)).parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, DivergedError])
+def test_the_progress_bar_is_closed_when_a_run_is_cut_short(tiny, tmp_path, stop):
+    """A pruned trial, a divergence or Ctrl-C: the bar must not stay open under the next trial's."""
+    folder, tokenizer, data = tiny
+
+    def interrupt(step: int, acc: float) -> None:
+        raise stop("stopped")
+
+    with pytest.raises(stop) as cut:
+        train(load_classifier(str(folder)), data, data, tokenizer.pad_token_id,
+              settings(tmp_path, progress="cut short", eval_every_steps=2, checkpoint_dir=None), on_eval=interrupt)
+    assert cut.value.__traceback__ is not None  # the frames (and any bar they hold) are still alive here
+    assert not [bar for bar in tqdm._instances if bar.desc == "cut short"]
