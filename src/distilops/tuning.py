@@ -233,7 +233,8 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
         f"study '{study.study_name}': none of its {len(study.trials)} trial(s) completed ({diverged} diverged, "
         f"the rest pruned or failed), so there are no parameters to train the final student with. Lower the top "
         f"of distill.search.learning_rate if trials diverge; raise distill.pruner_startup_trials or "
-        f"distill.pruner_warmup_steps if they are pruned; or raise distill.n_trials. Any of these starts a new study.")
+        f"distill.pruner_warmup_steps if they are pruned (either starts a new study); or raise distill.n_trials "
+        f"to run more trials in this one.")
 
 
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
