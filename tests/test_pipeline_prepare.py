@@ -23,8 +23,10 @@ def test_dvc_repro_prepare_runs_then_skips_then_reruns_on_param_change(repo_copy
     assert "Running stage" not in second.stdout
     assert "didn't change" in second.stdout or "up to date" in second.stdout
 
-    metrics = repo_copy.dvc("metrics", "show", "--json")
-    assert "data/prepared/report.json" in metrics.stdout
+    # Stage detail is not a DVC metrics file (metrics/summary.json is), but `dvc metrics show FILE` reads it.
+    metrics = json.loads(repo_copy.dvc("metrics", "show", "--json", "data/prepared/report.json").stdout)
+    (entry,) = metrics.values()
+    assert entry["data"]["data/prepared/report.json"]["data"]["total_examples"] == 360
 
     repo_copy.set_params({"seed": 7})
     third = repo_copy.dvc("repro", "prepare")
