@@ -22,8 +22,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC) -> None:
+    def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC,
+                 ready_path: str = "/readyz") -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self.ready_path = ready_path  # answers 200 once the server can take requests
         self.env = env
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 (kept open for the server's life)
@@ -36,7 +38,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

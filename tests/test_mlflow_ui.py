@@ -10,7 +10,7 @@ import subprocess
 import mlflow
 import pandas as pd
 import pytest
-from services import mlflow_server, wait_healthy
+from services import mlflow_server
 
 from distilops.tracking import log_dataset, stage_run
 
@@ -47,7 +47,7 @@ def test_the_ui_lists_stage_runs_with_datasets_and_the_production_alias(tmp_path
     (tmp_path / "artifacts").mkdir()
     server = mlflow_server(store, tmp_path / "artifacts", tmp_path / "server.log")
     try:
-        wait_healthy(server)
+        server.wait_ready(timeout=120)
         runs_page = rendered_text(f"{server.url}/#/experiments/{experiment_id}?{TRAINING_VIEW}")
         assert "teacher" in runs_page and "distill" in runs_page, runs_page[:2000]
         assert "train (" in runs_page and "training" in runs_page  # the Dataset column: name (digest) context

@@ -11,7 +11,7 @@ import httpx
 import mlflow
 import pytest
 from conftest import run
-from services import mlflow_server, wait_healthy
+from services import mlflow_server
 from serving import Server, free_port
 from test_pipeline_train import tiny_pipeline
 
@@ -29,7 +29,7 @@ def tracking_server(repo_copy, postgres):
     artifacts.mkdir()
     server = mlflow_server(postgres.create_database("mlflow_e2e"), artifacts, repo_copy.path.parent / "mlflow.log")
     try:
-        wait_healthy(server)
+        server.wait_ready(timeout=120)
         repo_copy.env["MLFLOW_TRACKING_URI"] = server.url
         yield server
     finally:
