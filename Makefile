@@ -1,11 +1,12 @@
 # The two commands: `make run` (set up, then the whole pipeline) and `make test` (set up, then the tests).
+# While editing: `make test-fast` (the tests not marked slow).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export DVC_NO_ANALYTICS := 1
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint ui serve bento image benchmark test-tools clean-env
+.PHONY: run test test-fast lint ui serve bento image benchmark test-tools clean-env
 
 # The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
 # (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
@@ -49,8 +50,13 @@ test-tools:
 	  fi; \
 	fi
 
-test: $(VENV)/.installed test-tools  ## the test suite
+test: $(VENV)/.installed test-tools  ## the whole test suite (what CI runs: about 25 min on 2 cores)
 	. $(VENV)/bin/activate && pytest
+
+# The inner loop: everything but the tests marked slow (real services, real `dvc repro`, containers): it
+# needs kubectl (manifests) but no PostgreSQL, Chromium or podman. Under 3 min on 2 cores; `make test` before a push.
+test-fast: $(VENV)/.installed
+	. $(VENV)/bin/activate && pytest -m "not slow" -q
 
 lint: $(VENV)/.installed
 	. $(VENV)/bin/activate && ruff check src stages tests benchmarks

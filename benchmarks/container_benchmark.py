@@ -33,8 +33,8 @@ from containers import podman_args, render  # noqa: E402
 from serving import Server, free_port  # noqa: E402
 from serving_benchmark import run_wrk, wrk_script  # noqa: E402
 
-from distilops.evaluate import hardware  # noqa: E402
 from distilops.paths import cache_dir  # noqa: E402
+from distilops.pipeline.evaluate import hardware  # noqa: E402
 
 
 class Container:

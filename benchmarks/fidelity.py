@@ -40,10 +40,10 @@ def interval(correct: np.ndarray) -> list[float]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from distilops.batching import Examples, device, model_inputs, predict_logits, tokenize
-    from distilops.losses import distillation_loss
-    from distilops.modeling import build_student, count_parameters, load_classifier, load_tokenizer
-    from distilops.training import TrainSettings, seed_everything, train
+    from distilops.pipeline.batching import Examples, device, model_inputs, predict_logits, tokenize
+    from distilops.pipeline.losses import distillation_loss
+    from distilops.pipeline.modeling import build_student, count_parameters, load_classifier, load_tokenizer
+    from distilops.pipeline.training import TrainSettings, seed_everything, train
 
     dev = device()
     labels = ["rotten", "fresh"]
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     long_labels = long_set["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
     data = {name: tokenize(tokenizer, f["text"], f["label"], args.max_length) for name, f in frames.items()}
 
-    from distilops.predict import TextEncoder, mean_over_windows
+    from distilops.serving.inference import TextEncoder, mean_over_windows
 
     encoder = TextEncoder(Path(args.teacher), args.max_length, window_overlap=16, max_windows=16)
     windows = encoder(long_set["text"].tolist())  # exactly the windows the served model reads
@@ -174,9 +174,9 @@ def cpu_latency(args: argparse.Namespace) -> None:
     """Batch-1 latency on this CPU of students of each depth built from the teacher (ONNX int8, as served)."""
     import tempfile
 
-    from distilops.modeling import build_student, load_classifier, load_tokenizer, save_model_folder
-    from distilops.predict import TextClassifier
-    from distilops.quantize import build
+    from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer, save_model_folder
+    from distilops.pipeline.quantize import build
+    from distilops.serving.inference import TextClassifier
 
     tokenizer = load_tokenizer(args.teacher)
     texts = pd.read_parquet(Path(args.data) / "test.parquet")["text"].tolist()[:200]
@@ -224,7 +224,7 @@ def main() -> None:
     lat.add_argument("--out", default="latency.json")
     args = parser.parse_args()
     if args.command == "transfer-texts":
-        from distilops.transfer import load_transfer_texts  # pydantic via config: absent on the GPU image
+        from distilops.pipeline.transfer import load_transfer_texts  # pydantic via config: absent on the GPU image
 
         texts = load_transfer_texts(["general_english"], args.limit, seed=42)
         Path(args.out).write_text("\n".join(texts) + "\n")

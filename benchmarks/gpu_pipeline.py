@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distilops.batching import accuracy, device, model_inputs, predict_logits, tokenize
-from distilops.data import read_split
-from distilops.losses import distillation_loss
-from distilops.modeling import build_student, count_parameters, load_classifier, load_tokenizer
-from distilops.training import TrainSettings, seed_everything, train
+from distilops.pipeline.batching import accuracy, device, model_inputs, predict_logits, tokenize
+from distilops.pipeline.data import read_split
+from distilops.pipeline.losses import distillation_loss
+from distilops.pipeline.modeling import build_student, count_parameters, load_classifier, load_tokenizer
+from distilops.pipeline.training import TrainSettings, seed_everything, train
 
 
 def timed_throughput(model, data, pad_id, batch_size: int, repeats: int = 3) -> float:

@@ -1,6 +1,6 @@
 """What each serving image's Python packages weigh installed: the single image of before (torch's CUDA
 build, transformers, onnxruntime-gpu, mlflow-skinny: the old bentofile.yaml) against today's CPU and GPU
-images (bentofile.yaml, and its GPU swap in distilops.image), plus the sizes podman reports for the
+images (bentofile.yaml, and its GPU swap in distilops.release.image), plus the sizes podman reports for the
 images built here.
 
     python benchmarks/image_sizes.py [--images localhost/distilops-classifier:v7-cpu ...]
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from distilops.image import python_packages  # noqa: E402
+from distilops.release.image import python_packages  # noqa: E402
 
 BEFORE = ["bentoml>=1.4.39,<1.5", "opentelemetry-api==1.45.1", "opentelemetry-sdk==1.45.1", "torch==2.13.0",
           "transformers==5.23.*", "onnxruntime-gpu==1.31.*", "pandas>=2.1", "mlflow-skinny>=3.0,<4"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distilops.predict import TextClassifier, softmax
+from distilops.pipeline.torch_model import open_classifier
+from distilops.serving.inference import softmax
 from distilops.stats import accuracy_interval, bootstrap_indices
 
 RULES = {
@@ -40,11 +41,11 @@ def main() -> None:
     texts = long_set["text"].tolist()
     results: dict = {"texts": len(texts), "models": {}}
     for folder in args.models:
-        model = TextClassifier(folder, threads=2)
+        model = open_classifier(folder, threads=2)
         gold = long_set["label"].map({name: i for i, name in enumerate(model.labels)}).to_numpy()
         indices = bootstrap_indices(len(gold), 1000, seed=0)
         entry: dict = {}
-        first = TextClassifier(folder, threads=2, max_windows=1).predict_logits_batched(texts).argmax(-1)
+        first = open_classifier(folder, threads=2, max_windows=1).predict_logits_batched(texts).argmax(-1)
         entry["first_window_only"] = {"accuracy": float((first == gold).mean()),
                                       "accuracy_ci": list(accuracy_interval(first == gold, indices))}
         logits, windows = model.predict_windows(texts)

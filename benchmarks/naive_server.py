@@ -27,7 +27,7 @@ def main() -> None:
         def classify(texts: list[str]) -> list[dict]:
             return [{"label": r["label"], "score": r["score"]} for r in classifier(texts)]
     else:
-        from distilops.predict import TextClassifier
+        from distilops.serving.inference import TextClassifier
 
         model = TextClassifier(args.model)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distilops.batching import length_grouped_batches, make_collate, tokenize
-from distilops.data import read_split
-from distilops.modeling import load_classifier, load_tokenizer
-from distilops.training import cross_entropy_loss
+from distilops.pipeline.batching import length_grouped_batches, make_collate, tokenize
+from distilops.pipeline.data import read_split
+from distilops.pipeline.modeling import load_classifier, load_tokenizer
+from distilops.pipeline.training import cross_entropy_loss
 
 
 def padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:

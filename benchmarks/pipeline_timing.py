@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from distilops.evaluate import hardware
+from distilops.pipeline.evaluate import hardware
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from serving import Server, batch_histogram, bentoml_serve, free_port  # noqa: E402
 
-from distilops.evaluate import hardware  # noqa: E402
-from distilops.package import import_model_folder  # noqa: E402
+from distilops.pipeline.evaluate import hardware  # noqa: E402
+from distilops.release.package import import_model_folder  # noqa: E402
 
 
 def wrk_script(texts: list[str], path: Path) -> Path:

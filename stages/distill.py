@@ -18,23 +18,14 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from distilops import paths
 from distilops.config import DistillConfig, as_flat_dict, load_section
-from distilops.data import read_split
-from distilops.losses import UNLABELLED
-from distilops.modeling import count_parameters, save_model_folder
-from distilops.pyfunc import log_model_folder
+from distilops.pipeline.data import read_split
+from distilops.pipeline.losses import UNLABELLED
+from distilops.pipeline.modeling import count_parameters, save_model_folder
+from distilops.pipeline.training import TrainSettings, clear_checkpoints, seed_everything, train
+from distilops.pipeline.tuning import best_trial, distill_loss_fn, load_inputs, params_of, pruning_summary, tune
+from distilops.serving.folder import read_meta
 from distilops.stage import run_stage, write_json
-from distilops.tracking import data_hash, log_dataset, stage_run
-from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
-from distilops.tuning import (
-    best_trial,
-    distill_loss_fn,
-    load_inputs,
-    params_of,
-    pruning_summary,
-    run_study,
-    storage_for,
-    study_name_for,
-)
+from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
 
 log = logging.getLogger("distill")
 PLOTS = paths.plots_dir("distill")
@@ -65,16 +56,12 @@ def log_study_plots(study: optuna.Study) -> None:
 
 def main() -> None:
     cfg = load_section(DistillConfig)
-    seed_everything(cfg.seed)
     inputs = load_inputs(cfg)
     data, pad_id = inputs.data, inputs.tokenizer.pad_token_id
-    study_name = study_name_for(cfg, inputs.fingerprint)
-    storage = storage_for(cfg)
-    with stage_run("distill", as_flat_dict(cfg), optuna_study=study_name, teacher=inputs.teacher_name) as run:
+    with stage_run("distill", as_flat_dict(cfg), **inputs.run_tags) as run:
         for split, context in (("train", "training"), ("validation", "validation")):
             log_dataset(read_split(split), split, paths.PREPARED / f"{split}.parquet", context)
-        study = run_study(cfg, inputs.make_student, data["train"], data["validation"], pad_id,
-                          study_name=study_name, storage=storage)
+        study = tune(cfg, inputs)
         top = best_trial(study)  # a clear error when every trial was pruned or diverged
         best = params_of(top, cfg)
         summary = pruning_summary(study)
@@ -86,22 +73,20 @@ def main() -> None:
 
         seed_everything(cfg.seed)
         student = inputs.make_student()
-        settings = TrainSettings(
-            epochs=cfg.final_epochs, batch_size=cfg.batch_size, learning_rate=best.learning_rate,
-            weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-            checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=paths.CHECKPOINTS / "student",
-            fingerprint={"stage": "distill-final", "study": study_name, **vars(best), "epochs": cfg.final_epochs,
+        settings = TrainSettings.from_config(
+            cfg, epochs=cfg.final_epochs, learning_rate=best.learning_rate,
+            checkpoint_dir=paths.CHECKPOINTS / "student", progress="student",
+            fingerprint={"stage": "distill-final", "study": inputs.study_name, **vars(best), "epochs": cfg.final_epochs,
                          "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
-                         "warmup_ratio": cfg.warmup_ratio}, progress="student",
-        )
+                         "warmup_ratio": cfg.warmup_ratio})
         result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
                        on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
         save_model_folder(student, inputs.tokenizer, paths.STUDENT, max_length=cfg.max_length, role="student",
                           teacher=inputs.teacher_name, teacher_sha256=inputs.fingerprint["teacher"],
-                          optuna_study=study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,
+                          optuna_study=inputs.study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,
                           **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = {
-            "study_name": study_name,
+            "study_name": inputs.study_name,
             "best_trial": top.number,
             "best_trial_val_accuracy": top.value,
             "best_params": vars(best),
@@ -119,7 +104,7 @@ def main() -> None:
         }
         metrics["val_accuracy_retention"] = round(metrics["val_accuracy"] / metrics["teacher_val_accuracy"], 4)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_model_folder(paths.STUDENT, name="student")
+        log_model_folder(paths.STUDENT, "student", read_meta(paths.STUDENT))
     write_json(paths.metrics_file("distill"), metrics)
     clear_checkpoints(settings)
     log.info("student val accuracy %.4f (%.1f%% of the teacher's)", result.best_accuracy,

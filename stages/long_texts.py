@@ -6,7 +6,7 @@ import logging
 
 from distilops import paths
 from distilops.config import LongTextsConfig, load_section
-from distilops.data import build_long_texts, read_labels, read_split
+from distilops.pipeline.data import build_long_texts, read_labels, read_split
 from distilops.stage import run_stage, write_json
 
 log = logging.getLogger("long_texts")

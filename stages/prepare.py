@@ -4,7 +4,7 @@ import logging
 
 from distilops import paths
 from distilops.config import PrepareConfig, load_section
-from distilops.data import prepare
+from distilops.pipeline.data import prepare
 from distilops.stage import run_stage, write_json
 
 log = logging.getLogger("prepare")

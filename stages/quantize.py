@@ -1,14 +1,15 @@
-"""DVC stage `quantize`: torch dynamic int8, ONNX fp32 and ONNX Runtime int8 copies of the student,
-each checked against the fp32 student's test predictions; a variant that loses more accuracy than
+"""DVC stage `quantize`: torch dynamic int8, ONNX fp32, ONNX Runtime int8 (CPU serving) and ONNX fp16
+(GPU serving) copies of the student, each checked against the fp32 student's test predictions, read in
+the same windows as evaluated and served; a variant that loses more accuracy than
 `quantize.max_accuracy_drop` is reported as rejected (and the register stage skips it)."""
 
 import logging
 
 from distilops import paths
 from distilops.config import QuantizeConfig, load_section
-from distilops.data import read_split
-from distilops.predict import TextClassifier
-from distilops.quantize import build, check, weights_size_mb
+from distilops.pipeline.data import read_split
+from distilops.pipeline.quantize import build, check, weights_size_mb
+from distilops.pipeline.torch_model import open_classifier
 from distilops.stage import run_stage, write_json
 
 log = logging.getLogger("quantize")
@@ -18,12 +19,13 @@ def main() -> None:
     cfg = load_section(QuantizeConfig)
     test = read_split("test")
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
-    student_preds = TextClassifier(paths.STUDENT).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
+    windows = {"window_overlap": cfg.window_overlap, "max_windows": cfg.max_windows}  # as evaluated and served
+    student_preds = open_classifier(paths.STUDENT, **windows).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
     student_size = weights_size_mb(paths.STUDENT)
     results = {}
     for variant in cfg.variants:
         folder = build(variant, paths.STUDENT, paths.QUANTIZED, opset=cfg.onnx_opset)
-        preds = TextClassifier(folder).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
+        preds = open_classifier(folder, **windows).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
         result = check(variant, preds, student_preds, labels, max_accuracy_drop=cfg.max_accuracy_drop,
                        size_mb=weights_size_mb(folder), student_size_mb=student_size)
         results[variant] = result.as_dict()

@@ -1,60 +1,27 @@
 """DVC stage `register`: the fp32 student and the serving models (ONNX int8 for CPU nodes, ONNX fp16
 for GPU nodes by default) become versions of one registered model in the MLflow registry, each
-tagged with its lineage, its device and its test metrics. The CPU version is the one promoted; its
-GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). Nothing here moves the
-`production` alias: that is `distilops promote`, behind its gates."""
+tagged with its lineage, its device and its test results from the evaluate stage. The CPU version is
+the one promoted; its GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). Nothing
+here moves the `production` alias: that is `distilops promote`, behind its gates."""
 
-import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 
 from distilops import paths
 from distilops.config import RegisterConfig, as_flat_dict, load_section
 from distilops.errors import RegistryError
 from distilops.hashing import sha256
-from distilops.predict import read_meta, write_meta
-from distilops.registry import CORRECT_TAG, link_release, register_version
-from distilops.stage import run_stage, write_json
-from distilops.stats import pack_correct
+from distilops.pipeline.evaluate import model_key
+from distilops.release.registry import link_release, metrics_from_report, register_version
+from distilops.serving.folder import read_meta, write_meta
+from distilops.stage import read_json, run_stage, write_json
 from distilops.tracking import stage_run
 
 log = logging.getLogger("register")
-TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms", "size_mb",
-                  "parameters")
-
-
-def evaluated_name(variant: str) -> str:
-    return "student" if variant == "student" else f"student_{variant}"
-
-
-def test_metrics(evaluation: dict, variant: str) -> dict[str, float]:
-    """A variant's metrics from the evaluate stage: on the test split (with 95% intervals and its teacher's
-    accuracy, for the gates) and, prefixed by the set's name, on every extra set."""
-    name = evaluated_name(variant)
-    entry = evaluation["models"][name]
-    metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
-    metrics["teacher_accuracy"] = float(evaluation["models"]["teacher"]["accuracy"])
-    metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
-    metrics["accuracy_low"], metrics["accuracy_high"] = entry["accuracy_ci"]
-    metrics["accuracy_retention_low"], metrics["accuracy_retention_high"] = entry["retention_ci"]
-    metrics["mcnemar_vs_teacher_p"] = entry["mcnemar_vs_teacher"]["p_value"]
-    for set_name, found in evaluation.get("sets", {}).items():
-        m = found["models"][name]
-        metrics.update({f"{set_name}.accuracy": m["accuracy"], f"{set_name}.accuracy_low": m["accuracy_ci"][0],
-                        f"{set_name}.accuracy_high": m["accuracy_ci"][1],
-                        f"{set_name}.agreement_with_teacher": m["agreement_with_teacher"]})
-    return metrics
-
-
-def test_correctness(variant: str) -> str:
-    """Which test texts the variant got right, packed: lets `promote` test it against production, paired."""
-    predictions = pd.read_csv(paths.plots_dir("evaluate") / "predictions.csv")
-    return pack_correct((predictions[evaluated_name(variant)] == predictions["actual"]).to_numpy())
 
 
 def with_windows(folder: Path, cfg: RegisterConfig, into: Path) -> Path:
@@ -85,9 +52,8 @@ def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
 
 def main() -> None:
     cfg = load_section(RegisterConfig)
-    evaluation = json.loads(paths.metrics_file("evaluate").read_text())
-    checks = json.loads(paths.metrics_file("quantize").read_text())
-    devices = serving_variants(cfg, checks)
+    evaluation = read_json(paths.metrics_file("evaluate"))
+    devices = serving_variants(cfg, read_json(paths.metrics_file("quantize")))
     params_text = Path("params.yaml").read_text()
     # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling).
     plan = [("student", paths.STUDENT, "reference", "")]
@@ -97,16 +63,16 @@ def main() -> None:
     with stage_run("register", as_flat_dict(cfg)), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_text(params_text, "params.yaml")
         for variant, folder, role, device in plan:
-            # register_version adds the lineage: git commit, data hash, teacher, study, best parameters.
-            m = test_metrics(evaluation, variant)
+            key = model_key(variant)
+            m = metrics_from_report(evaluation, key)
             mv = register_version(
-                with_windows(folder, cfg, Path(scratch)), model_name=cfg.model_name, metrics=m,
-                tags={"variant": variant, "role": role, "device": device, "params_sha256": sha256(params_text),
-                      CORRECT_TAG: test_correctness(variant), "test_examples": str(evaluation["test_examples"])},
+                with_windows(folder, cfg, Path(scratch)), model_name=cfg.model_name, metrics=m, variant=variant,
+                role=role, device=device, test_correct=evaluation["models"][key]["test_correct"],
+                test_examples=evaluation["test_examples"], tags={"params_sha256": sha256(params_text)},
                 description=f"{variant} ({role}{', ' + device if device else ''}) distilled from "
                             f"{read_meta(folder).get('teacher', '?')}")
-            registered[f"{variant}@{device}" if device else variant] = {"version": int(mv.version), "role": role,
-                                                                         "device": device}
+            registered[f"{variant}@{device}" if device else variant] = {
+                "version": int(mv.version), "role": role, "device": device, "evaluated_as": key}
             if device:
                 release[device] = str(mv.version)
             log.info("%s v%s: %s (%s%s), test accuracy %.4f [%.3f, %.3f] (%.1f%% [%.1f%%, %.1f%%] of the "

@@ -5,14 +5,14 @@ import logging
 import mlflow
 
 from distilops import paths
-from distilops.batching import tokenize
 from distilops.config import TeacherConfig, as_flat_dict, load_section
-from distilops.data import read_labels, read_split
-from distilops.modeling import count_parameters, load_classifier, load_tokenizer, save_model_folder
-from distilops.pyfunc import log_model_folder
+from distilops.pipeline.batching import tokenize
+from distilops.pipeline.data import read_labels, read_split
+from distilops.pipeline.modeling import count_parameters, load_classifier, load_tokenizer, save_model_folder
+from distilops.pipeline.training import TrainSettings, clear_checkpoints, seed_everything, train
+from distilops.serving.folder import read_meta
 from distilops.stage import run_stage, write_json
-from distilops.tracking import data_hash, log_dataset, stage_run
-from distilops.training import TrainSettings, clear_checkpoints, seed_everything, train
+from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
 
 log = logging.getLogger("teacher")
 
@@ -29,12 +29,9 @@ def main() -> None:
     model = load_classifier(cfg.model, labels)
     train_data = tokenize(tokenizer, train_df["text"], train_df["label"], cfg.max_length)
     val_data = tokenize(tokenizer, val_df["text"], val_df["label"], cfg.max_length)
-    settings = TrainSettings(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-        checkpoint_every_steps=cfg.checkpoint_every_steps, checkpoint_dir=paths.CHECKPOINTS / "teacher",
-        fingerprint={"stage": "teacher", **as_flat_dict(cfg), "data": data_hash()}, progress="teacher",
-    )
+    settings = TrainSettings.from_config(
+        cfg, epochs=cfg.epochs, learning_rate=cfg.learning_rate, checkpoint_dir=paths.CHECKPOINTS / "teacher",
+        fingerprint={"stage": "teacher", **as_flat_dict(cfg), "data": data_hash()}, progress="teacher")
     with stage_run("teacher", as_flat_dict(cfg), teacher=cfg.model):
         log_dataset(train_df, "train", paths.PREPARED / "train.parquet", "training")
         log_dataset(val_df, "validation", paths.PREPARED / "validation.parquet", "validation")
@@ -53,7 +50,7 @@ def main() -> None:
             "parameters": count_parameters(model),
         }
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_model_folder(paths.TEACHER, name="teacher")
+        log_model_folder(paths.TEACHER, "teacher", read_meta(paths.TEACHER))
     write_json(paths.metrics_file("teacher"), metrics)
     clear_checkpoints(settings)
     log.info("val accuracy %.4f (%s s)", result.best_accuracy, metrics["train_seconds"])

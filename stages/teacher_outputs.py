@@ -5,17 +5,21 @@ runs the teacher again."""
 import logging
 
 from distilops import paths
-from distilops.batching import tokenize
 from distilops.config import TeacherOutputsConfig, load_section
-from distilops.data import SPLITS as DATA_SPLITS
-from distilops.data import read_split
-from distilops.hashing import folder_sha256, sha256
-from distilops.losses import UNLABELLED
-from distilops.modeling import load_classifier, load_tokenizer
+from distilops.pipeline.batching import tokenize
+from distilops.pipeline.data import SPLITS, read_split
+from distilops.pipeline.losses import UNLABELLED
+from distilops.pipeline.modeling import load_classifier, load_tokenizer
+from distilops.pipeline.teacher_outputs import (
+    TEACHER_SPLITS,
+    TRANSFER,
+    TRANSFER_FILE,
+    compute,
+    fingerprint,
+    transfer_sha256,
+)
+from distilops.pipeline.transfer import load_transfer_texts
 from distilops.stage import run_stage
-from distilops.teacher_outputs import SPLITS, TRANSFER, TRANSFER_FILE, compute
-from distilops.tracking import data_hash
-from distilops.transfer import load_transfer_texts
 
 log = logging.getLogger("teacher_outputs")
 
@@ -25,18 +29,18 @@ def main() -> None:
     tokenizer = load_tokenizer(str(paths.TEACHER))
     model = load_classifier(str(paths.TEACHER))
     examples = {}
-    for split in SPLITS:
+    for split in TEACHER_SPLITS:
         frame = read_split(split)
         examples[split] = tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length)
-    meta = {"teacher": folder_sha256(paths.TEACHER), "data_hash": data_hash(), "max_length": cfg.max_length}
+    meta = fingerprint(paths.TEACHER, paths.DATA_REPORT, cfg.max_length)
     paths.TEACHER_OUTPUTS.mkdir(parents=True, exist_ok=True)
     (paths.TEACHER_OUTPUTS / TRANSFER_FILE).unlink(missing_ok=True)
     if cfg.transfer_texts:
-        labelled = {t for split in DATA_SPLITS for t in read_split(split)["text"]}  # no test text leaks in
+        labelled = {t for split in SPLITS for t in read_split(split)["text"]}  # no test text leaks in
         texts = load_transfer_texts(cfg.transfer_texts, cfg.transfer_max_texts, cfg.seed, exclude=labelled)
         (paths.TEACHER_OUTPUTS / TRANSFER_FILE).write_text("\n".join(texts) + "\n")
         examples[TRANSFER] = tokenize(tokenizer, texts, [UNLABELLED] * len(texts), cfg.max_length)
-        meta["transfer_sha256"] = sha256("\n".join(texts))
+        meta["transfer_sha256"] = transfer_sha256(texts)
         log.info("%d transfer texts from %s", len(texts), cfg.transfer_texts)
     meta = compute(model, examples, tokenizer.pad_token_id, paths.TEACHER_OUTPUTS, batch_size=cfg.batch_size,
                    hidden_states=cfg.hidden_states, meta=meta)

@@ -57,8 +57,8 @@ class Server:
 
 def bentoml_serve(port: int, env: dict, log: Path) -> Server:
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    return Server([bentoml, "serve", "distilops.service:Classifier", "--host", "127.0.0.1", "--port", str(port)],
-                  env, port, log)
+    return Server([bentoml, "serve", "distilops.serving.service:Classifier", "--host", "127.0.0.1",
+                   "--port", str(port)], env, port, log)
 
 
 def batch_histogram(metrics_text: str) -> tuple[int, float]:

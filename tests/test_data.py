@@ -5,7 +5,8 @@ import pytest
 from tiny import make_reviews
 
 from distilops.config import EvalSet, PrepareConfig
-from distilops.data import (
+from distilops.errors import ConfigError, DataError
+from distilops.pipeline.data import (
     build_long_texts,
     clean,
     content_hash,
@@ -15,7 +16,6 @@ from distilops.data import (
     split,
     validate,
 )
-from distilops.errors import ConfigError, DataError
 
 
 def cfg(**overrides) -> PrepareConfig:

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from distilops.cli import app
 from distilops.config import PromoteConfig
-from distilops.deploy import LABEL, pin, render, render_overlay, validate
 from distilops.errors import DeployError, RegistryError
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.package import resolve
-from distilops.registry import client, latest_serving_version, link_release, promote, register_version
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.release.deploy import LABEL, pin, render, render_overlay, validate
+from distilops.release.package import resolve
+from distilops.release.registry import client, latest_serving_version, link_release, promote, register_version
 from distilops.tracking import stage_run
 
 NAME = "tiny-sentiment"
@@ -37,7 +37,7 @@ def registry(tmp_path, monkeypatch):
             versions = {}
             for device, variant in (("cpu", "onnx_int8"), ("gpu", "onnx_fp16")):
                 mv = register_version(folder, model_name=NAME, metrics=METRICS,
-                                      tags={"variant": variant, "role": "serving", "device": device})
+                                      variant=variant, role="serving", device=device)
                 versions[device] = str(mv.version)
                 c.set_model_version_tag(NAME, mv.version, "image.ref",
                                         f"localhost/distilops-classifier:v{mv.version}-{device}")
@@ -66,7 +66,7 @@ def test_a_release_without_a_gpu_variant_is_a_clear_error(registry, tmp_path):
     folder = tmp_path / "student"
     with stage_run("register"):
         lone = register_version(folder, model_name=NAME, metrics=METRICS,
-                                tags={"variant": "onnx_int8", "role": "serving", "device": "cpu"})
+                                variant="onnx_int8", role="serving", device="cpu")
     with pytest.raises(RegistryError, match=f"version {lone.version} of '{NAME}' has no GPU variant"):
         resolve(NAME, version=str(lone.version), device="gpu")
 
@@ -108,7 +108,7 @@ def test_rollback_re_pins_the_previous_image(registry):
 def test_a_version_without_an_image_is_refused(registry, tmp_path):
     with stage_run("register"):
         bare = register_version(tmp_path / "student", model_name=NAME, metrics=METRICS,
-                                tags={"variant": "onnx_int8", "role": "serving", "device": "cpu"})
+                                variant="onnx_int8", role="serving", device="cpu")
     with pytest.raises(DeployError, match=f"version {bare.version} has no image: build it first"):
         render(NAME, overlay="cpu", version=str(bare.version))
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from tiny import make_reviews, make_tiny_model
 
-from distilops.evaluate import classification_metrics, measure_speed, ratios_to_baseline
-from distilops.predict import TextClassifier
+from distilops.pipeline.evaluate import classification_metrics, measure_speed, ratios_to_baseline
+from distilops.pipeline.torch_model import open_classifier
 
 
 def test_classification_metrics_by_hand():
@@ -34,7 +34,7 @@ def test_a_class_never_predicted_gets_zero_precision_not_an_error():
 def test_measure_speed_reports_every_model(tmp_path):
     folder = make_tiny_model(tmp_path / "m")
     texts = make_reviews(n_movies=5, per_movie=4)["text"].tolist()
-    models = {"a": TextClassifier(folder), "b": TextClassifier(folder)}
+    models = {"a": open_classifier(folder), "b": open_classifier(folder)}
     speed = measure_speed(models, texts, batch_size=8, latency_samples=5, repeats=2, progress=False)
     assert set(speed) == {"a", "b"}
     for entry in speed.values():
@@ -56,7 +56,7 @@ def test_ratios_to_the_teacher():
 
 
 def test_paired_quality_gives_intervals_retention_and_mcnemar():
-    from distilops.evaluate import paired_quality
+    from distilops.pipeline.evaluate import paired_quality
 
     labels = np.array([0, 1] * 50)
     teacher = labels.copy()

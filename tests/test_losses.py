@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distilops.losses import UNLABELLED, distillation_loss, hidden_cosine_loss, soft_target_loss
+from distilops.pipeline.losses import UNLABELLED, distillation_loss, hidden_cosine_loss, soft_target_loss
 
 
 def softmax(xs):

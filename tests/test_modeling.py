@@ -6,7 +6,7 @@ from tiny import make_tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from distilops.modeling import (
+from distilops.pipeline.modeling import (
     ModelError,
     build_student,
     check_same_tokenizer,

@@ -91,14 +91,18 @@ def test_tune_workers_share_a_postgres_study_and_a_killed_workers_trial_is_retri
     repo_copy.env["DISTILOPS_OPTUNA_STORAGE"] = storage  # as the Job's Secret sets it
     env = repo_copy.env
     distilops = str(Path(sys.executable).parent / "distilops")
+    # One storage for all the polling: a URL string would build a new engine and connection pool per call,
+    # and a slow machine polling every 0.2 s runs PostgreSQL out of connections ("too many clients").
+    # Made before the workers start, so the schema exists before they race to create it.
+    watcher = optuna.storages.RDBStorage(storage)
     workers = [subprocess.Popen([distilops, "tune", "--worker", str(i)], cwd=repo_copy.path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         # Kill worker 1 once it is inside a trial (each trial records the worker running it).
         deadline, killed = time.monotonic() + 300, None
         while killed is None and time.monotonic() < deadline and workers[1].poll() is None:
-            names = optuna.get_all_study_names(storage)
-            trials = optuna.load_study(study_name=names[0], storage=storage).trials if names else []
+            names = optuna.get_all_study_names(watcher)
+            trials = optuna.load_study(study_name=names[0], storage=watcher).trials if names else []
             running = [t for t in trials
                        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == 1]
             if running:
@@ -108,14 +112,15 @@ def test_tune_workers_share_a_postgres_study_and_a_killed_workers_trial_is_retri
         assert killed is not None, "worker 1 never started a trial:\n" + workers[1].communicate(timeout=60)[0][-3000:]
         output = workers[0].communicate(timeout=600)[0]
         assert workers[0].returncode == 0, output[-4000:]
+        (name,) = optuna.get_all_study_names(watcher)
+        trials = optuna.load_study(study_name=name, storage=watcher).trials
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
                 worker.communicate()
+        watcher.engine.dispose()
 
-    (name,) = optuna.get_all_study_names(storage)
-    trials = optuna.load_study(study_name=name, storage=storage).trials
     assert trials[killed.number].state == optuna.trial.TrialState.FAIL  # failed by the heartbeat, not left running
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert retry.params == killed.params and retry.state == optuna.trial.TrialState.COMPLETE

@@ -7,7 +7,9 @@ from tiny import make_tiny_model
 from transformers import AutoTokenizer
 
 from distilops.errors import ModelError
-from distilops.predict import TextClassifier, TextEncoder, softmax, write_meta
+from distilops.pipeline.torch_model import open_classifier
+from distilops.serving.folder import write_meta
+from distilops.serving.inference import TextEncoder, softmax
 
 TEXTS = [
     "a wonderful, moving film",
@@ -50,13 +52,13 @@ def test_bad_window_settings_are_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="window_overlap < 14"):
         TextEncoder(folder, 16, window_overlap=14)
     with pytest.raises(ModelError, match="max_windows >= 1"):
-        TextClassifier(folder, max_windows=0)
+        open_classifier(folder, max_windows=0)
 
 
 def test_a_long_text_scores_the_mean_of_its_windows_logits(tmp_path):
     folder = make_tiny_model(tmp_path / "m")
     write_meta(folder, max_length=16, window_overlap=4, max_windows=8)
-    classifier = TextClassifier(folder, threads=1)
+    classifier = open_classifier(folder, threads=1)
     long_text, short = " ".join(["great film", "bad plot", "superb acting"] * 9), "dull"
     reference = AutoTokenizer.from_pretrained(folder)([long_text], truncation=True, max_length=16, stride=4,
                                                       return_overflowing_tokens=True, padding=True, return_tensors="np")
@@ -78,17 +80,17 @@ def test_softmax_is_a_stable_probability():
 
 def test_a_folder_without_a_model_or_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="no model file found"):
-        TextClassifier(tmp_path)
+        open_classifier(tmp_path)
     folder = make_tiny_model(tmp_path / "m")
     (folder / "tokenizer_config.json").unlink()
     with pytest.raises(ModelError, match="tokenizer_config.json: cannot read it"):
-        TextClassifier(folder)
+        open_classifier(folder)
 
 
 def test_a_5000_character_text_is_read_up_to_the_window_cap(tmp_path):
     folder = make_tiny_model(tmp_path / "m")
     write_meta(folder, max_length=64)  # the pipeline's window; default overlap and cap (16 windows)
     text = ("a wonderful film, " * 300)[:5000]  # about 1,200 tokens: more than 16 windows hold
-    prediction = TextClassifier(folder, threads=1).classify([text, "dull"])
+    prediction = open_classifier(folder, threads=1).classify([text, "dull"])
     assert [(p.windows, p.truncated) for p in prediction] == [(16, True), (1, False)]
     assert prediction[0].label in ("rotten", "fresh") and 0.5 <= prediction[0].score <= 1

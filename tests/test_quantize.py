@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from tiny import make_reviews, make_tiny_model
 
-from distilops.batching import tokenize
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.predict import TextClassifier, read_meta
-from distilops.quantize import build, check, weights_size_mb
-from distilops.training import TrainSettings, train
+from distilops.pipeline.batching import tokenize
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.pipeline.quantize import build, check, weights_size_mb
+from distilops.pipeline.torch_model import open_classifier
+from distilops.pipeline.training import TrainSettings, train
+from distilops.serving.folder import read_meta
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,14 @@ def variants(student, tmp_path_factory):
 
 
 def test_onnx_fp32_matches_the_student(student, variants, texts):
-    reference = TextClassifier(student).predict_logits_batched(texts, 16)
-    exported = TextClassifier(variants["onnx_fp32"])
+    reference = open_classifier(student).predict_logits_batched(texts, 16)
+    exported = open_classifier(variants["onnx_fp32"])
     assert exported.format == "onnx"
     np.testing.assert_allclose(exported.predict_logits_batched(texts, 16), reference, atol=1e-4)
 
 
 def test_dynamic_batch_and_sequence_axes(variants, texts):
-    model = TextClassifier(variants["onnx_int8"])
+    model = open_classifier(variants["onnx_int8"])
     assert model.predict_logits(texts[:1]).shape == (1, 2)
     long_batch = [" ".join(texts[:6])] * 5  # longer than the export example, another batch size
     assert model.predict_logits(long_batch).shape == (5, 2)
@@ -57,8 +58,8 @@ def test_dynamic_batch_and_sequence_axes(variants, texts):
 
 @pytest.mark.parametrize("variant", ["torch_int8", "onnx_int8"])
 def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
-    reference = TextClassifier(student).predict_logits_batched(texts, 16)
-    quantized = TextClassifier(variants[variant]).predict_logits_batched(texts, 16)
+    reference = open_classifier(student).predict_logits_batched(texts, 16)
+    quantized = open_classifier(variants[variant]).predict_logits_batched(texts, 16)
     spread = reference.max() - reference.min()
     assert spread > 1.0  # a trained model: its logits separate the classes (a random one: ~0.06)
     assert np.abs(quantized - reference).max() < 0.1 * spread  # int8 rounding, not a different model
@@ -77,9 +78,9 @@ def test_onnx_fp16_for_gpus_keeps_fp32_logits_and_halves_the_weights(student, va
     graph = onnx.load(str(variants["onnx_fp16"] / "model.onnx")).graph
     assert {t.data_type for t in graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    half = TextClassifier(variants["onnx_fp16"])
+    half = open_classifier(variants["onnx_fp16"])
     assert half.providers == ["CPUExecutionProvider"]
-    reference = TextClassifier(student).predict_logits_batched(texts, 16)
+    reference = open_classifier(student).predict_logits_batched(texts, 16)
     np.testing.assert_allclose(half.predict_logits_batched(texts, 16), reference, atol=2e-3)
     # half the weights' bytes; the graph itself weighs more in so tiny a model
     assert weights_size_mb(variants["onnx_fp16"]) < 0.7 * weights_size_mb(variants["onnx_fp32"])
@@ -101,9 +102,9 @@ def test_mpnet_exports_without_token_type_ids(tmp_path, texts):
     raw = make_tiny_model(tmp_path / "mpnet", arch="mpnet")
     folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
                                max_length=32)
-    onnx = TextClassifier(build("onnx_fp32", folder, tmp_path / "q"))
+    onnx = open_classifier(build("onnx_fp32", folder, tmp_path / "q"))
     assert "token_type_ids" not in onnx.model.inputs
-    np.testing.assert_allclose(onnx.predict_logits(texts[:4]), TextClassifier(folder).predict_logits(texts[:4]),
+    np.testing.assert_allclose(onnx.predict_logits(texts[:4]), open_classifier(folder).predict_logits(texts[:4]),
                                atol=1e-4)
 
 

@@ -7,11 +7,12 @@ from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
 from distilops.errors import GateError, RegistryError
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.registry import (
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.release.registry import (
     alias_version,
     client,
     history,
+    metrics_from_report,
     promote,
     register_version,
     version_metrics,
@@ -36,8 +37,7 @@ def store(tmp_path, monkeypatch):
 
 def register(folder, accuracy: float, latency: float = 5.0, role: str = "serving") -> str:
     with stage_run("register"):
-        mv = register_version(folder, model_name=NAME,
-                              tags={"variant": "onnx_int8", "role": role, "data_hash": "d1"},
+        mv = register_version(folder, model_name=NAME, variant="onnx_int8", role=role, tags={"data_hash": "d1"},
                               metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": latency})
     return str(mv.version)
 
@@ -140,22 +140,19 @@ def test_unknown_model_and_version_are_clear(store):
 
 def test_a_version_without_metrics_cannot_pass(store):
     with stage_run("register"):
-        mv = register_version(store, model_name=NAME, tags={"role": "serving"}, metrics={})
+        mv = register_version(store, model_name=NAME, role="serving", metrics={})
     with pytest.raises(GateError, match="has no"):
         promote(NAME, GATES, version=mv.version)
 
 
-def test_register_tags_the_throughput_of_any_evaluate_batch_size():
-    """evaluate.batch_size 16 writes throughput_batch16: the register stage must not look for batch 32 only."""
-    from conftest import load_stage
-
-    stage = load_stage("register")
+def test_versions_carry_the_throughput_of_any_evaluate_batch_size():
+    """evaluate.batch_size 16 writes throughput_batch16: registering must not look for batch 32 only."""
     entry = {"accuracy": 0.85, "latency_p95_ms": 3.0, "throughput_batch16": 250.0, "confusion_matrix": [[1]],
              "accuracy_ci": [0.83, 0.87], "retention_ci": [0.97, 1.01], "mcnemar_vs_teacher": {"p_value": 0.4}}
     long_set = {"accuracy": 0.9, "accuracy_ci": [0.8, 0.96], "agreement_with_teacher": 0.95}
     evaluation = {"models": {"student_onnx_int8": entry, "teacher": {"accuracy": 0.86}},
                   "sets": {"long_reviews": {"models": {"student_onnx_int8": long_set}}}}
-    metrics = stage.test_metrics(evaluation, "onnx_int8")
+    metrics = metrics_from_report(evaluation, "student_onnx_int8")
     assert metrics["throughput_batch16"] == 250.0 and "confusion_matrix" not in metrics
     assert metrics["accuracy_retention"] == pytest.approx(0.85 / 0.86)
     assert (metrics["accuracy_low"], metrics["accuracy_retention_low"], metrics["long_reviews.accuracy_low"]) == (
@@ -170,9 +167,9 @@ def register_measured(folder, correct, *, retention_low: float = 0.99, data_hash
 
     accuracy = float(np.mean(correct))
     with stage_run("register"):
-        mv = register_version(folder, model_name=NAME,
-                              tags={"variant": "onnx_int8", "role": "serving", "data_hash": data_hash,
-                                    "test_correct": pack_correct(correct), "test_examples": str(len(correct))},
+        mv = register_version(folder, model_name=NAME, variant="onnx_int8", role="serving",
+                              test_correct=pack_correct(correct), test_examples=len(correct),
+                              tags={"data_hash": data_hash},
                               metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": 5.0,
                                        "accuracy_low": accuracy - 0.02, "accuracy_high": accuracy + 0.02,
                                        "accuracy_retention_low": retention_low, "accuracy_retention_high": 1.02})
@@ -221,7 +218,7 @@ KILLED_PROMOTE = """
 import sys, time
 import mlflow
 from distilops.config import PromoteConfig
-from distilops.registry import promote
+from distilops.release.registry import promote
 
 step = sys.argv[1]  # stop the real process at one step of the promotion, then get killed there
 
@@ -265,7 +262,7 @@ def test_a_promote_killed_after_the_alias_moved_is_recorded_and_can_be_rolled_ba
 
 
 def test_a_promote_killed_before_the_alias_moved_leaves_everything_as_it_was(store, monkeypatch):
-    import distilops.registry as registry
+    import distilops.release.registry as registry
 
     v1, v2 = register(store, 0.85), register(store, 0.86)
     promote(NAME, GATES, version=v1)

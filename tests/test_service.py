@@ -10,11 +10,11 @@ from serving import PROBE_PATHS, batch_histogram, bentoml_serve, free_port
 from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
-from distilops.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.package import package
-from distilops.predict import TextClassifier
-from distilops.quantize import build
-from distilops.registry import promote, register_version
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.pipeline.quantize import build
+from distilops.release.package import package
+from distilops.release.registry import promote, register_version
+from distilops.serving.inference import TextClassifier
 from distilops.tracking import stage_run
 
 pytestmark = pytest.mark.slow
@@ -172,5 +172,5 @@ def test_bentoml_build_bakes_exactly_the_packaged_model(served, tmp_path):
     name, version = packaged.tag.split(":")
     assert info["services"][0]["models"][0]["tag"] == packaged.tag
     assert f"./models/{name}/{version}/model/model.onnx" in names  # the weights travel in the Bento
-    assert "./src/distilops/service.py" in names and "./env/docker/Dockerfile" in names
-    assert "./src/distilops/training.py" not in names  # only what the service imports
+    assert "./src/distilops/serving/service.py" in names and "./env/docker/Dockerfile" in names
+    assert "./src/distilops/pipeline/training.py" not in names  # only what the service imports

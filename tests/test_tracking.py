@@ -27,7 +27,7 @@ def test_commit_tag_is_dirty_only_when_the_pipeline_code_or_params_changed(tmp_p
     (repo.path / "tests/new_test.py").write_text("untracked\n")
     assert git_commit() == head  # a fresh clone after `make run`: still the clean commit
 
-    for source in ("src/distilops/losses.py", "stages/distill.py", "params.yaml", "dvc.yaml"):
+    for source in ("src/distilops/pipeline/losses.py", "stages/distill.py", "params.yaml", "dvc.yaml"):
         original = (repo.path / source).read_text()
         (repo.path / source).write_text(original + "\n# edited\n")
         assert git_commit() == head + "-dirty", source

@@ -4,9 +4,9 @@ labelled texts removed; the teacher_outputs stage caches them and distillation t
 import pandas as pd
 import pytest
 
-from distilops.assets import fetch
 from distilops.errors import DataError
-from distilops.transfer import general_english, load_transfer_texts, read_texts, sentences
+from distilops.pipeline.assets import fetch
+from distilops.pipeline.transfer import general_english, load_transfer_texts, read_texts, sentences
 
 
 def test_sentences_are_split_and_kept_at_snippet_size():

@@ -7,12 +7,11 @@ import torch
 from tiny import make_reviews, make_tiny_model
 from tqdm.auto import tqdm
 
-from distilops.batching import predict_logits, tokenize
 from distilops.config import DistillConfig
 from distilops.errors import ConfigError, TuningError
-from distilops.modeling import build_student, load_classifier, load_tokenizer
-from distilops.tracking import stage_run
-from distilops.tuning import (
+from distilops.pipeline.batching import predict_logits, tokenize
+from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer
+from distilops.pipeline.tuning import (
     NOT_IN_STUDY_KEY,
     best_trial,
     pruning_summary,
@@ -21,6 +20,7 @@ from distilops.tuning import (
     storage_for,
     study_name_for,
 )
+from distilops.tracking import stage_run
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import typer
 from typer.core import TyperGroup
 
 from distilops import logs
-from distilops.assets import CATALOGUE, fetch
 from distilops.config import SECTIONS, PromoteConfig, load_section
 from distilops.errors import DistilopsError
+from distilops.pipeline.assets import CATALOGUE, fetch
 
 
 class ClearErrors(TyperGroup):
@@ -107,7 +107,7 @@ def promote_cmd(
     on the same test texts), batch-1 p95 latency under a bound. A refusal names the failed gate and its
     numbers, intervals included, and exits with status 1. Every move is recorded: see `distilops history`.
     """
-    from distilops.registry import promote
+    from distilops.release.registry import promote
 
     cfg, name = promote_config(params, model_name)
     if force and not reason.strip():
@@ -131,7 +131,7 @@ def history_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the events as JSON."),
 ) -> None:
     """List promotions and rollbacks, newest first: when, who, from which version to which, why."""
-    from distilops.registry import history
+    from distilops.release.registry import history
 
     _, name = promote_config(params, model_name)
     events = history(name, limit=limit)
@@ -152,7 +152,7 @@ def short_commit(commit: str) -> str:
 @app.command("versions")
 def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     """List the registered versions with their variant, role, test metrics and aliases."""
-    from distilops.registry import client, list_versions, version_metrics
+    from distilops.release.registry import DEVICE, ROLE, VARIANT, client, list_versions, version_metrics
 
     _, name = promote_config(params, model_name)
     c = client()
@@ -175,8 +175,8 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
         extra = "".join(f"  {key.removesuffix('.accuracy')} {with_interval(m, key, '.3f')}" for key in sorted(m)
                         if key.endswith(".accuracy"))  # extra evaluation sets, e.g. long_reviews
-        typer.echo(f"v{mv.version:<4} {mv.tags.get('variant', '?'):11s} {mv.tags.get('role', '?'):9s} "
-                   f"{mv.tags.get('device', '-'):4s} "
+        typer.echo(f"v{mv.version:<4} {mv.tags.get(VARIANT, '?'):11s} {mv.tags.get(ROLE, '?'):9s} "
+                   f"{mv.tags.get(DEVICE, '-'):4s} "
                    f"acc {with_interval(m, 'accuracy', '.3f')}  "
                    f"retention {with_interval(m, 'accuracy_retention', '.1%')}"
                    f"{extra}  p95 {m.get('latency_p95_ms', nan):5.2f} ms  {m.get('size_mb', nan):5.1f} MB"
@@ -199,24 +199,20 @@ def tune_cmd(
     the final student from the best trial without rerunning any.
     """
     from distilops.config import DistillConfig, as_flat_dict
+    from distilops.pipeline.tuning import STORAGE_ENV, load_inputs, pruning_summary, tune
     from distilops.tracking import stage_run
-    from distilops.training import seed_everything
-    from distilops.tuning import STORAGE_ENV, load_inputs, pruning_summary, run_study, storage_for, study_name_for
 
     if storage:
         os.environ[STORAGE_ENV] = storage
     cfg = load_section(DistillConfig, params)
-    seed_everything(cfg.seed)
     inputs = load_inputs(cfg)
-    name = study_name_for(cfg, inputs.fingerprint)
-    with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), optuna_study=name, teacher=inputs.teacher_name):
-        study = run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
-                          inputs.tokenizer.pad_token_id, study_name=name, storage=storage_for(cfg), worker=worker)
+    with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), **inputs.run_tags):
+        study = tune(cfg, inputs, worker=worker)
     summary = pruning_summary(study)
     best = (f"best so far {study.best_value:.4f} (trial {study.best_trial.number})" if summary["trials_complete"]
             else "no trial complete yet")
-    typer.echo(f"study '{name}': {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
-               f"{summary['trials_diverged']} diverged; {best}")
+    typer.echo(f"study '{inputs.study_name}': {summary['trials_complete']} complete, "
+               f"{summary['trials_pruned']} pruned, {summary['trials_diverged']} diverged; {best}")
 
 
 DEVICE = typer.Option("cpu", "--device", "-d", help="cpu: the release's CPU variant (ONNX int8); gpu: its GPU "
@@ -226,7 +222,7 @@ VERSION = typer.Option(None, "--version", help="Use this registry version's rele
 
 def package_version(params: Path, model_name: str | None, version: str | None, device: str):
     """Package the version serving `device` in the alias's (or an explicit version's) release."""
-    from distilops.package import package
+    from distilops.release.package import package
 
     cfg, name = promote_config(params, model_name)
     return package(name, alias=cfg.alias, version=version, device=device)
@@ -254,8 +250,8 @@ def image_cmd(
     push_to: str = typer.Option(None, "--push", help="Then push it to this registry (HOST[:PORT]/PATH) and record "
                                                      "the pushed digest, which `deploy --registry` pins."),
     tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
-    repository: str = typer.Option("localhost/distilops-classifier", "--repository",
-                                   help="Local name of the image; its tag is v<version>-<device>."),
+    repository: str = typer.Option(None, "--repository", help="Local name of the image (default: "
+                                   "localhost/distilops-classifier); its tag is v<version>-<device>."),
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
@@ -264,10 +260,11 @@ def image_cmd(
 
     Needs podman, buildah, debootstrap and runc (Debian packages). Prints the image reference.
     """
-    from distilops.image import build_image, push
+    from distilops.release.image import build_image, push
 
     cfg, name = promote_config(params, model_name)
-    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base, repository=repository)
+    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base,
+                        **({"repository": repository} if repository else {}))
     typer.echo(f"built {built.ref} ({built.size_mb:.0f} MB) for {name} v{built.registry_version} "
                f"(release v{built.release_version}) in {sum(built.seconds.values()):.0f} s", err=True)
     if push_to:
@@ -291,7 +288,7 @@ def deploy_cmd(
 
     After `distilops promote --rollback`, deploy puts the previous version's image back.
     """
-    from distilops.deploy import SCHEMA_VERSIONS, apply, render
+    from distilops.release.deploy import SCHEMA_VERSIONS, apply, render
 
     cfg, name = promote_config(params, model_name)
     rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry)
@@ -319,10 +316,10 @@ def serve_cmd(
     packaged = package_version(params, model_name, version, device)
     typer.echo(f"serving {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}) "
                f"on http://{host}:{port}", err=True)
-    src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.service from here
+    src = Path(__file__).resolve().parent.parent  # bentoml imports the service as distilops.serving.service from here
     env = {**os.environ, "DISTILOPS_BENTO_MODEL": packaged.tag, "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).parent / "bentoml"
-    raise typer.Exit(subprocess.call([str(bentoml), "serve", "distilops.service:Classifier", "--host", host,
+    raise typer.Exit(subprocess.call([str(bentoml), "serve", "distilops.serving.service:Classifier", "--host", host,
                                       "--port", str(port)], cwd=src, env=env))
 
 

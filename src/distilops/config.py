@@ -148,7 +148,7 @@ class DistillConfig(Trained):
     search: SearchSpace = Field(default_factory=SearchSpace, description="Ranges Optuna searches.")
 
 
-class QuantizeConfig(Section):
+class QuantizeConfig(LongTextWindows):
     SECTION: ClassVar[str] = "quantize"
     variants: list[Variant] = Field(list(QUANTIZE_VARIANTS), description="Variants to build.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Reject a variant whose test accuracy falls "

@@ -1,6 +1,6 @@
 """Logging set-up for the entry points (stage scripts, the CLI, the service); library code only logs.
 
-Messages read `[stage] text` (`[tuning] ...` for distilops.tuning) and go through tqdm, so they
+Messages read `[stage] text` (`[tuning] ...` for distilops.pipeline.tuning) and go through tqdm, so they
 never break a progress bar. Third-party progress bars that add nothing (one per model load,
 one per artifact download) are turned off here, at start-up, not on import.
 """
@@ -29,10 +29,10 @@ class TqdmHandler(logging.Handler):
 
 
 class ShortNameFormatter(logging.Formatter):
-    """`[tuning] ...` rather than `[distilops.tuning] ...`."""
+    """`[tuning] ...` rather than `[distilops.pipeline.tuning] ...`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        name = record.name.removeprefix("distilops.")
+        name = record.name.rsplit(".", 1)[-1] if record.name.startswith("distilops.") else record.name
         prefix = f"[{name}] " if record.levelno < logging.WARNING else f"[{name}] {record.levelname.lower()}: "
         return prefix + record.getMessage()
 

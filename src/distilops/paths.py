@@ -1,7 +1,7 @@
 """The pipeline's folders and files, relative to the repository root (where `dvc repro` runs).
 
-dvc.yaml declares the same paths as stage dependencies and outputs; tests/test_code.py checks
-that the two agree.
+dvc.yaml declares the same paths as stage dependencies and outputs; tests/test_architecture.py
+checks that the two agree.
 """
 
 import os

@@ -133,3 +133,21 @@ def log_dataset(frame: pd.DataFrame, name: str, source: str | Path, context: str
         dataset = mlflow.data.from_pandas(frame, source=str(source), name=name,
                                           targets="label" if "label" in frame else None)
         mlflow.log_input(dataset, context=context)
+
+
+def log_model_folder(folder: str | Path, name: str, params: dict[str, Any]) -> str:
+    """Record a model folder as an MLflow logged model of the active run: its files as the model's artifacts,
+    `params` (the folder's distilops.json) as its params. Returns the model id. A registered version is
+    logged as a loadable pyfunc instead (release/pyfunc.py); a stage's own model needs no loader code,
+    so training depends on no serving or release code."""
+    run = mlflow.active_run()
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id if run else None,
+                                           model_type="distilops-model-folder",
+                                           params={k: str(v)[:6000] for k, v in params.items()})
+    try:
+        mlflow.MlflowClient().log_model_artifacts(model.model_id, str(folder))
+    except Exception:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

@@ -31,9 +31,10 @@ from pathlib import Path
 import yaml
 
 from distilops import paths
+from distilops.commands import run_command
 from distilops.errors import ImageError
-from distilops.package import Packaged, package
-from distilops.registry import client
+from distilops.release.package import Packaged, package
+from distilops.release.registry import client
 
 log = logging.getLogger(__name__)
 BASE_IMAGE = "localhost/distilops-base:bookworm"
@@ -41,6 +42,20 @@ CONTAINERFILE = Path("container/Containerfile")
 BENTOFILE = Path("bentofile.yaml")
 GPU_RUNTIME = "onnxruntime-gpu[cuda,cudnn]"
 IMAGE_NAME = "distilops-classifier"  # bentofile.yaml's name, and the image k8s/base deploys
+LOCAL_REPOSITORY = f"localhost/{IMAGE_NAME}"  # where `distilops image` builds, before any push
+# Tags on the registry version served: what was built (ref, id, local digest), where it was pushed and the
+# digest that registry reported. `distilops deploy` reads them.
+IMAGE_REF, PUSHED, PUSHED_DIGEST = "image.ref", "image.pushed", "image.pushed_digest"
+
+
+def image_tag(version: str, device: str) -> str:
+    """An image's tag: the registry version it serves and its device, `v7-cpu`."""
+    return f"v{version}-{device}"
+
+
+def in_registry(registry: str, tag: str) -> str:
+    """The image `tag` in a registry (HOST[:PORT]/PATH): where a push goes and what pods pull."""
+    return f"{registry.rstrip('/')}/{IMAGE_NAME}:{tag}"
 
 
 @dataclass
@@ -62,14 +77,9 @@ class BuiltImage:
 
 def run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
     """Run a build tool; a failure is an ImageError with the tool's last lines, not a traceback."""
-    if shutil.which(cmd[0]) is None:
-        raise ImageError(f"{cmd[0]} not found: {what} needs Debian's podman, buildah, debootstrap and runc "
-                         "(`make test-tools` installs them as root; docs/stack.md)")
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise ImageError(f"{what} failed ({' '.join(cmd[:3])} ... exit {result.returncode}):\n{tail}")
-    return result
+    return run_command(cmd, what=f"{what} failed", error=ImageError,
+                       missing=f"{what} needs Debian's podman, buildah, debootstrap and runc (`make test-tools` "
+                               "installs them as root; docs/stack.md)", **kwargs)
 
 
 def image_exists(ref: str) -> bool:
@@ -146,7 +156,7 @@ def inspect_image(ref: str) -> dict:
 def record(packaged: Packaged, built: BuiltImage) -> None:
     """Tag the served registry version with its image (what `distilops deploy` pins)."""
     c = client()
-    tags = {"image.ref": built.ref, "image.id": built.image_id, "image.digest": built.digest,
+    tags = {IMAGE_REF: built.ref, "image.id": built.image_id, "image.digest": built.digest,
             "image.size_mb": f"{built.size_mb:.1f}",
             "image.built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for key, value in tags.items():
@@ -154,11 +164,11 @@ def record(packaged: Packaged, built: BuiltImage) -> None:
 
 
 def build_image(model_name: str, *, device: str = "cpu", alias: str = "production", version: str | None = None,
-                base: str | None = None, repository: str = f"localhost/{IMAGE_NAME}",
+                base: str | None = None, repository: str = LOCAL_REPOSITORY,
                 context_root: Path | None = None) -> BuiltImage:
     """Package the version serving `device` in the alias's (or the given version's) release, build its image
     with buildah, record the image on the version; returns what was built."""
-    missing = [str(p) for p in (CONTAINERFILE, BENTOFILE, Path("src/distilops/service.py")) if not p.exists()]
+    missing = [str(p) for p in (CONTAINERFILE, BENTOFILE, Path("src/distilops/serving/service.py")) if not p.exists()]
     if missing:
         raise ImageError(f"{', '.join(missing)} not found: run `distilops image` from the repository root")
     seconds: dict[str, float] = {}
@@ -181,7 +191,7 @@ def build_image(model_name: str, *, device: str = "cpu", alias: str = "productio
 
     mark = time.perf_counter()
     shutil.copy2(CONTAINERFILE, context / "Containerfile")
-    ref = f"{repository}:v{packaged.registry_version}-{device}"
+    ref = f"{repository}:{image_tag(packaged.registry_version, device)}"
     labels = {"ai.distilops.registry-name": model_name, "ai.distilops.registry-version": packaged.registry_version,
               "ai.distilops.release-version": packaged.release_version, "ai.distilops.device": device,
               "ai.distilops.variant": packaged.variant, "ai.distilops.bento": bento_tag}
@@ -206,15 +216,15 @@ def push(model_name: str, version: str, registry: str, *, tls_verify: bool = Tru
     pushed reference and its digest (a push may re-compress layers, so the local digest no longer applies)."""
     c = client()
     tags = c.get_model_version(model_name, version).tags
-    if not tags.get("image.ref"):
+    if not tags.get(IMAGE_REF):
         raise ImageError(f"version {version} has no image: `distilops image --version {version}` first")
-    target = f"{registry.rstrip('/')}/{IMAGE_NAME}:{tags['image.ref'].rsplit(':', 1)[1]}"
+    target = in_registry(registry, tags[IMAGE_REF].rsplit(":", 1)[1])
     with tempfile.TemporaryDirectory() as tmp:
         digest_file = Path(tmp) / "digest"
         run(["podman", "push", f"--tls-verify={str(tls_verify).lower()}", "--digestfile", str(digest_file),
-             tags["image.ref"], target], "podman push")
+             tags[IMAGE_REF], target], "podman push")
         digest = digest_file.read_text().strip()
-    c.set_model_version_tag(model_name, version, "image.pushed", target)
-    c.set_model_version_tag(model_name, version, "image.pushed_digest", digest)
+    c.set_model_version_tag(model_name, version, PUSHED, target)
+    c.set_model_version_tag(model_name, version, PUSHED_DIGEST, digest)
     log.info("pushed %s (%s)", target, digest)
     return f"{target}@{digest}"

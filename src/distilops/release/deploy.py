@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import subprocess
 import time
@@ -25,10 +24,11 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
+from distilops.commands import run_command
 from distilops.errors import DeployError
-from distilops.image import IMAGE_NAME
-from distilops.package import resolve
-from distilops.registry import DEVICES
+from distilops.release.image import IMAGE_NAME, IMAGE_REF, PUSHED, PUSHED_DIGEST, in_registry
+from distilops.release.package import resolve
+from distilops.release.registry import DEVICES, VARIANT
 
 log = logging.getLogger(__name__)
 K8S = Path("k8s")
@@ -50,12 +50,9 @@ class Rendered:
 
 
 def kubectl(*args: str, what: str, stdin: str | None = None, timeout: float | None = None) -> str:
-    if shutil.which("kubectl") is None:
-        raise DeployError("kubectl not found: deploy renders overlays with `kubectl kustomize` (kubectl >= 1.27)")
-    result = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise DeployError(f"{what} failed: {result.stderr.strip()[-1500:]}")
-    return result.stdout
+    return run_command(["kubectl", *args], what=f"{what} failed", error=DeployError, input=stdin, timeout=timeout,
+                       missing="deploy renders overlays with `kubectl kustomize` (kubectl >= 1.27)",
+                       tail_lines=20).stdout
 
 
 def render_overlay(overlay: str, root: Path = K8S) -> list[dict]:
@@ -66,15 +63,15 @@ def render_overlay(overlay: str, root: Path = K8S) -> list[dict]:
 def image_reference(tags: dict[str, str], registry: str | None, version: str) -> str:
     """Where the pods pull from: the recorded local image renamed into `registry` (same tag), with the
     digest when the image was pushed there (`image.pushed` / `image.pushed_digest`)."""
-    local = tags.get("image.ref")
+    local = tags.get(IMAGE_REF)
     if not local:
         raise DeployError(f"version {version} has no image: build it first (`distilops image --version {version} "
                           "--device ...`), then push it to your registry")
     tag = local.rsplit(":", 1)[1]
     if not registry:
         return local
-    ref = f"{registry.rstrip('/')}/{IMAGE_NAME}:{tag}"
-    pushed, digest = tags.get("image.pushed", ""), tags.get("image.pushed_digest", "")
+    ref = in_registry(registry, tag)
+    pushed, digest = tags.get(PUSHED, ""), tags.get(PUSHED_DIGEST, "")
     return f"{ref}@{digest}" if pushed == ref and digest else ref
 
 
@@ -120,7 +117,7 @@ def render(model_name: str, *, overlay: str, alias: str = "production", version:
     image = image_reference(served.tags, registry, served.version)
     documents = render_overlay(overlay, root)
     pin(documents, image=image, registry_name=model_name, version=str(served.version), release=str(release.version),
-        variant=served.tags.get("variant", "?"))
+        variant=served.tags.get(VARIANT, "?"))
     validate(documents)
     return Rendered(documents, image, model_name, str(served.version), str(release.version), device)
 

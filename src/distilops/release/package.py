@@ -20,9 +20,15 @@ from mlflow.entities.model_registry import ModelVersion
 
 from distilops.errors import RegistryError
 from distilops.hashing import folder_sha256
-from distilops.predict import MODEL_SUBDIR, read_meta
-from distilops.pyfunc import find_model_folder
-from distilops.registry import alias_version, client, get_version, version_for_device, version_metrics
+from distilops.release.registry import (
+    VARIANT,
+    alias_version,
+    client,
+    get_version,
+    version_for_device,
+    version_metrics,
+)
+from distilops.serving.folder import MODEL_SUBDIR, find_model_folder, read_meta
 from distilops.tracking import redact_uri
 
 
@@ -77,7 +83,7 @@ def package(model_name: str, *, alias: str = "production", version: str | None =
         tag = f"{bento_model_name or model_name}:v{mv.version}-{folder_sha256(folder)[:10]}"
         labels = {"registry_name": model_name, "registry_version": str(mv.version),
                   "release_version": str(release.version), "alias": alias if version is None else "",
-                  "variant": mv.tags.get("variant", "?"), "device": device, "format": meta.get("format", "pytorch")}
+                  "variant": mv.tags.get(VARIANT, "?"), "device": device, "format": meta.get("format", "pytorch")}
         metadata = {**dict(mv.tags), "metrics": version_metrics(mv), "source": f"models:/{model_name}/{mv.version}",
                     "tracking_uri": redact_uri(mlflow.get_tracking_uri()), "mlflow_run_id": mv.run_id or "",
                     "max_length": meta.get("max_length")}

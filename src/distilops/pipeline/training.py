@@ -17,15 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from distilops.batching import Examples, accuracy, autocast, device, loader, model_inputs
+from distilops.config import Trained
 from distilops.errors import DivergedError
 from distilops.hashing import json_sha256
+from distilops.pipeline.batching import Examples, accuracy, autocast, device, loader, model_inputs
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -58,6 +60,14 @@ class TrainSettings:
     checkpoint_dir: Path | None = None
     fingerprint: dict = field(default_factory=dict)  # what must match for a checkpoint to be resumed
     progress: str | None = "train"  # tqdm description; None hides the bar
+
+    @classmethod
+    def from_config(cls, cfg: Trained, *, epochs: int, learning_rate: float, **settings: Any) -> TrainSettings:
+        """A run of `epochs` at `learning_rate` with a config section's batch size, weight decay, warm-up,
+        seed and checkpoint interval (teacher, each tuning trial, the final student); `settings` add or override."""
+        from_section = dict(batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                            seed=cfg.seed, checkpoint_every_steps=cfg.checkpoint_every_steps)
+        return cls(epochs=epochs, learning_rate=learning_rate, **{**from_section, **settings})
 
 
 @dataclass

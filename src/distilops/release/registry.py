@@ -33,15 +33,23 @@ from mlflow.exceptions import MlflowException
 
 from distilops.config import PromoteConfig
 from distilops.errors import GateError, RegistryError
-from distilops.predict import read_meta
-from distilops.pyfunc import log_model_folder
+from distilops.release.pyfunc import log_model_folder
+from distilops.serving.folder import read_meta
 from distilops.stats import mcnemar, unpack_correct
 from distilops.tracking import configure, lineage
 
 PROMOTIONS_EXPERIMENT = "distilops-promotions"
-METRIC_PREFIX = "eval."
+
+# --- the tag schema: what a version carries (written by register_version and link_release; read by the
+# gates, `distilops versions`, packaging, images and deploy) --------------------------------------------
+VARIANT, ROLE, DEVICE = "variant", "role", "device"  # onnx_int8 ...; serving | reference; cpu | gpu | ""
+RELEASE_PREFIX = "release."  # release.<device>: the version serving that device in this version's release
+METRIC_PREFIX = "eval."  # eval.<metric> on the test split, eval.<set>.<metric> on each extra set
 CORRECT_TAG = "test_correct"  # which test texts the version got right (stats.pack_correct), for paired gates
+TEST_EXAMPLES = "test_examples"  # how many: with data_hash, says two versions were tested on the same texts
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
+TAGGED_METRICS = ("accuracy", "macro_f1", "agreement_with_teacher", "latency_p50_ms", "latency_p95_ms", "size_mb",
+                  "parameters")
 FOLDER_LINEAGE = ("teacher", "teacher_sha256", "optuna_study", "best_temperature", "best_alpha",
                   "best_learning_rate", "best_cosine_weight", "max_length", "mlflow_run_id")
 
@@ -54,18 +62,41 @@ def client() -> mlflow.MlflowClient:
 # --- registering -----------------------------------------------------------------------------------
 
 
-def register_version(folder: Path, *, model_name: str, tags: dict[str, str], metrics: dict[str, float],
-                     description: str = "") -> ModelVersion:
+def metrics_from_report(report: dict, key: str) -> dict[str, float]:
+    """Model `key`'s metrics from the evaluate stage's report (metrics/evaluate.json), as its version carries
+    them: on the test split with 95% intervals and its teacher's accuracy (what the gates read) and,
+    prefixed by the set's name, on every extra set."""
+    entry = report["models"][key]
+    metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
+    metrics["teacher_accuracy"] = float(report["models"]["teacher"]["accuracy"])
+    metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
+    metrics["accuracy_low"], metrics["accuracy_high"] = entry["accuracy_ci"]
+    metrics["accuracy_retention_low"], metrics["accuracy_retention_high"] = entry["retention_ci"]
+    metrics["mcnemar_vs_teacher_p"] = entry["mcnemar_vs_teacher"]["p_value"]
+    for set_name, found in report.get("sets", {}).items():
+        m = found["models"][key]
+        metrics.update({f"{set_name}.accuracy": m["accuracy"], f"{set_name}.accuracy_low": m["accuracy_ci"][0],
+                        f"{set_name}.accuracy_high": m["accuracy_ci"][1],
+                        f"{set_name}.agreement_with_teacher": m["agreement_with_teacher"]})
+    return metrics
+
+
+def register_version(folder: Path, *, model_name: str, metrics: dict[str, float], variant: str = "",
+                     role: str = "", device: str = "", test_correct: str = "", test_examples: int = 0,
+                     tags: dict[str, str] | None = None, description: str = "") -> ModelVersion:
     """Log `folder` as a pyfunc model in the active run, register it, tag it; returns the new version.
 
-    Lineage tags are always added (git commit, data hash, and the teacher, Optuna study, best
-    parameters and format that the folder's distilops.json records); `tags` may add or override.
+    Tags: lineage (git commit, data hash, and the teacher, Optuna study, best parameters and format
+    that the folder's distilops.json records), what the version is (variant, role, device), its test
+    results (`eval.*` metrics, per-text correctness); `tags` may add or override any.
     """
     meta = read_meta(folder)
     recorded = {k: str(meta[k]) for k in FOLDER_LINEAGE if k in meta}
-    tags = {**lineage(), **recorded, "format": meta.get("format", "pytorch"), **tags}
+    described = {VARIANT: variant, ROLE: role, DEVICE: device, CORRECT_TAG: test_correct,
+                 TEST_EXAMPLES: str(test_examples) if test_examples else ""}
+    tags = {**lineage(), **recorded, "format": meta.get("format", "pytorch"), **described, **(tags or {})}
 
-    info = log_model_folder(folder, name=tags.get("variant", "model"), registered_model_name=model_name,
+    info = log_model_folder(folder, name=tags.get(VARIANT) or "model", registered_model_name=model_name,
                             metadata={k: v for k, v in tags.items() if not k.startswith(METRIC_PREFIX)})
     mlflow.log_metrics(metrics, model_id=info.model_id)  # MLflow 3 shows them on the logged model too
     c = mlflow.MlflowClient()
@@ -106,7 +137,7 @@ def list_versions(c: mlflow.MlflowClient, model_name: str) -> list[ModelVersion]
 def latest_serving_version(c: mlflow.MlflowClient, model_name: str) -> ModelVersion:
     """The newest CPU serving version: what `promote` moves the alias to by default (its GPU sibling follows)."""
     for mv in list_versions(c, model_name):
-        if mv.tags.get("role") == "serving" and mv.tags.get("device", "cpu") == "cpu":
+        if mv.tags.get(ROLE) == "serving" and mv.tags.get(DEVICE) in ("cpu", "", None):
             return mv
     raise RegistryError(f"model '{model_name}' has no serving version: run the pipeline (`dvc repro`) first")
 
@@ -121,16 +152,16 @@ def link_release(model_name: str, release: dict[str, str]) -> None:
     c = client()
     for version in release.values():
         for device, serving in release.items():
-            c.set_model_version_tag(model_name, version, f"release.{device}", serving)
+            c.set_model_version_tag(model_name, version, f"{RELEASE_PREFIX}{device}", serving)
 
 
 def version_for_device(c: mlflow.MlflowClient, model_name: str, mv: ModelVersion, device: str) -> ModelVersion:
     """The version that serves `device` in `mv`'s release (`mv` itself, or its sibling)."""
     if device not in DEVICES:
         raise RegistryError(f"unknown device '{device}': use one of {list(DEVICES)}")
-    if mv.tags.get(f"release.{device}"):
-        return get_version(c, model_name, mv.tags[f"release.{device}"])
-    if mv.tags.get("device", "cpu") == device:  # versions registered before device tags count as CPU ones
+    if mv.tags.get(f"{RELEASE_PREFIX}{device}"):
+        return get_version(c, model_name, mv.tags[f"{RELEASE_PREFIX}{device}"])
+    if (mv.tags.get(DEVICE) or "cpu") == device:  # versions registered before device tags count as CPU ones
         return mv
     raise RegistryError(f"version {mv.version} of '{model_name}' has no {device.upper()} variant: register one "
                         f"(register.serving.{device} in params.yaml, then `dvc repro`)")
@@ -196,9 +227,9 @@ def no_regression(candidate: ModelVersion, current: ModelVersion, gates: Promote
     compared = (f"accuracy {accuracy_text(candidate)} vs production v{current.version} {accuracy_text(current)} "
                 f"(drop {drop:+.4f}, tolerance {gates.max_accuracy_drop}")
     same_texts = (candidate.tags.get("data_hash") == current.tags.get("data_hash")
-                  and candidate.tags.get("test_examples") == current.tags.get("test_examples"))
+                  and candidate.tags.get(TEST_EXAMPLES) == current.tags.get(TEST_EXAMPLES))
     if same_texts and CORRECT_TAG in candidate.tags and CORRECT_TAG in current.tags:
-        n = int(candidate.tags["test_examples"])
+        n = int(candidate.tags[TEST_EXAMPLES])
         test = mcnemar(unpack_correct(candidate.tags[CORRECT_TAG], n), unpack_correct(current.tags[CORRECT_TAG], n))
         significant = test["p_value"] < gates.significance
         return GateResult(
@@ -299,9 +330,9 @@ def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None 
             dry_run: bool = False) -> tuple[PromotionEvent, list[GateResult]]:
     """Move `gates.alias` to a version that passes its gates; record the move. Raises GateError on refusal.
 
-    `version` None: the newest serving version. `rollback`: the version before the current one.
-    Naming a version that held the alias before, older than the current one, is also a rollback
-    (the no-regression gate compares against the version being left, so it is not applied).
+    `version` None: the newest serving version. `rollback`: the version before the current one, which
+    skips the no-regression gate (it compares against the version being left). Naming an earlier
+    version instead is a promotion like any other: every gate applies.
     """
     c = client()
     alias = gates.alias

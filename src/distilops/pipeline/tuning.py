@@ -35,17 +35,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from distilops import paths
-from distilops.batching import Examples, concat, device, model_inputs, tokenize
 from distilops.config import DistillConfig
-from distilops.data import read_labels, read_split
 from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError, TuningError
-from distilops.hashing import folder_sha256, json_sha256, sha256
-from distilops.losses import UNLABELLED, distillation_loss
-from distilops.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
-from distilops.predict import read_meta
-from distilops.teacher_outputs import TRANSFER, attach, transfer_texts
-from distilops.tracking import data_hash, redact_uri
-from distilops.training import TrainSettings, seed_everything, train
+from distilops.hashing import json_sha256
+from distilops.pipeline import teacher_outputs
+from distilops.pipeline.batching import Examples, concat, device, model_inputs, tokenize
+from distilops.pipeline.data import read_labels, read_split
+from distilops.pipeline.losses import UNLABELLED, distillation_loss
+from distilops.pipeline.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
+from distilops.pipeline.training import TrainSettings, seed_everything, train
+from distilops.serving.folder import read_meta
+from distilops.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 STORAGE_ENV = "DISTILOPS_OPTUNA_STORAGE"
@@ -122,13 +122,21 @@ class DistillInputs:
     tokenizer: object
     make_student: StudentFactory
     data: dict[str, Examples]
-    fingerprint: dict  # teacher folder hash, data hash, max_length: what the cache and study name depend on
+    fingerprint: dict  # teacher_outputs.fingerprint (+ the transfer texts' hash): what the study name depends on
     teacher_name: str
+    study_name: str
+
+    @property
+    def run_tags(self) -> dict[str, str]:
+        """Lineage tags of the MLflow run that tunes or distills with these inputs."""
+        return {"optuna_study": self.study_name, "teacher": self.teacher_name}
 
 
 def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir: Path = paths.TEACHER,
                 cache_dir: Path = paths.TEACHER_OUTPUTS) -> DistillInputs:
-    """Teacher, tokenizer and the train/validation examples with the cached teacher outputs attached."""
+    """Teacher, tokenizer and the train/validation examples with the cached teacher outputs attached, and the
+    study name they imply (seeds everything first: what the distill stage and every `distilops tune` run)."""
+    seed_everything(cfg.seed)
     if not (cache_dir / "meta.json").exists():
         raise StaleCacheError(f"{cache_dir} holds no teacher outputs: run `dvc repro teacher_outputs` first")
     labels = read_labels(data_dir / "report.json")
@@ -144,23 +152,23 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
             return build_student(teacher, cfg.student_layers)
 
     with_hidden = cfg.search.cosine_weight[1] > 0
-    fingerprint = {"teacher": folder_sha256(teacher_dir), "data_hash": data_hash(data_dir / "report.json"),
-                   "max_length": cfg.max_length}
+    fingerprint = teacher_outputs.fingerprint(teacher_dir, data_dir / "report.json", cfg.max_length)
     data = {}
-    for split in ("train", "validation"):
+    for split in teacher_outputs.TEACHER_SPLITS:
         frame = read_split(split, data_dir)
-        data[split] = attach(tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length), cache_dir, split,
-                             expect=fingerprint, with_hidden=with_hidden)
-    transfer = transfer_texts(cache_dir)
+        examples = tokenize(tokenizer, frame["text"], frame["label"], cfg.max_length)
+        data[split] = teacher_outputs.attach(examples, cache_dir, split, expect=fingerprint, with_hidden=with_hidden)
+    transfer = teacher_outputs.transfer_texts(cache_dir)
     if transfer:  # unlabelled texts the teacher labelled: trained on beside the labelled ones, soft targets only
         unlabelled = tokenize(tokenizer, transfer, [UNLABELLED] * len(transfer), cfg.max_length)
-        data["train"] = concat(data["train"], attach(unlabelled, cache_dir, TRANSFER, expect=fingerprint,
-                                                     with_hidden=with_hidden))
-        fingerprint = {**fingerprint, "transfer_sha256": sha256("\n".join(transfer))}  # new texts: a new study
+        data["train"] = concat(data["train"], teacher_outputs.attach(unlabelled, cache_dir, teacher_outputs.TRANSFER,
+                                                                     expect=fingerprint, with_hidden=with_hidden))
+        fingerprint = {**fingerprint, "transfer_sha256": teacher_outputs.transfer_sha256(transfer)}  # a new study
     if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
         raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
     teacher_name = read_meta(teacher_dir).get("source_model", str(teacher_dir))  # e.g. all-MiniLM-L6-v2
-    return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name)
+    return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name,
+                         study_name_for(cfg, fingerprint))
 
 
 def redact(url: str) -> str:
@@ -265,10 +273,10 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
         params = suggest(trial, cfg)
         seed_everything(cfg.seed)
         student = make_student()
-        settings = TrainSettings(epochs=cfg.trial_epochs, batch_size=cfg.batch_size,
-                                 learning_rate=params.learning_rate, weight_decay=cfg.weight_decay,
-                                 warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-                                 eval_every_steps=cfg.eval_every_steps, progress=f"trial {trial.number}")
+        # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats).
+        settings = TrainSettings.from_config(cfg, epochs=cfg.trial_epochs, learning_rate=params.learning_rate,
+                                             eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=0,
+                                             progress=f"trial {trial.number}")
         reports: list[tuple[int, float]] = []
 
         def report_or_prune(step: int, acc: float) -> None:
@@ -309,6 +317,14 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # log_trial says the same, bar-safe
         study.optimize(objective, n_trials=remaining, gc_after_trial=True, callbacks=[enough, log_trial])
     return study
+
+
+def tune(cfg: DistillConfig, inputs: DistillInputs, *, worker: int | None = None) -> optuna.Study:
+    """Run the study's missing trials on `inputs`, in the configured storage: what `dvc repro distill` runs
+    before training the final student, and what each `distilops tune` worker runs alone."""
+    return run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
+                     inputs.tokenizer.pad_token_id, study_name=inputs.study_name, storage=storage_for(cfg),
+                     worker=worker)
 
 
 def pruning_summary(study: optuna.Study) -> dict:

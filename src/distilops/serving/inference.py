@@ -1,78 +1,37 @@
-"""Load a saved model folder and classify texts: the one inference path that evaluation,
-the MLflow pyfunc model and the BentoML service share.
-
-A model folder holds the tokenizer files, `config.json` (labels in `id2label`),
-`distilops.json` ({"format": ..., "max_length": ...}) and one of:
-  - `model.safetensors`  format "pytorch"       (Hugging Face save_pretrained)
-  - `model_int8.pt`      format "pytorch-int8"  (state dict of torch dynamic-int8 Linear layers)
-  - `model.onnx`         format "onnx"          (fp32, fp16 or ONNX Runtime int8; run with ONNX Runtime)
+"""Raw texts -> labels: the folder's tokenizer and an ONNX Runtime session, the one inference path
+that evaluation, the registered MLflow model and the BentoML service share.
 
 ONNX folders need neither torch nor transformers: the text is tokenized by `tokenizers` (the Rust
 library under transformers' fast tokenizers, reading the folder's tokenizer.json, so the ids are
-the same) and the model runs on ONNX Runtime. That is all the serving images carry. PyTorch
-folders are run by `predict_torch`, imported only for them.
+the same) and the model runs on ONNX Runtime. That is all the serving images carry. A PyTorch
+folder runs through the same class with a model the pipeline hands in (pipeline/torch_model.py).
 
 Long texts: a text longer than the window (`max_length` tokens) is split into overlapping windows
 (`window_overlap` tokens shared by neighbours, at most `max_windows` per text), the windows of a
 batch run through the model together, and a text's logits are the mean of its windows' logits.
 Each window costs about what one short text costs, so `max_windows` bounds what one text can cost;
 `truncated` is set only when the cap cut a text. The mean of logits beat the mean of
-probabilities and the most confident window on the long-text evaluation set (README, "Long texts").
+probabilities and the most confident window on the long-text evaluation set (docs/results.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 import tokenizers
+from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
 from distilops.errors import ModelError
+from distilops.serving.folder import FORMAT_FILES, MAX_WINDOWS, WINDOW_OVERLAP, detect_format, read_json, read_meta
 
-META_FILE = "distilops.json"
-MODEL_SUBDIR = "model"  # the model folder inside a Bento model's directory (distilops package)
-FORMAT_FILES = {"pytorch": "model.safetensors", "pytorch-int8": "model_int8.pt", "onnx": "model.onnx"}
 CUDA = "CUDAExecutionProvider"
-
-
-def read_meta(folder: str | Path) -> dict:
-    path = Path(folder) / META_FILE
-    if not path.exists():
-        return {"format": "pytorch"}
-    return json.loads(path.read_text())
-
-
-def write_meta(folder: str | Path, **meta: object) -> None:
-    path = Path(folder) / META_FILE
-    current = read_meta(folder) if path.exists() else {}
-    current.update(meta)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-
-
-def detect_format(folder: str | Path) -> str:
-    meta_format = read_meta(folder).get("format")
-    if meta_format in FORMAT_FILES and (Path(folder) / FORMAT_FILES[meta_format]).exists():
-        return meta_format
-    for fmt, filename in FORMAT_FILES.items():
-        if (Path(folder) / filename).exists():
-            return fmt
-    raise ModelError(f"{folder}: no model file found (expected one of {sorted(FORMAT_FILES.values())})")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read it ({exc}): not a saved model folder?") from exc
-
-
-MAX_WINDOWS = 16  # windows per text at most, unless set: bounds a text's cost at 16 short texts' worth
 
 
 @dataclass
@@ -103,8 +62,9 @@ class TextEncoder:
         if pad_id is None:
             raise ModelError(f"{folder}: the tokenizer has no pad token ({pad_token!r})")
         content = max_length - self.tokenizer.num_special_tokens_to_add(is_pair=False)
-        # Unset: neighbours share a quarter of a window, so no phrase is only ever seen cut in two.
-        window_overlap = content // 4 if window_overlap is None else window_overlap
+        # Unset: the format's default, at most half a window (tiny test windows), so no phrase is only
+        # ever seen cut in two.
+        window_overlap = min(WINDOW_OVERLAP, content // 2) if window_overlap is None else window_overlap
         if max_windows < 1 or not 0 <= window_overlap < content:
             raise ModelError(f"windows: need max_windows >= 1 and 0 <= window_overlap < {content} (the tokens a "
                              f"window of {max_length} holds besides special tokens); got max_windows={max_windows}, "
@@ -172,16 +132,30 @@ class OnnxModel:
         """What the session really runs on (ONNX Runtime drops a provider that fails to load)."""
         return self.session.get_providers()
 
+    @property
+    def device(self) -> str:
+        return "cuda" if CUDA in self.providers else "cpu"
+
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {k: v for k, v in batch.items() if k in self.inputs})[0]
 
 
-@dataclass
-class Prediction:
+class Classification(BaseModel):
+    """What the service answers and the registered MLflow model returns, per text."""
+
     label: str
-    score: float
-    windows: int  # windows the text was read in (1 for a text that fits the window)
-    truncated: bool  # the window cap cut the text: its end was not read
+    score: float = Field(description="probability of the label")
+    windows: int = Field(description="windows of max_length tokens the text was read in (1 if it fits one)")
+    truncated: bool = Field(description="the text needed more windows than the cap: its end was not read")
+
+
+class Model(Protocol):
+    """What runs a batch of windows: ONNX Runtime here, a torch module in the pipeline."""
+
+    providers: list[str]  # what it really runs on
+    device: str  # "cuda" or "cpu"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
 def mean_over_windows(logits: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -197,12 +171,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class TextClassifier:
     """Tokenizer + model from one folder; `predict_logits` and `classify` work on raw texts.
 
-    `device`: "cuda" or "cpu"; None = CUDA when available. `threads`: CPU threads (None = all).
+    ONNX folders run on ONNX Runtime: `device` "cuda" or "cpu" (None = CUDA when available), `threads`
+    CPU threads (None = all). Other formats need their `model` handed in (the pipeline's torch runtime).
     `window_overlap`, `max_windows`: the long-text windows; None = the folder's distilops.json, else the defaults.
     """
 
     def __init__(self, folder: str | Path, device: str | None = None, threads: int | None = None, *,
-                 window_overlap: int | None = None, max_windows: int | None = None) -> None:
+                 window_overlap: int | None = None, max_windows: int | None = None, model: Model | None = None) -> None:
         self.folder = Path(folder)
         self.format = detect_format(self.folder)
         meta = read_meta(self.folder)
@@ -214,19 +189,13 @@ class TextClassifier:
         self.encode = TextEncoder(self.folder, self.max_length, max_windows=int(max_windows),
                                   window_overlap=None if window_overlap is None else int(window_overlap))
         self.window_overlap, self.max_windows = self.encode.window_overlap, self.encode.max_windows
-        if self.format == "onnx":
-            self.model = OnnxModel(self.folder / FORMAT_FILES["onnx"], cuda=device != "cpu", threads=threads)
-            self.providers = self.model.providers
-            self.device = "cuda" if CUDA in self.providers else "cpu"
-        else:
-            try:
-                from distilops.predict_torch import TorchModel  # torch: heavy, and absent from the serving images
-            except ImportError as exc:
-                raise ModelError(f"{self.folder} is a PyTorch model ({self.format}) and this environment has no "
-                                 f"torch ({exc}): serve an ONNX variant (distilops package --device cpu|gpu)") from exc
-            self.model = TorchModel(self.folder, self.format, device=device, threads=threads)
-            self.providers = [f"torch:{self.model.device}"]
-            self.device = self.model.device
+        if model is None:
+            if self.format != "onnx":
+                raise ModelError(f"{self.folder} is a PyTorch model ({self.format}); serving runs ONNX folders "
+                                 "only: serve an ONNX variant (distilops package --device cpu|gpu)")
+            model = OnnxModel(self.folder / FORMAT_FILES["onnx"], cuda=device != "cpu", threads=threads)
+        self.model = model
+        self.providers, self.device = model.providers, model.device
 
     def predict_windows(self, texts: Sequence[str]) -> tuple[np.ndarray, Windows]:
         """Logits of every window (float32) and the windows themselves."""
@@ -243,9 +212,9 @@ class TextClassifier:
         parts = [self.predict_logits(texts[i: i + batch_size]) for i in range(0, len(texts), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
         logits, windows = self.predict_windows(texts)
         probs = softmax(mean_over_windows(logits, windows.spans))
         ids = probs.argmax(axis=-1)
-        return [Prediction(self.labels[i], float(p[i]), n, t)
+        return [Classification(label=self.labels[i], score=float(p[i]), windows=n, truncated=t)
                 for i, p, n, t in zip(ids, probs, windows.windows_per_text, windows.truncated, strict=True)]

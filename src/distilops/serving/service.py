@@ -26,10 +26,11 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 from fastapi import FastAPI
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, Field
 from starlette.responses import JSONResponse
 
-from distilops.predict import MODEL_SUBDIR, TextClassifier
+from distilops.serving.folder import MODEL_SUBDIR
+from distilops.serving.inference import Classification, TextClassifier
 
 MODEL_TAG = os.environ.get("DISTILOPS_BENTO_MODEL", "distilops-sentiment:latest")
 MAX_TEXTS = int(os.environ.get("DISTILOPS_MAX_TEXTS", "64"))  # texts in one request
@@ -71,13 +72,6 @@ def _not_blank(text: str) -> str:
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_not_blank)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
-
-
-class Classification(BaseModel):
-    label: str
-    score: float = Field(description="probability of the label")
-    windows: int = Field(description="windows of max_length tokens the text was read in (1 if it fits one)")
-    truncated: bool = Field(description="the text needed more windows than the cap: its end was not read")
 
 
 SERVED: dict[str, Any] = {}  # what this process serves, for /model and the response headers
@@ -176,8 +170,7 @@ class Classifier:
         The declared content type spares BentoML from rebuilding the output's JSON schema on
         every response just to pick one (18% of the server's time under load, by py-spy).
         """
-        return [Classification(label=p.label, score=p.score, windows=p.windows, truncated=p.truncated)
-                for p in self.classifier.classify(list(texts))]
+        return self.classifier.classify(list(texts))
 
     @app.get("/model")
     def model(self) -> dict:

@@ -2,7 +2,7 @@
 CPU nodes serve) and ONNX fp16 (what GPU nodes serve: ONNX Runtime's CUDA provider has no kernels for
 the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU).
 
-Each variant is a model folder (see predict.py) holding the student's tokenizer, config and
+Each variant is a model folder (serving/folder.py) holding the student's tokenizer, config and
 metadata beside its own weights, so every consumer loads it the same way. A variant is only
 accepted when its test accuracy stays within a tolerance of the fp32 student's (`check`).
 
@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distilops.config import QUANTIZE_VARIANTS as VARIANTS
 from distilops.errors import QuantizeError
-from distilops.predict import FORMAT_FILES, read_meta, write_meta
+from distilops.serving.folder import FORMAT_FILES, read_meta, write_meta
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".pt", ".data")
 

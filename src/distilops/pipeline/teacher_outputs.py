@@ -1,7 +1,7 @@
 """Teacher soft targets, computed once per (teacher, data, max_length) and cached on disk.
 
 Layout of the cache folder (a DVC output):
-  meta.json                        teacher fingerprint, data hash, rows per split, hidden size
+  meta.json                        what it was made from (`fingerprint`), rows per split, hidden size
   transfer_texts.txt               (optional) the unlabelled transfer texts, one per line ("transfer" split)
   {split}_logits.npy               float32 [rows, classes]
   {split}_hidden.npy / _offsets.npy  (optional) float16 last hidden states of every real token,
@@ -15,11 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-from distilops.batching import Examples, predict_logits
 from distilops.errors import StaleCacheError
+from distilops.hashing import folder_sha256, sha256
+from distilops.pipeline.batching import Examples, predict_logits
+from distilops.tracking import data_hash
 
-SPLITS = ("train", "validation")
+TEACHER_SPLITS = ("train", "validation")  # the labelled splits whose teacher outputs are cached
 TRANSFER, TRANSFER_FILE = "transfer", "transfer_texts.txt"  # unlabelled texts: soft targets only
+
+
+def fingerprint(teacher_dir: Path, data_report: Path, max_length: int) -> dict:
+    """What cached teacher outputs are made from: the teacher folder's hash, the data hash and the window.
+    The stage writes it into meta.json; `attach` refuses a cache whose meta.json says otherwise."""
+    return {"teacher": folder_sha256(teacher_dir), "data_hash": data_hash(data_report), "max_length": max_length}
+
+
+def transfer_sha256(texts: list[str]) -> str:
+    """The transfer texts' hash (in meta.json, and in the study key: new texts start a new study)."""
+    return sha256("\n".join(texts))
 
 
 def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, batch_size: int,

@@ -1,5 +1,5 @@
 """Tokenized examples, batches and batched inference over them (torch models in training and the
-teacher-output cache; raw-text inference for every model format is `predict.TextClassifier`).
+teacher-output cache; raw-text inference for every model format is `serving.inference.TextClassifier`).
 
 - Dynamic padding: each batch is padded to its own longest text, not to max_length.
 - Training batches group texts of similar length (seeded), so little compute goes to padding.

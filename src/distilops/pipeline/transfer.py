@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from distilops.assets import CATALOGUE, fetch
-from distilops.data import LOCAL_READERS
 from distilops.errors import DataError
+from distilops.pipeline.assets import CATALOGUE, fetch
+from distilops.pipeline.data import LOCAL_READERS
 
 GENERAL_ENGLISH_COLUMNS = {  # file -> the column holding text ("" = plain text, one passage per line)
     "political_data.csv": "text",

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from distilops.assets import resolve_model
 from distilops.errors import ModelError
-from distilops.predict import write_meta
+from distilops.pipeline.assets import resolve_model
+from distilops.serving.folder import write_meta
 
 LAYER_KEY = re.compile(r"(\.encoder\.layer\.)(\d+)(\.)")
 
@@ -96,7 +96,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def save_model_folder(model: PreTrainedModel, tokenizer, folder: str | Path, *, max_length: int, **meta) -> Path:
-    """save_pretrained + tokenizer + distilops.json (format, max_length, ...): a model folder (predict.py)."""
+    """save_pretrained + tokenizer + distilops.json (format, max_length, ...): a model folder (serving/folder.py)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

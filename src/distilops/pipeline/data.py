@@ -17,10 +17,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from distilops import paths
-from distilops.assets import CATALOGUE, fetch
 from distilops.config import EvalSet, PrepareConfig
 from distilops.errors import DataError
 from distilops.hashing import sha256
+from distilops.pipeline.assets import CATALOGUE, fetch
 
 SPLITS = ("train", "validation", "test")
 LOCAL_READERS = {
