@@ -30,6 +30,7 @@ def third_party_imports(path: Path) -> set[tuple[str, str]]:
     return {(module, name) for module, name in found if module.split(".")[0] not in ("distilops", "__future__")}
 
 
+@pytest.mark.slow  # a fresh interpreter importing the whole stack: ~20 s
 def test_importing_distilops_changes_no_global_state():
     """Import every module (but the two that frameworks execute: the BentoML service and MLflow's
     model-from-code file) in a fresh interpreter, after the libraries they import, and compare the
@@ -84,7 +85,7 @@ def test_every_stage_script_runs_through_the_stage_runner():
         assert "sys.exit" not in source and not re.search(r"\bprint\(", source), script.name
 
 
-@pytest.mark.parametrize("stage", ["prepare", "distill"])
+@pytest.mark.parametrize("stage", ["prepare", pytest.param("distill", marks=pytest.mark.slow)])  # distill: torch first
 def test_a_bad_params_file_is_one_clear_line_from_every_stage(tmp_path, stage):
     (tmp_path / "params.yaml").write_text(f"seed: 1\n{stage}:\n  no_such_key: 1\n")
     result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=tmp_path,
