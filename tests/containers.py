@@ -3,7 +3,7 @@
 Everything comes from the rendered manifest, not from a copy of it: user and group, read-only root
 filesystem, dropped capabilities, no privilege escalation, an emptyDir -> a tmpfs at its mount path
 (world-writable like the kubelet's emptyDirs), the ConfigMap's environment plus the container's own,
-the downward API's CPU limit, and the CPU and memory limits.
+the downward API's CPU limit, the CPU and memory limits, and the container's args.
 """
 
 from __future__ import annotations
@@ -68,3 +68,9 @@ def podman_args(documents: list[dict]) -> list[str]:
     args += [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
     args += ["--cpus", str(cpus(limits["cpu"])), "--memory", memory(limits["memory"])]
     return args
+
+
+def container_args(documents: list[dict]) -> list[str]:
+    """The Deployment container's `args`: what Kubernetes hands the image's entrypoint (`bentoml serve BENTO`)."""
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    return list(deployment["spec"]["template"]["spec"]["containers"][0].get("args", []))

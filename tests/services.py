@@ -84,3 +84,60 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Server:
     return Server([mlflow, "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
                    artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                   {**os.environ}, port, log, cwd=artifacts.parent, ready_path="/health")
+
+
+class ImageRegistry:
+    """Debian's `docker-registry` (the CNCF Distribution registry, what most registries run) on 127.0.0.1 over
+    plain HTTP, storing in a temporary folder. `make test` installs the package as root."""
+
+    def __init__(self, root: Path) -> None:
+        binary = shutil.which("docker-registry")
+        if binary is None:
+            raise RuntimeError("docker-registry not found: `apt-get install docker-registry` (`make test` installs it "
+                               "when run as root)")
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        config = root / "registry.yml"
+        config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'storage'}\n"
+                          f"  delete:\n    enabled: true\nhttp:\n  addr: {self.host}\nlog:\n  level: warn\n")
+        self.server = Server([binary, "serve", str(config)], {**os.environ}, self.port, root / "registry.log",
+                             cwd=root, ready_path="/v2/")
+
+    def __enter__(self) -> ImageRegistry:
+        self.server.wait_ready(timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+    def push(self, repository: str, tag: str, content: bytes) -> str:
+        """Put a minimal OCI image (an empty config and one layer holding `content`) under `repository:tag`
+        through the distribution API, as `podman push` would; returns its manifest digest."""
+        import hashlib
+        import json
+
+        import httpx
+
+        def upload(blob: bytes) -> str:
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            started = httpx.post(f"http://{self.host}/v2/{repository}/blobs/uploads/")
+            location = started.headers["location"]
+            location = location if location.startswith("http") else f"http://{self.host}{location}"
+            separator = "&" if "?" in location else "?"
+            done = httpx.put(f"{location}{separator}digest={digest}", content=blob,
+                             headers={"Content-Type": "application/octet-stream"})
+            assert done.status_code == 201, done.text
+            return digest
+
+        config = b"{}"
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": upload(config),
+                       "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": upload(content),
+                        "size": len(content)}]}).encode()
+        put = httpx.put(f"http://{self.host}/v2/{repository}/manifests/{tag}", content=manifest,
+                        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        assert put.status_code == 201, put.text
+        return put.headers["docker-content-digest"]

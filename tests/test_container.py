@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from containers import RUNTIME, missing_tools, podman_args, render
+from containers import RUNTIME, container_args, missing_tools, podman_args, render
 from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
@@ -83,8 +83,7 @@ def built(tmp_path_factory):
     try:
         with stage_run("register"):
             for _ in range(2):
-                mv = register_version(variant, model_name=NAME, tags={"variant": "onnx_int8", "role": "serving",
-                                                                      "device": "cpu"},
+                mv = register_version(variant, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
                                       metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
                 link_release(NAME, {"cpu": mv.version})
         promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
@@ -105,10 +104,11 @@ def built(tmp_path_factory):
 
 def run_like_the_deployment(ref: str, name: str, extra_env: dict[str, str] | None = None, wait_s: float = 120) -> dict:
     """Start the image as the CPU Deployment's pod would run, call it from inside, return what it said."""
-    args = podman_args(render("cpu"))
+    documents = render("cpu")
     extra = [arg for key, value in (extra_env or {}).items() for arg in ("--env", f"{key}={value}")]
     podman("rm", "-f", name, check=False)
-    podman("run", "-d", "--name", name, "--network", "none", *args, *extra, ref)
+    podman("run", "-d", "--name", name, "--network", "none", *podman_args(documents), *extra, ref,
+           *container_args(documents))
     try:
         said = podman("exec", name, "/opt/venv/bin/python", "-c", probe(wait_s), timeout=wait_s + 60)
         result = json.loads(said.stdout.strip().splitlines()[-1])
@@ -168,3 +168,95 @@ def test_the_image_is_recorded_on_the_registry_version(built):
     image = json.loads(podman("image", "inspect", built["ref"]).stdout)[0]
     assert tags["image.id"] == image["Id"] and tags["image.digest"] == image["Digest"].strip()
     assert image["Config"]["Labels"]["ai.distilops.registry-version"] == built["version"]
+
+
+def test_stopping_the_container_under_load_completes_every_request_in_flight(built):
+    """What a rollout or a node drain does to a pod: endpoints drop it (the preStop sleep), no new request
+    arrives, then SIGTERM. Every request in flight at that moment must still get its answer, and the container
+    must exit well within the grace period the Deployment gives it."""
+    import threading
+    from collections import Counter
+
+    import httpx
+    from serving import free_port
+
+    documents = render("cpu")
+    args, port = container_args(documents), free_port()
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)  # host network
+    grace = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+    name, url = "distilops-test-drain", f"http://127.0.0.1:{port}"
+    podman("rm", "-f", name, check=False)
+    podman("run", "-d", "--name", name, "--network", "host", *podman_args(documents), built["ref"], *args)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        long_text = " ".join(["a wonderful film with superb acting but a messy plot"] * 40)  # several windows
+        stop, results, lock = threading.Event(), [], threading.Lock()
+
+        def client() -> None:  # a new connection per request: no idle keep-alive connection to race with
+            with httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        outcome = http.post(url + "/classify", json={"texts": [long_text] * 2}).status_code
+                    except httpx.HTTPError as exc:
+                        outcome = type(exc).__name__
+                    with lock:
+                        results.append((started, time.monotonic(), outcome))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(4)
+        stop.set()  # the endpoints have dropped the pod: no new request from here
+        stopped = time.monotonic()
+        halted = podman("stop", "--time", str(grace), name, timeout=grace + 60)  # SIGTERM, SIGKILL after `grace`
+        exited = time.monotonic() - stopped
+        for thread in threads:
+            thread.join(timeout=120)
+        in_flight = Counter(outcome for started, ended, outcome in results if started < stopped < ended)
+        print(f"{len(results)} requests, {sum(in_flight.values())} in flight at SIGTERM: {dict(in_flight)}; "
+              f"exited after {exited:.1f} s")
+        assert halted.returncode == 0
+        assert sum(in_flight.values()) >= 4 and set(in_flight) == {200}, in_flight
+        assert {outcome for *_, outcome in results} == {200}
+        assert exited < grace - 5  # drained by the service, not killed at the deadline
+        state = json.loads(podman("inspect", name).stdout)[0]["State"]
+        assert state["ExitCode"] == 0, state  # a clean shutdown, not a SIGKILL (137)
+    finally:
+        podman("rm", "-f", name, check=False)
+
+
+def test_deploy_pins_the_digest_of_the_push_and_follows_a_rebuild(built, tmp_path):
+    """A real registry (Debian's docker-registry): an image never pushed is refused; `distilops image --push`
+    pushes it and deploy pins the digest the registry reports; a rebuild pushed again pins its new digest."""
+    from services import ImageRegistry
+
+    from distilops.release.oci import manifest_digest
+
+    distilops, env = str(Path(sys.executable).parent / "distilops"), built["env"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([distilops, *args, "-m", NAME], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=1500)
+
+    never = cli("deploy", "--overlay", "cpu")
+    assert never.returncode == 1 and "was never pushed, and no node can pull a local image" in never.stderr
+    with ImageRegistry(tmp_path / "oci") as oci:
+        target = f"{oci.host}/ml"
+        digests = []
+        for _ in range(2):  # the first push, then a rebuild pushed again
+            pushed = cli("image", "--device", "cpu", "--repository", REPOSITORY, "--push", target, "--no-tls-verify")
+            assert pushed.returncode == 0, pushed.stderr[-3000:]
+            ref = f"{target}/distilops-classifier:v{built['version']}-cpu"
+            digests.append(manifest_digest(ref, tls_verify=False))
+            deployed = cli("deploy", "--overlay", "cpu", "--no-tls-verify")
+            assert deployed.returncode == 0, deployed.stderr[-3000:]
+            assert f"image: {ref}@{digests[-1]}" in deployed.stdout
+        assert digests[0] != digests[1]  # a new build is a new image: the pods follow it

@@ -1,6 +1,8 @@
 """One release, one version per device, and `distilops deploy`: a real SQLite registry, the real overlays
 rendered by kubectl and validated against the Kubernetes schemas. Images are recorded as `distilops image`
-records them (test_container.py builds one for real); no cluster runs here, so `--apply` is not exercised."""
+records them (test_container.py builds and pushes one for real). Pinning asks a real image registry
+(Debian's docker-registry on 127.0.0.1) in the tests marked slow; the others render with the digest
+recorded at the push (--skip-registry-check). No cluster runs here, so `--apply` is not exercised."""
 
 import kubernetes_validate
 import pytest
@@ -18,6 +20,7 @@ from distilops.release.registry import client, latest_serving_version, link_rele
 from distilops.tracking import stage_run
 
 NAME = "tiny-sentiment"
+PUSHED_TO = "registry.example.com/ml"
 GATES = PromoteConfig(model_name=NAME, max_latency_p95_ms=20.0)
 METRICS = {"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 2.0}
 
@@ -39,12 +42,28 @@ def registry(tmp_path, monkeypatch):
                 mv = register_version(folder, model_name=NAME, metrics=METRICS,
                                       variant=variant, role="serving", device=device)
                 versions[device] = str(mv.version)
-                c.set_model_version_tag(NAME, mv.version, "image.ref",
-                                        f"localhost/distilops-classifier:v{mv.version}-{device}")
+                record_image(c, mv.version, device)
             link_release(NAME, versions)
             releases.append(versions)
     promote(NAME, GATES, version=releases[0]["cpu"])
     return releases
+
+
+def record_image(c, version: str, device: str, *, registry: str = PUSHED_TO, image_id: str = "") -> str:
+    """What `distilops image --push REGISTRY` records on a version; returns the digest it "pushed"."""
+    tag = f"v{version}-{device}"
+    image_id = image_id or f"{int(version):064x}"
+    digest = "sha256:" + f"{int(version) + 100:064x}"
+    tags = {"image.ref": f"localhost/distilops-classifier:{tag}", "image.id": image_id,
+            "image.pushed": f"{registry}/distilops-classifier:{tag}", "image.pushed_digest": digest,
+            "image.pushed_id": image_id}
+    for key, value in tags.items():
+        c.set_model_version_tag(NAME, version, key, value)
+    return digest
+
+
+def offline(overlay: str, **kwargs):
+    return render(NAME, overlay=overlay, check_registry=False, **kwargs)
 
 
 def deployment(rendered):
@@ -75,9 +94,10 @@ def test_a_release_without_a_gpu_variant_is_a_clear_error(registry, tmp_path):
 def test_deploy_pins_the_production_image_and_labels_the_pods(registry, overlay):
     first, _ = registry
     served = first[overlay]
-    rendered = render(NAME, overlay=overlay, registry="registry.example.com/ml")
+    rendered = offline(overlay)  # the registry it was pushed to, the digest recorded at the push
     container = deployment(rendered)["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == f"registry.example.com/ml/distilops-classifier:v{served}-{overlay}"
+    digest = "sha256:" + f"{int(served) + 100:064x}"
+    assert container["image"] == f"{PUSHED_TO}/distilops-classifier:v{served}-{overlay}@{digest}"
     template = deployment(rendered)["spec"]["template"]["metadata"]
     assert template["labels"][LABEL] == served
     assert template["annotations"]["distilops.ai/release-version"] == first["cpu"]
@@ -86,23 +106,36 @@ def test_deploy_pins_the_production_image_and_labels_the_pods(registry, overlay)
     assert "replicas" not in deployment(rendered)["spec"]
 
 
-def test_a_pushed_digest_is_pinned(registry):
+def test_an_image_that_was_never_pushed_is_refused(registry):
+    """A local reference (localhost/...) renders fine and no node can pull it: deploy refuses it."""
     first, _ = registry
     c = client()
-    pushed = f"registry.example.com/ml/distilops-classifier:v{first['cpu']}-cpu"
-    c.set_model_version_tag(NAME, first["cpu"], "image.pushed", pushed)
-    c.set_model_version_tag(NAME, first["cpu"], "image.pushed_digest", "sha256:" + "a" * 64)
-    image = render(NAME, overlay="cpu", registry="registry.example.com/ml").image
-    assert image == f"{pushed}@sha256:{'a' * 64}"
-    assert render(NAME, overlay="cpu", registry="other.example.com/x").image.endswith(f":v{first['cpu']}-cpu")
+    c.delete_model_version_tag(NAME, first["cpu"], "image.pushed")
+    with pytest.raises(DeployError, match=f"version {first['cpu']}'s image localhost/distilops-classifier:"
+                                          f"v{first['cpu']}-cpu was never pushed"):
+        offline("cpu")
+
+
+def test_a_rebuild_that_was_not_pushed_is_refused(registry):
+    """After `distilops image` rebuilds a version's image without `--push`, the recorded digest is the old
+    build's: pinning it would run an image that is no longer what the version's image is."""
+    first, _ = registry
+    client().set_model_version_tag(NAME, first["cpu"], "image.id", "f" * 64)  # a new build, not pushed
+    with pytest.raises(DeployError, match="was rebuilt .* after it was pushed"):
+        offline("cpu")
+
+
+def test_skipping_the_registry_check_needs_a_recorded_push_to_that_registry(registry):
+    with pytest.raises(DeployError, match="no push of version .* to other.example.com/x is recorded"):
+        offline("cpu", registry="other.example.com/x")
 
 
 def test_rollback_re_pins_the_previous_image(registry):
     first, second = registry
     promote(NAME, GATES, version=second["cpu"])
-    assert render(NAME, overlay="gpu").image == f"localhost/distilops-classifier:v{second['gpu']}-gpu"
+    assert offline("gpu").image.startswith(f"{PUSHED_TO}/distilops-classifier:v{second['gpu']}-gpu@sha256:")
     promote(NAME, GATES, rollback=True)
-    assert render(NAME, overlay="gpu").image == f"localhost/distilops-classifier:v{first['gpu']}-gpu"
+    assert offline("gpu").image.startswith(f"{PUSHED_TO}/distilops-classifier:v{first['gpu']}-gpu@sha256:")
 
 
 def test_a_version_without_an_image_is_refused(registry, tmp_path):
@@ -110,7 +143,7 @@ def test_a_version_without_an_image_is_refused(registry, tmp_path):
         bare = register_version(tmp_path / "student", model_name=NAME, metrics=METRICS,
                                 variant="onnx_int8", role="serving", device="cpu")
     with pytest.raises(DeployError, match=f"version {bare.version} has no image: build it first"):
-        render(NAME, overlay="cpu", version=str(bare.version))
+        offline("cpu", version=str(bare.version))
 
 
 def test_validation_is_strict(registry):
@@ -126,13 +159,13 @@ def test_validation_is_strict(registry):
 
 
 def test_deploy_command_prints_valid_manifests(registry):
-    result = CliRunner().invoke(app, ["deploy", "--overlay", "gpu", "-m", NAME, "--registry", "r.example.com/ml"])
+    result = CliRunner().invoke(app, ["deploy", "--overlay", "gpu", "-m", NAME, "--skip-registry-check"])
     assert result.exit_code == 0, result.output
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     kinds = {d["kind"] for d in documents}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"} <= kinds
     pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == f"r.example.com/ml/distilops-classifier:v{registry[0]['gpu']}-gpu"
+    assert pod["containers"][0]["image"].startswith(f"{PUSHED_TO}/distilops-classifier:v{registry[0]['gpu']}-gpu@")
     bad = CliRunner().invoke(app, ["deploy", "--overlay", "tpu", "-m", NAME])
     assert bad.exit_code == 1 and "unknown overlay 'tpu'" in bad.output and "Traceback" not in bad.output
 
@@ -142,3 +175,39 @@ def test_the_packaged_model_carries_no_tracking_credentials():
 
     assert redact_uri("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
     assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+@pytest.mark.slow
+def test_deploy_pins_the_digest_the_registry_reports_and_refuses_what_it_lacks(registry, tmp_path):
+    """A real registry: deploy asks it which digest the tag names and pins that; a tag it does not hold, and a
+    tag overwritten by another image since this version's push, are refused before any pod tries to pull."""
+    from services import ImageRegistry
+
+    first, second = registry
+    c = client()
+    with ImageRegistry(tmp_path / "oci") as oci:
+        target = f"{oci.host}/ml"
+        pushed = oci.push("ml/distilops-classifier", f"v{first['cpu']}-cpu", b"the first release's image")
+        ref = f"{target}/distilops-classifier:v{first['cpu']}-cpu"
+        c.set_model_version_tag(NAME, first["cpu"], "image.pushed", ref)
+        c.set_model_version_tag(NAME, first["cpu"], "image.pushed_digest", pushed)
+        image = render(NAME, overlay="cpu", tls_verify=False).image
+        assert image == f"{ref}@{pushed}"
+
+        result = CliRunner().invoke(app, ["deploy", "--overlay", "cpu", "-m", NAME, "--no-tls-verify"])
+        assert result.exit_code == 0 and f"@{pushed}" in result.stdout, result.output
+
+        # Someone pushes another image under the same tag: the registry's digest is no longer this version's.
+        oci.push("ml/distilops-classifier", f"v{first['cpu']}-cpu", b"something else")
+        with pytest.raises(DeployError, match="the tag was overwritten"):
+            render(NAME, overlay="cpu", tls_verify=False)
+
+        # A version whose image never reached this registry.
+        promote(NAME, GATES, version=second["cpu"])
+        missing = CliRunner().invoke(app, ["deploy", "--overlay", "cpu", "-m", NAME, "--registry", target,
+                                           "--no-tls-verify"])
+        assert missing.exit_code == 1 and "Traceback" not in missing.output
+        assert f"{target}/distilops-classifier:v{second['cpu']}-cpu is not in the registry: push it first" in \
+            missing.output
+    with pytest.raises(DeployError, match=f"cannot reach the image registry {oci.host}"):
+        render(NAME, overlay="cpu", registry=target, tls_verify=False)

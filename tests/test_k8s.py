@@ -12,7 +12,8 @@ import yaml
 from serving import PROBE_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu", "jobs", "platform")
+KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "jobs", "platform")
+APPS = [k for k in KUSTOMIZATIONS if k != "namespace"]  # what users apply and delete, again and again
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 
 
@@ -56,8 +57,70 @@ def test_strict_validation_catches_an_unknown_field(rendered):
 
 def test_base_has_every_serving_object(rendered):
     kinds = sorted(d["kind"] for d in rendered["base"])
-    assert kinds == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+    assert kinds == sorted(["ServiceAccount", "ConfigMap", "Deployment", "Service",
                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"])
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_no_app_owns_the_namespace(rendered, app):
+    """Deleting or pruning an app must not delete the namespace, and with it the platform's volumes; nor may
+    a deploy need cluster-scope rights to relabel it. Only k8s/namespace holds it."""
+    assert not [d for d in rendered[app] if d["kind"] == "Namespace"]
+    assert {d["metadata"].get("namespace") for d in rendered[app]} == {"distilops"}
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard(rendered):
+    namespace = one(rendered["namespace"], "Namespace")
+    assert namespace["metadata"]["name"] == "distilops"
+    labels = namespace["metadata"]["labels"]
+    assert {labels[f"pod-security.kubernetes.io/{mode}"] for mode in ("enforce", "warn", "audit")} == {"restricted"}
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """The restricted Pod Security Standard's rules (kubernetes.io/docs/concepts/security/pod-security-standards),
+    as the admission controller checks them on one pod spec."""
+    found = []
+    pod_context = spec.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            found.append(flag)
+    found += [f"volume {v['name']}" for v in spec.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    if pod_context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        found.append("pod seccompProfile")
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        context, name = container.get("securityContext", {}), container["name"]
+        if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation")
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []) or set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities")
+        if any(p.get("hostPort") for p in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_every_pod_complies_with_the_restricted_standard(rendered, app):
+    workloads = [d for d in rendered[app] if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+    for workload in workloads:
+        assert not restricted_violations(pod_spec(workload)), workload["metadata"]["name"]
+
+
+def test_the_restricted_check_sees_a_violation(rendered):
+    spec = pod_spec(one(rendered["overlays/cpu"], "Deployment"))
+    spec["containers"][0]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"], "drop": ["ALL"]}
+    spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert restricted_violations(spec) == ["volume host", "classifier: capabilities"]
 
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
@@ -93,8 +156,9 @@ def test_probes_call_endpoints_the_service_has(rendered, overlay):
 def test_config_map_sets_every_setting_the_service_reads(rendered):
     service_code = (ROOT / "src/distilops/serving/service.py").read_text()
     read = set(re.findall(r'os\.environ\.get\("(DISTILOPS_[A-Z_]+)"', service_code))
-    # The image fixes the model; logs stay default; the CPU limit comes from the downward API (below).
-    read -= {"DISTILOPS_BENTO_MODEL", "DISTILOPS_ACCESS_LOG", "DISTILOPS_CPU_LIMIT"}
+    # The image fixes the model; logs stay default; the CPU limit comes from the downward API (below); the API
+    # token from the optional distilops-serving Secret, never a ConfigMap.
+    read -= {"DISTILOPS_BENTO_MODEL", "DISTILOPS_ACCESS_LOG", "DISTILOPS_CPU_LIMIT", "DISTILOPS_API_TOKEN"}
     data = one(rendered["base"], "ConfigMap")["data"]
     assert read and read <= set(data), f"not in the ConfigMap: {read - set(data)}"
     assert not any("MLFLOW" in key or "PASSWORD" in key or "STORAGE" in key for key in data)  # serving needs none
@@ -107,7 +171,7 @@ def test_gpu_overlay_requests_a_gpu_and_refuses_to_serve_without_cuda(rendered):
     resources = container["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1 and resources["requests"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nodeSelector" not in spec  # node affinity on GPU feature discovery's labels instead (below)
     assert spec["runtimeClassName"] == "nvidia"  # from the optional component
     # The device plugin decides which GPU a pod sees: nothing may override its NVIDIA_VISIBLE_DEVICES.
     assert "NVIDIA_VISIBLE_DEVICES" not in str(container)
@@ -126,7 +190,9 @@ def test_gpu_pods_scale_on_requests_in_flight_not_cpu(rendered):
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "distilops_requests_in_flight"
     # the adapter rule in the overlay maps it from the gauge the service exports (test_service.py reads it)
-    assert "bentoml_service_request_in_progress" in (ROOT / "k8s/overlays/gpu/hpa-in-flight.yaml").read_text()
+    (rule,) = yaml.safe_load((ROOT / "k8s/overlays/gpu/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == "distilops_requests_in_flight"
+    assert rule["seriesQuery"].startswith("bentoml_service_request_in_progress{")
     assert one(rendered["overlays/cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
@@ -155,7 +221,11 @@ def test_pods_are_locked_down_and_roll_without_downtime(rendered, overlay):
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
     strategy = deployment["spec"]["strategy"]
-    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    assert strategy["type"] == "RollingUpdate"
+    if overlay == "overlays/cpu":  # surge first: never fewer ready pods than desired
+        assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    else:  # a full GPU pool has no GPU for a surge pod: replace one at a time, or the rollout stalls
+        assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
     assert "replicas" not in deployment["spec"]  # the HPA owns the count: an apply must not reset it
     assert one(rendered[overlay], "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
     assert one(rendered[overlay], "PodDisruptionBudget")["spec"]["minAvailable"] >= 1
@@ -206,3 +276,120 @@ def test_the_worker_command_exists_and_reads_the_index_kubernetes_sets():
     result = CliRunner().invoke(app, ["tune", "--help"])
     assert result.exit_code == 0
     assert "JOB_COMPLETION_INDEX" in result.output and "DISTILOPS_OPTUNA_STORAGE" in result.output
+
+
+def node_matches(term: dict, labels: dict[str, str]) -> bool:
+    """One nodeSelectorTerm against a node's labels: its expressions ANDed (Kubernetes' semantics)."""
+    def holds(expression: dict) -> bool:
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        if op == "Exists":
+            return key in labels
+        if op == "DoesNotExist":
+            return key not in labels
+        if key not in labels:
+            return op == "NotIn"
+        if op in ("Gt", "Lt"):  # integer comparison; a label that is no integer never matches
+            if not labels[key].lstrip("-").isdigit():
+                return False
+            return int(labels[key]) > int(values[0]) if op == "Gt" else int(labels[key]) < int(values[0])
+        return (labels[key] in values) == (op == "In")
+    return all(holds(e) for e in term["matchExpressions"])
+
+
+def schedulable(spec: dict, labels: dict[str, str]) -> bool:
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return any(node_matches(term, labels) for term in terms)  # terms are ORed
+
+
+def gfd_node(driver: int, compute: str) -> dict[str, str]:
+    major, minor = compute.split(".")
+    return {"nvidia.com/gpu.present": "true", "nvidia.com/cuda.driver.major": str(driver),
+            "nvidia.com/gpu.compute.major": major, "nvidia.com/gpu.compute.minor": minor}
+
+
+def test_gpu_pods_land_only_where_the_image_can_run(rendered):
+    """The GPU image's ONNX Runtime is built on CUDA 13: driver >= 580, compute capability >= 7.5. A pod placed
+    elsewhere would start, get no CUDA provider and never become ready. Nodes as GPU feature discovery labels them."""
+    spec = pod_spec(one(rendered["overlays/gpu"], "Deployment"))
+    for driver, compute in ((580, "7.5"), (580, "8.0"), (590, "9.0"), (580, "12.0")):  # T4, A100, H100, Blackwell
+        assert schedulable(spec, gfd_node(driver, compute)), (driver, compute)
+    for driver, compute in ((575, "8.0"), (550, "9.0"), (580, "7.0"), (580, "6.1")):  # old driver; V100; P4
+        assert not schedulable(spec, gfd_node(driver, compute)), (driver, compute)
+    assert not schedulable(spec, {"kubernetes.io/os": "linux"})  # a CPU node, or a GPU node GFD has not labelled
+
+
+def test_replicas_spread_over_nodes_and_zones(rendered):
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        deployment = one(rendered[overlay], "Deployment")
+        spec = pod_spec(deployment)
+        constraints = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+        assert constraints["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"  # never one node
+        assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+        for constraint in constraints.values():
+            assert constraint["maxSkew"] == 1 and constraint["matchLabelKeys"] == ["pod-template-hash"]
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_serving_outranks_training_for_the_cluster(rendered):
+    classes = {d["metadata"]["name"]: d for d in rendered["namespace"] if d["kind"] == "PriorityClass"}
+    serving, training = classes["distilops-serving"], classes["distilops-training"]
+    assert serving["value"] > training["value"] and training["preemptionPolicy"] == "Never"
+    assert not serving.get("globalDefault") and not training.get("globalDefault")
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        assert pod_spec(one(rendered[overlay], "Deployment"))["priorityClassName"] == "distilops-serving"
+    for job in (d for d in rendered["jobs"] if d["kind"] == "Job"):
+        assert pod_spec(job)["priorityClassName"] == "distilops-training"
+
+
+def test_the_grace_period_covers_the_drain(rendered):
+    """preStop sleep, then BentoML's graceful shutdown (at least the service's traffic timeout, so no accepted
+    request is cut), then a margin: all before the kubelet's SIGKILL."""
+    service_code = (ROOT / "src/distilops/serving/service.py").read_text()
+    traffic_timeout = int(re.search(r'traffic=\{"timeout": (\d+)', service_code).group(1))
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        spec = pod_spec(one(rendered[overlay], "Deployment"))
+        container = spec["containers"][0]
+        args = container["args"]
+        graceful = int(args[args.index("--timeout-graceful-shutdown") + 1])
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert graceful >= traffic_timeout
+        assert spec["terminationGracePeriodSeconds"] >= pre_stop + graceful + 5
+        assert args[args.index("--port") + 1] == str(container["ports"][0]["containerPort"])
+
+
+def adapter_query(rule: dict, namespace: str, pods: list[str]) -> str:
+    """The PromQL prometheus-adapter runs for the HPA: its template filled as the adapter fills it (the
+    label matchers name only the resources asked about: namespace and pods)."""
+    matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
+    return (rule["metricsQuery"].replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+            .replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", "pod"))
+
+
+def test_the_adapter_rule_keeps_the_classify_filter():
+    """seriesQuery only discovers series; the query the HPA's numbers come from must filter /classify itself,
+    or in-flight requests of /readyz, /metrics and /model would count."""
+    (rule,) = yaml.safe_load((ROOT / "k8s/overlays/gpu/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    query = adapter_query(rule, "distilops", ["classifier-a", "classifier-b"])
+    assert query == ('sum(bentoml_service_request_in_progress{namespace="distilops",pod=~"classifier-a|classifier-b",'
+                     'endpoint="/classify"}) by (pod)')
+
+
+def test_the_platform_admits_only_its_clients(rendered):
+    platform, jobs = rendered["platform"], rendered["jobs"]
+    postgres, mlflow = one(platform, "NetworkPolicy", "postgres"), one(platform, "NetworkPolicy", "mlflow")
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in platform + jobs + rendered["overlays/cpu"] if d["kind"] in ("Deployment", "StatefulSet", "Job")}
+
+    def admitted(policy: dict) -> set[str]:
+        allowed = set()
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule["from"]:
+                wanted = peer["podSelector"].get("matchLabels", {})
+                allowed |= {name for name, labels in pods.items() if wanted.items() <= labels.items()}
+        return allowed
+
+    assert postgres["spec"]["podSelector"]["matchLabels"].items() <= pods["postgres"].items()
+    assert admitted(postgres) == {"mlflow", "distilops-pipeline", "distilops-tune"}  # not the serving pods
+    assert admitted(mlflow) >= {"distilops-pipeline", "distilops-tune"}
+    assert set(postgres["spec"]["policyTypes"]) == set(mlflow["spec"]["policyTypes"]) == {"Ingress", "Egress"}

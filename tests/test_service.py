@@ -2,7 +2,10 @@
 into a temporary BentoML store and served by `bentoml serve` on 127.0.0.1."""
 
 import asyncio
+import contextlib
 import os
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -55,6 +58,18 @@ def served(tmp_path_factory):
         yield server, folder, packaged
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def another_server(served, name: str, **settings: str):
+    """The same packaged model served again with other settings (one `bentoml serve` of its own)."""
+    server, _, packaged = served
+    env = {**server.env, "DISTILOPS_BENTO_MODEL": packaged.tag, **settings}
+    other = bentoml_serve(free_port(), env, server.log.parent / f"{name}.log")
+    try:
+        yield other
+    finally:
+        other.stop()
 
 
 def post(server, body=None, **kwargs):
@@ -174,3 +189,79 @@ def test_bentoml_build_bakes_exactly_the_packaged_model(served, tmp_path):
     assert f"./models/{name}/{version}/model/model.onnx" in names  # the weights travel in the Bento
     assert "./src/distilops/serving/service.py" in names and "./env/docker/Dockerfile" in names
     assert "./src/distilops/pipeline/training.py" not in names  # only what the service imports
+
+
+FAULTS = str(Path(__file__).resolve().parent / "faults")  # sitecustomize.py: makes ONNX Runtime's calls raise
+
+
+def probe_status(server, path: str) -> int:
+    return httpx.get(server.url + path, timeout=10).status_code
+
+
+def wait_for(condition, timeout: float = 60, every: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            if condition():
+                return True
+        time.sleep(every)
+    return False
+
+
+def test_repeated_inference_failures_flip_readiness_then_liveness(served):
+    """A sticky GPU error: after its first calls every model call raises. The pod answers 500s, turns unready
+    after 3 failures in a row (so no traffic reaches it), and unalive once it has failed for the configured time,
+    so the kubelet restarts it. Fault injected at ONNX Runtime's session (tests/faults/sitecustomize.py)."""
+    env = {"PYTHONPATH": os.pathsep.join([FAULTS, os.environ.get("PYTHONPATH", "")]),
+           "DISTILOPS_TEST_FAIL_AFTER_CALLS": "2", "DISTILOPS_UNREADY_AFTER_FAILURES": "3",
+           "DISTILOPS_DEAD_AFTER_SECONDS": "4"}
+    with another_server(served, "sticky-error", **env) as server:
+        server.wait_ready()
+        assert [post(server, {"texts": ["fine"]}).status_code for _ in range(2)] == [200, 200]
+        assert probe_status(server, "/readyz") == 200 and probe_status(server, "/livez") == 200
+        assert [post(server, {"texts": ["doomed"]}).status_code for _ in range(3)] == [500, 500, 500]
+        assert probe_status(server, "/readyz") == 503  # not ready: the Service stops sending it traffic
+        assert probe_status(server, "/livez") == 200  # not dead yet: a transient fault may still clear
+        assert wait_for(lambda: probe_status(server, "/livez") == 503, timeout=30), "never stopped being alive"
+        assert probe_status(server, "/readyz") == 503
+        assert "inference failed (3 in a row; not ready until a call succeeds)" in server.log.read_text()
+
+
+def test_a_transient_failure_clears_readiness_again(served):
+    """Three failed calls, then the device works again: the readiness probe's own call succeeds and the pod is
+    ready again, without a restart."""
+    env = {"PYTHONPATH": os.pathsep.join([FAULTS, os.environ.get("PYTHONPATH", "")]),
+           "DISTILOPS_TEST_FAIL_AFTER_CALLS": "1", "DISTILOPS_TEST_FAIL_CALLS": "3",
+           "DISTILOPS_UNREADY_AFTER_FAILURES": "3", "DISTILOPS_DEAD_AFTER_SECONDS": "600"}
+    with another_server(served, "transient-error", **env) as server:
+        server.wait_ready()
+        assert post(server, {"texts": ["fine"]}).status_code == 200
+        assert [post(server, {"texts": ["unlucky"]}).status_code for _ in range(3)] == [500, 500, 500]
+        assert probe_status(server, "/readyz") == 200  # the probe's own call succeeded: recovered
+        assert post(server, {"texts": ["fine again"]}).status_code == 200
+        assert probe_status(server, "/livez") == 200
+
+
+def test_a_bearer_token_guards_classify_and_leaves_probes_and_metrics_open(served):
+    with another_server(served, "token", DISTILOPS_API_TOKEN="s3cret-token") as server:
+        server.wait_ready()
+        body = {"texts": ["a moving film"]}
+        assert post(server, body).status_code == 401
+        wrong = post(server, body, headers={"Authorization": "Bearer s3cret-tokeN"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert post(server, body, headers={"Authorization": "s3cret-token"}).status_code == 401  # no scheme
+        assert post(server, body, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        for path in (*PROBE_PATHS, "/metrics", "/model"):
+            assert probe_status(server, path) == 200, path
+        assert httpx.get(server.url + "/model").json()["auth"] == "bearer token"
+
+
+def test_a_503_tells_the_client_when_to_retry(served):
+    """An unready pod answers 503 (here: a GPU pod without CUDA); so does BentoML shedding load. Both carry
+    Retry-After."""
+    with another_server(served, "no-gpu", DISTILOPS_REQUIRE_GPU="1") as server:
+        assert wait_for(lambda: probe_status(server, "/livez") == 200, timeout=90)
+        readyz = httpx.get(server.url + "/readyz")
+        assert readyz.status_code == 503 and readyz.headers["retry-after"] == "1"
+    server, _, _ = served
+    assert "retry-after" not in httpx.get(server.url + "/readyz").headers

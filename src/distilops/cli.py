@@ -276,22 +276,31 @@ def image_cmd(
 def deploy_cmd(
     overlay: str = typer.Option(..., "--overlay", help="k8s/overlays/<overlay>: cpu or gpu."),
     registry: str = typer.Option(None, "--registry", help="Where the cluster pulls images from (HOST[:PORT]/PATH); "
-                                                          "default: the local image reference."),
+                                                          "default: where the version's image was pushed."),
+    check_registry: bool = typer.Option(True, "--check-registry/--skip-registry-check",
+                                        help="Ask the registry which digest the tag names, and refuse a tag it "
+                                             "lacks or that was overwritten; skipped: pin the digest recorded at "
+                                             "the push (for rendering where the registry is out of reach)."),
+    tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS "
+                                    "(--no-tls-verify: plain HTTP, as for `image --push --no-tls-verify`)."),
     do_apply: bool = typer.Option(False, "--apply", help="kubectl apply it, wait for the rollout, check /model "
                                                          "through the Service; default: print the manifests."),
     version: str = VERSION,
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
-    """Render an overlay with the production release's image pinned (tag, digest when pushed) and the registry
-    version on its pods, validate it offline against the Kubernetes schemas, then print or apply it.
+    """Render an overlay with the production release's image pinned by digest (asked of the registry it was
+    pushed to) and the registry version on its pods, validate it offline against the Kubernetes schemas, then
+    print or apply it. A version whose image was never pushed, was rebuilt since, or whose tag the registry
+    lacks or now gives another image is refused, naming the fix.
 
     After `distilops promote --rollback`, deploy puts the previous version's image back.
     """
     from distilops.release.deploy import SCHEMA_VERSIONS, apply, render
 
     cfg, name = promote_config(params, model_name)
-    rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry)
+    rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry,
+                      check_registry=check_registry, tls_verify=tls_verify)
     typer.echo(f"{name} v{rendered.version} (release v{rendered.release}, {rendered.device}): {rendered.image}; "
                f"valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in SCHEMA_VERSIONS)}", err=True)
     if not do_apply:

@@ -26,7 +26,17 @@ import yaml
 
 from distilops.commands import run_command
 from distilops.errors import DeployError
-from distilops.release.image import IMAGE_NAME, IMAGE_REF, PUSHED, PUSHED_DIGEST, in_registry
+from distilops.release.image import (
+    IMAGE_ID,
+    IMAGE_NAME,
+    IMAGE_REF,
+    PUSHED,
+    PUSHED_DIGEST,
+    PUSHED_ID,
+    in_registry,
+    registry_of,
+)
+from distilops.release.oci import manifest_digest
 from distilops.release.package import resolve
 from distilops.release.registry import DEVICES, VARIANT
 
@@ -60,19 +70,41 @@ def render_overlay(overlay: str, root: Path = K8S) -> list[dict]:
                                                       what=f"kubectl kustomize overlays/{overlay}")) if doc]
 
 
-def image_reference(tags: dict[str, str], registry: str | None, version: str) -> str:
-    """Where the pods pull from: the recorded local image renamed into `registry` (same tag), with the
-    digest when the image was pushed there (`image.pushed` / `image.pushed_digest`)."""
+def image_reference(tags: dict[str, str], registry: str | None, version: str, *, check: bool = True,
+                    tls_verify: bool = True) -> str:
+    """The image pods pull, pinned by digest: the version's image in `registry` (default: where it was pushed).
+
+    Refused, with the fix named: a version never built or never pushed; a build newer than the last push
+    (its pods would run the old one); with `check`, a tag the registry does not hold, or a tag that now
+    names another image than the one pushed for this version. Without `check` (no access to the
+    registry), the digest recorded at the push is pinned."""
     local = tags.get(IMAGE_REF)
     if not local:
         raise DeployError(f"version {version} has no image: build it first (`distilops image --version {version} "
-                          "--device ...`), then push it to your registry")
-    tag = local.rsplit(":", 1)[1]
+                          "--device ...`), then push it to your registry (`--push REGISTRY`)")
+    registry = registry or (registry_of(tags[PUSHED]) if tags.get(PUSHED) else None)
     if not registry:
-        return local
-    ref = in_registry(registry, tag)
-    pushed, digest = tags.get(PUSHED, ""), tags.get(PUSHED_DIGEST, "")
-    return f"{ref}@{digest}" if pushed == ref and digest else ref
+        raise DeployError(f"version {version}'s image {local} was never pushed, and no node can pull a local image: "
+                          f"`distilops image --version {version} --push REGISTRY`, then deploy again")
+    ref = in_registry(registry, local.rsplit(":", 1)[1])
+    recorded = tags.get(PUSHED_DIGEST, "") if tags.get(PUSHED) == ref else ""
+    if recorded and tags.get(PUSHED_ID) and tags.get(PUSHED_ID) != tags.get(IMAGE_ID):
+        raise DeployError(f"version {version}'s image was rebuilt ({tags.get(IMAGE_ID, '?')[:12]}) after it was pushed "
+                          f"to {ref} ({tags[PUSHED_ID][:12]}): push the new build (`distilops image --version "
+                          f"{version} --push {registry}`) so the cluster runs what was built")
+    if not check:
+        if not recorded:
+            raise DeployError(f"no push of version {version}'s image to {registry} is recorded: push it there, or let "
+                              "deploy ask the registry (without --skip-registry-check)")
+        return f"{ref}@{recorded}"
+    found = manifest_digest(ref, tls_verify=tls_verify)
+    if found is None:
+        raise DeployError(f"{ref} is not in the registry: push it first (`distilops image --version {version} "
+                          f"--push {registry}`)")
+    if recorded and found != recorded:
+        raise DeployError(f"{ref} now names {found[:19]}..., not the image pushed for version {version} "
+                          f"({recorded[:19]}...): the tag was overwritten; push this version's image again")
+    return f"{ref}@{found}"
 
 
 def pin(documents: list[dict], *, image: str, registry_name: str, version: str, release: str, variant: str) -> None:
@@ -109,12 +141,13 @@ def validate(documents: list[dict], versions: tuple[str, ...] = SCHEMA_VERSIONS)
 
 
 def render(model_name: str, *, overlay: str, alias: str = "production", version: str | None = None,
-           registry: str | None = None, root: Path = K8S) -> Rendered:
+           registry: str | None = None, root: Path = K8S, check_registry: bool = True,
+           tls_verify: bool = True) -> Rendered:
     if overlay not in DEVICES:  # k8s/overlays/<device>: one overlay per device
         raise DeployError(f"unknown overlay '{overlay}': use one of {sorted(DEVICES)}")
     device = overlay
     release, served = resolve(model_name, alias=alias, version=version, device=device)
-    image = image_reference(served.tags, registry, served.version)
+    image = image_reference(served.tags, registry, served.version, check=check_registry, tls_verify=tls_verify)
     documents = render_overlay(overlay, root)
     pin(documents, image=image, registry_name=model_name, version=str(served.version), release=str(release.version),
         variant=served.tags.get(VARIANT, "?"))

@@ -45,7 +45,8 @@ IMAGE_NAME = "distilops-classifier"  # bentofile.yaml's name, and the image k8s/
 LOCAL_REPOSITORY = f"localhost/{IMAGE_NAME}"  # where `distilops image` builds, before any push
 # Tags on the registry version served: what was built (ref, id, local digest), where it was pushed and the
 # digest that registry reported. `distilops deploy` reads them.
-IMAGE_REF, PUSHED, PUSHED_DIGEST = "image.ref", "image.pushed", "image.pushed_digest"
+IMAGE_REF, IMAGE_ID = "image.ref", "image.id"
+PUSHED, PUSHED_DIGEST, PUSHED_ID = "image.pushed", "image.pushed_digest", "image.pushed_id"
 
 
 def image_tag(version: str, device: str) -> str:
@@ -56,6 +57,11 @@ def image_tag(version: str, device: str) -> str:
 def in_registry(registry: str, tag: str) -> str:
     """The image `tag` in a registry (HOST[:PORT]/PATH): where a push goes and what pods pull."""
     return f"{registry.rstrip('/')}/{IMAGE_NAME}:{tag}"
+
+
+def registry_of(ref: str) -> str:
+    """The registry (HOST[:PORT]/PATH) a reference made by `in_registry` points into."""
+    return ref.rsplit(":", 1)[0].removesuffix(f"/{IMAGE_NAME}")
 
 
 @dataclass
@@ -156,7 +162,7 @@ def inspect_image(ref: str) -> dict:
 def record(packaged: Packaged, built: BuiltImage) -> None:
     """Tag the served registry version with its image (what `distilops deploy` pins)."""
     c = client()
-    tags = {IMAGE_REF: built.ref, "image.id": built.image_id, "image.digest": built.digest,
+    tags = {IMAGE_REF: built.ref, IMAGE_ID: built.image_id, "image.digest": built.digest,
             "image.size_mb": f"{built.size_mb:.1f}",
             "image.built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for key, value in tags.items():
@@ -226,5 +232,6 @@ def push(model_name: str, version: str, registry: str, *, tls_verify: bool = Tru
         digest = digest_file.read_text().strip()
     c.set_model_version_tag(model_name, version, PUSHED, target)
     c.set_model_version_tag(model_name, version, PUSHED_DIGEST, digest)
+    c.set_model_version_tag(model_name, version, PUSHED_ID, tags.get(IMAGE_ID, ""))  # which build was pushed
     log.info("pushed %s (%s)", target, digest)
     return f"{target}@{digest}"

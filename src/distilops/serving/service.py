@@ -12,14 +12,22 @@ the model's own setting), so one text costs at most that many short texts' worth
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
 With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider never becomes
-ready: the pod is not served on its CPU by mistake, and the log says why.
+ready: the pod is not served on its CPU by mistake, and the log says why. At run time, model calls
+that keep failing (DISTILOPS_UNREADY_AFTER_FAILURES in a row, e.g. a sticky CUDA error) make the pod
+unready; each readiness probe then tries one call of its own, and a pod still failing after
+DISTILOPS_DEAD_AFTER_SECONDS is no longer alive, so the kubelet restarts it. A 503 (load shed, or not
+ready) carries Retry-After. With DISTILOPS_API_TOKEN set (the distilops-serving Secret), /classify needs
+that bearer token; probes, /metrics and /model stay open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +49,13 @@ WORKERS = int(os.environ.get("DISTILOPS_WORKERS", "1"))  # model copies per pod;
 THREADS = int(os.environ.get("DISTILOPS_THREADS", "0"))  # CPU threads per worker (0 = the CPU limit / workers)
 REQUIRE_GPU = os.environ.get("DISTILOPS_REQUIRE_GPU", "0") == "1"
 MAX_WINDOWS = int(os.environ["DISTILOPS_MAX_WINDOWS"]) if os.environ.get("DISTILOPS_MAX_WINDOWS") else None
+# Runtime health: after this many model calls in a row fail (a sticky CUDA error, say), the pod is not ready; once
+# it has been failing this long with no call succeeding since, it is not alive either, and the kubelet restarts it.
+UNREADY_AFTER_FAILURES = int(os.environ.get("DISTILOPS_UNREADY_AFTER_FAILURES", "3"))
+DEAD_AFTER_SECONDS = float(os.environ.get("DISTILOPS_DEAD_AFTER_SECONDS", "60"))
+# Optional bearer token for /classify (the distilops-serving Secret); probes, /metrics and /model stay open.
+API_TOKEN = os.environ.get("DISTILOPS_API_TOKEN", "")
+RETRY_AFTER_SECONDS = "1"  # told to clients of a 503 (overloaded, or not ready): the batching budget is ~1 s
 log = logging.getLogger("distilops.service")
 
 
@@ -62,6 +77,30 @@ def cpu_limit() -> int:
 
 def threads_per_worker() -> int:
     return THREADS or max(1, cpu_limit() // WORKERS)
+
+
+class Health:
+    """Consecutive failed model calls, and since when: readiness and liveness follow them."""
+
+    def __init__(self, unready_after: int, dead_after_s: float) -> None:
+        self.unready_after, self.dead_after_s = unready_after, dead_after_s
+        self.failures, self.failing_since = 0, 0.0
+
+    def succeeded(self) -> None:
+        self.failures, self.failing_since = 0, 0.0
+
+    def failed(self) -> None:
+        if self.failures == 0:
+            self.failing_since = time.monotonic()
+        self.failures += 1
+
+    @property
+    def failing(self) -> bool:
+        return self.failures >= self.unready_after
+
+    @property
+    def dead(self) -> bool:
+        return self.failing and time.monotonic() - self.failing_since >= self.dead_after_s
 
 
 def _not_blank(text: str) -> str:
@@ -99,6 +138,43 @@ class ModelHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class BearerToken:
+    """ASGI middleware: with DISTILOPS_API_TOKEN set, /classify needs `Authorization: Bearer <token>` (compared in
+    constant time); a missing or wrong token gets 401. Probes, /metrics and /model need none."""
+
+    def __init__(self, asgi_app) -> None:  # noqa: ANN001 (ASGI)
+        self.app = asgi_app
+        self.expected = f"Bearer {API_TOKEN}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
+        if API_TOKEN and scope["type"] == "http" and scope["path"].rstrip("/") == "/classify":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class RetryAfter:
+    """ASGI middleware: every 503 (BentoML shedding load it cannot answer within its budget, or a pod not
+    ready) tells the client when to retry, so well-behaved clients back off instead of hammering."""
+
+    def __init__(self, asgi_app) -> None:  # noqa: ANN001 (ASGI)
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                message["headers"] = [*message.get("headers", []), (b"retry-after", RETRY_AFTER_SECONDS.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
+
+
 class RequireJson:
     """ASGI middleware: /classify takes JSON only (BentoML would parse any other content type as JSON,
     and multipart as a form). A body that is not JSON gets BentoML's own 400."""
@@ -134,6 +210,7 @@ class Classifier:
         self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, device="cuda" if REQUIRE_GPU else None,
                                          threads=threads, max_windows=MAX_WINDOWS)
         self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
+        self.health = Health(UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS)
         if self.gpu_missing:
             log.error("DISTILOPS_REQUIRE_GPU=1 but ONNX Runtime runs this model on %s (CUDA provider unavailable: no "
                       "GPU visible, or CUDA/cuDNN libraries missing): not ready, so no traffic reaches a CPU-bound "
@@ -155,13 +232,36 @@ class Classifier:
             "lineage": {k: v for k, v in stored.info.metadata.items()
                         if k in ("git_commit", "data_hash", "teacher", "optuna_study", "mlflow_run_id", "source")},
             "metrics": stored.info.metadata.get("metrics", {}),
+            "auth": "bearer token" if API_TOKEN else "none",
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS,
                        "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
                        "max_windows": self.classifier.max_windows},
         })
 
     def __is_ready__(self) -> bool:
-        return bool(SERVED) and not self.gpu_missing
+        if not SERVED or self.gpu_missing:
+            return False
+        if self.health.failing:  # no traffic reaches an unready pod: only a call of its own can show recovery
+            with contextlib.suppress(Exception):  # counted and logged by checked_classify
+                self.checked_classify(["readiness check"])
+        return not self.health.failing
+
+    def __is_alive__(self) -> bool:
+        """False once every model call has failed for DISTILOPS_DEAD_AFTER_SECONDS: a restart is the cure
+        (a sticky CUDA error stays until the process ends)."""
+        return not self.health.dead
+
+    def checked_classify(self, texts: list[str]) -> list[Classification]:
+        """The model call, its outcome counted for readiness and liveness."""
+        try:
+            answers = self.classifier.classify(texts)
+        except Exception:
+            self.health.failed()
+            log.exception("inference failed (%d in a row%s)", self.health.failures,
+                          "; not ready until a call succeeds" if self.health.failing else "")
+            raise
+        self.health.succeeded()
+        return answers
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:
@@ -170,7 +270,7 @@ class Classifier:
         The declared content type spares BentoML from rebuilding the output's JSON schema on
         every response just to pick one (18% of the server's time under load, by py-spy).
         """
-        return self.classifier.classify(list(texts))
+        return self.checked_classify(list(texts))
 
     @app.get("/model")
     def model(self) -> dict:
@@ -178,6 +278,8 @@ class Classifier:
         return SERVED
 
 
-# The first added is the outermost: model headers go on the 415 as well.
+# The first added is the outermost: model headers and Retry-After go on every response, the 401 and 415 too.
 Classifier.add_asgi_middleware(ModelHeaders)
+Classifier.add_asgi_middleware(RetryAfter)
+Classifier.add_asgi_middleware(BearerToken)
 Classifier.add_asgi_middleware(RequireJson)
