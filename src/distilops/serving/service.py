@@ -117,22 +117,26 @@ SERVED: dict[str, Any] = {}  # what this process serves, for /model and the resp
 app = FastAPI(title="distilops model info")
 
 
-class ModelHeaders:
-    """ASGI middleware: X-Model-Name / X-Model-Version on every response, even errors."""
+class ResponseHeaders:
+    """ASGI middleware, on every response, errors included: X-Model-Name / X-Model-Version, and on a 503 (load
+    shed within BentoML's budget, or a pod not ready) Retry-After, so well-behaved clients back off."""
 
     def __init__(self, asgi_app) -> None:  # noqa: ANN001 (ASGI)
         self.app = asgi_app
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
-        if scope["type"] != "http" or not SERVED:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
         async def send_with_headers(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (b"x-model-name", SERVED["registry_name"].encode()),
-                                      (b"x-model-version", SERVED["registry_version"].encode())]
+                added = []
+                if SERVED:
+                    added += [(b"x-model-name", SERVED["registry_name"].encode()),
+                              (b"x-model-version", SERVED["registry_version"].encode())]
+                if message["status"] == 503:
+                    added.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -154,25 +158,6 @@ class BearerToken:
                                         headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-class RetryAfter:
-    """ASGI middleware: every 503 (BentoML shedding load it cannot answer within its budget, or a pod not
-    ready) tells the client when to retry, so well-behaved clients back off instead of hammering."""
-
-    def __init__(self, asgi_app) -> None:  # noqa: ANN001 (ASGI)
-        self.app = asgi_app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_retry_after(message) -> None:  # noqa: ANN001
-            if message["type"] == "http.response.start" and message["status"] == 503:
-                message["headers"] = [*message.get("headers", []), (b"retry-after", RETRY_AFTER_SECONDS.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_retry_after)
 
 
 class RequireJson:
@@ -278,8 +263,7 @@ class Classifier:
         return SERVED
 
 
-# The first added is the outermost: model headers and Retry-After go on every response, the 401 and 415 too.
-Classifier.add_asgi_middleware(ModelHeaders)
-Classifier.add_asgi_middleware(RetryAfter)
+# The first added is the outermost: its headers go on every response, the 401 and 415 too.
+Classifier.add_asgi_middleware(ResponseHeaders)
 Classifier.add_asgi_middleware(BearerToken)
 Classifier.add_asgi_middleware(RequireJson)
