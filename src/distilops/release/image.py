@@ -141,7 +141,9 @@ def build_bento(packaged: Packaged, out: Path, bentofile: Path = BENTOFILE) -> s
         if out.exists():
             shutil.rmtree(out)
         with tarfile.open(archive) as bento:
-            bento.extractall(out, filter="data")
+            # The "data" filter (no absolute paths, links out of `out`, devices) exists from Python 3.11.4 and
+            # 3.10.12 on; older interpreters (Debian 12's python3 is 3.11.2) extract our own export unfiltered.
+            bento.extractall(out, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return tag
 
 
