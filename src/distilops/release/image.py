@@ -144,7 +144,18 @@ def build_bento(packaged: Packaged, out: Path, bentofile: Path = BENTOFILE) -> s
             # The "data" filter (no absolute paths, links out of `out`, devices) exists from Python 3.11.4 and
             # 3.10.12 on; older interpreters (Debian 12's python3 is 3.11.2) extract our own export unfiltered.
             bento.extractall(out, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        readable_by_all(out)
     return tag
+
+
+def readable_by_all(root: Path) -> None:
+    """The image runs as uid 1034, not as the builder: every file readable, every folder traversable. (The export
+    keeps BentoML's 0700 store folders; only the data filter of newer Pythons happens to reset them.)"""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        path.chmod(0o755 if path.is_dir() else (mode | 0o444) & ~0o022)
 
 
 def download_wheels(packages: list[str], dest: Path) -> None:
