@@ -21,6 +21,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout: float = 90, *, exited=None, detail=lambda: "") -> None:  # noqa: ANN001
+    """Poll `url` until it answers 200. `exited()` may return why waiting is pointless (a dead process);
+    `detail()` adds what to show when time runs out (a log's tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exited and (why := exited()):
+            raise RuntimeError(why)
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready in {timeout} s:\n{detail()}")
+
+
 class Server:
     def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC,
                  ready_path: str = "/readyz") -> None:
@@ -33,17 +49,13 @@ class Server:
                                         start_new_session=True)
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        def exited() -> str | None:
+            if self.process.poll() is None:
+                return None
+            return f"server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}"
+
+        wait_ready(self.url + self.ready_path, timeout, exited=exited,
+                   detail=lambda: self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -178,7 +178,7 @@ def test_stopping_the_container_under_load_completes_every_request_in_flight(bui
     from collections import Counter
 
     import httpx
-    from serving import free_port
+    from serving import free_port, wait_ready
 
     documents = render("cpu")
     args, port = container_args(documents), free_port()
@@ -189,13 +189,7 @@ def test_stopping_the_container_under_load_completes_every_request_in_flight(bui
     podman("rm", "-f", name, check=False)
     podman("run", "-d", "--name", name, "--network", "host", *podman_args(documents), built["ref"], *args)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_ready(url + "/readyz", 120, detail=lambda: podman("logs", name, check=False).stderr[-3000:])
         long_text = " ".join(["a wonderful film with superb acting but a messy plot"] * 40)  # several windows
         stop, results, lock = threading.Event(), [], threading.Lock()
 

@@ -1,8 +1,8 @@
 """`distilops deploy`: the production version's image into a Kubernetes overlay, pinned and validated.
 
     alias (production) -> release version -> the version serving the overlay's device -> its image
-    -> k8s/overlays/<cpu|gpu> rendered by `kubectl kustomize`, the image pinned (tag, and digest where
-    known), the registry version as a pod label and annotation -> strict schema validation (offline)
+    -> k8s/overlays/<cpu|gpu> rendered by `kubectl kustomize`, the image pinned by the digest its registry
+    reports (release/oci.py), the registry version as a pod label and annotation -> strict schema validation
     -> printed, or `kubectl apply` + `kubectl rollout status` + /model checked through the Service.
 
 Pinning a new tag changes the pod template, so re-applying rolls the pods; after `distilops promote
