@@ -200,6 +200,39 @@ def test_dvc_status_after_a_serving_edit_lists_no_training_stage(tmp_path):
     assert naming and naming <= {"quantize", "evaluate", "register"}, status
 
 
+def test_the_committed_lock_matches_the_code_and_params():
+    """dvc.lock records what the committed outputs were made from: every code dependency's hash and every
+    param a stage reads. A code or params edit committed without `dvc repro` (or, for an edit that changes no
+    output, `dvc commit`) would leave the lock describing code that no longer exists; this fails instead."""
+    import hashlib
+
+    def plain(value: object) -> object:  # DVC writes 5e-05 as a string; PyYAML reads 5.0e-5 as a float
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stale = []
+    for name, stage in lock.items():
+        for dep in stage.get("deps", []):
+            path = ROOT / dep["path"]
+            if path.is_file() and dep["path"].startswith(("src/", "stages/")):
+                if hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:  # noqa: S324 (DVC's own hash)
+                    stale.append(f"{name}: {dep['path']}")
+        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+            if plain(params.get(key)) != plain(value):
+                stale.append(f"{name}: params {key}")
+    assert not stale, "dvc.lock is stale (run `dvc repro`): " + ", ".join(stale)
+
+
 def test_paths_and_dvc_yaml_agree():
     """Every path the code reads a stage's output from is that stage's declared output (or inside one)."""
     from distilops import paths

@@ -14,7 +14,7 @@ from distilops.cli import app
 from distilops.config import PromoteConfig
 from distilops.errors import DeployError, RegistryError
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.release.deploy import LABEL, pin, render, render_overlay, validate
+from distilops.release.deploy import LABEL, job_containers, pin, render, render_jobs, render_overlay, validate
 from distilops.release.package import resolve
 from distilops.release.registry import client, latest_serving_version, link_release, promote, register_version
 from distilops.tracking import stage_run
@@ -211,3 +211,36 @@ def test_deploy_pins_the_digest_the_registry_reports_and_refuses_what_it_lacks(r
             missing.output
     with pytest.raises(DeployError, match=f"cannot reach the image registry {oci.host}"):
         render(NAME, overlay="cpu", registry=target, tls_verify=False)
+
+
+def job_images(documents: list[dict]) -> set[str]:
+    return {c["image"] for c in job_containers(documents)}
+
+
+def test_jobs_render_with_a_given_digest_and_refuse_a_bare_tag_offline():
+    digest = "sha256:" + "ab" * 32
+    documents = render_jobs(f"{PUSHED_TO}/distilops-pipeline@{digest}", check_registry=False)
+    assert job_images(documents) == {f"{PUSHED_TO}/distilops-pipeline@{digest}"}
+    with pytest.raises(DeployError, match="is a tag: without asking the registry, give the digest"):
+        render_jobs(f"{PUSHED_TO}/distilops-pipeline:v1", check_registry=False)
+    result = CliRunner().invoke(app, ["jobs", "--image", f"{PUSHED_TO}/distilops-pipeline@{digest}",
+                                      "--skip-registry-check"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(f"@{digest}") == 3 and "unpinned" not in result.stdout
+
+
+@pytest.mark.slow
+def test_jobs_pin_the_digest_the_registry_reports(tmp_path):
+    """A retried pipeline pod must run its first attempt's image: the tag is resolved once, to a digest."""
+    from services import ImageRegistry
+
+    with ImageRegistry(tmp_path / "oci") as oci:
+        image = f"{oci.host}/ml/distilops-pipeline"
+        first = oci.push("ml/distilops-pipeline", "2026-11", b"pipeline image, first build")
+        assert job_images(render_jobs(f"{image}:2026-11", tls_verify=False)) == {f"{image}@{first}"}
+        second = oci.push("ml/distilops-pipeline", "2026-11", b"pipeline image, rebuilt")  # the tag moves
+        assert job_images(render_jobs(f"{image}:2026-11", tls_verify=False)) == {f"{image}@{second}"} != {first}
+        with pytest.raises(DeployError, match=f"{image}:never-pushed is not in the registry"):
+            render_jobs(f"{image}:never-pushed", tls_verify=False)
+        with pytest.raises(DeployError, match="name the tag you pushed"):
+            render_jobs(image, tls_verify=False)

@@ -1,6 +1,7 @@
 """Kubernetes manifests: every kustomization rendered (`kubectl kustomize`) and validated offline against
 the official schemas, strict on unknown fields; then checks that the manifests fit the service they deploy."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,13 +12,16 @@ import pytest
 import yaml
 from serving import PROBE_PATHS
 
+from distilops.errors import DeployError
+from distilops.release.deploy import validate
+
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "jobs", "platform")
+KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "jobs", "platform", "monitoring")
 APPS = [k for k in KUSTOMIZATIONS if k != "namespace"]  # what users apply and delete, again and again
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 
 
-def render(kustomization: str) -> list[dict]:
+def render(kustomization: str | Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl not found: the manifests are rendered with `kubectl kustomize` (kustomize built in)"
     result = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / kustomization)], capture_output=True,
@@ -44,8 +48,20 @@ def pod_spec(workload: dict) -> dict:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_manifests_validate_strictly(rendered, kustomization, version):
-    for doc in rendered[kustomization]:
-        kubernetes_validate.validate(doc, version, strict=True)
+    """Core kinds against Kubernetes' schemas; custom resources (PodMonitor) against their vendored CRDs."""
+    validate(rendered[kustomization], (version,))
+
+
+def test_custom_resources_are_checked_against_their_crd(rendered):
+    monitor = one(rendered["monitoring"], "PodMonitor")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    endpoint["scrapeInterval"] = "15s"  # a typo of `interval`: the API server would reject or drop it
+    with pytest.raises(DeployError, match="PodMonitor/distilops-classifier fails its CRD schema.*scrapeInterval"):
+        validate([monitor])
+    del endpoint["scrapeInterval"]
+    endpoint["interval"] = 15  # a number where the CRD wants a duration string
+    with pytest.raises(DeployError, match="fails its CRD schema"):
+        validate([monitor])
 
 
 def test_strict_validation_catches_an_unknown_field(rendered):
@@ -185,12 +201,39 @@ def test_runtime_class_is_an_optional_component():
     assert "runtimeClassName" not in (ROOT / "k8s/overlays/gpu/deployment-gpu.yaml").read_text()
 
 
+def test_the_pod_monitor_scrapes_the_classifier_metrics(rendered):
+    monitor = one(rendered["monitoring"], "PodMonitor")
+    deployment = one(rendered["overlays/cpu"], "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for p in pod_spec(deployment)["containers"][0]["ports"]}
+    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations.get("prometheus.io/path", "/metrics") == endpoint["path"]
+
+
+def test_cpu_pods_can_scale_on_requests_in_flight_too(tmp_path):
+    """The opt-in component adds the in-flight metric beside CPU (the HPA takes the larger count)."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "k8s/overlays/cpu", tmp_path)],  # kustomize refuses absolute paths
+        "components": [os.path.relpath(ROOT / "k8s/components/scale-on-in-flight", tmp_path)]}))
+    docs = render(tmp_path)
+    validate(docs)
+    cpu, in_flight = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert cpu["resource"]["name"] == "cpu"
+    assert in_flight["pods"]["metric"]["name"] == "distilops_requests_in_flight"
+    assert int(in_flight["pods"]["target"]["averageValue"]) <= int(
+        one(docs, "ConfigMap")["data"]["DISTILOPS_MAX_BATCH_SIZE"])
+
+
 def test_gpu_pods_scale_on_requests_in_flight_not_cpu(rendered):
     hpa = one(rendered["overlays/gpu"], "HorizontalPodAutoscaler")
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "distilops_requests_in_flight"
     # the adapter rule in the overlay maps it from the gauge the service exports (test_service.py reads it)
-    (rule,) = yaml.safe_load((ROOT / "k8s/overlays/gpu/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = yaml.safe_load((ROOT / "k8s/monitoring/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     assert rule["name"]["as"] == "distilops_requests_in_flight"
     assert rule["seriesQuery"].startswith("bentoml_service_request_in_progress{")
     assert one(rendered["overlays/cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
@@ -266,6 +309,35 @@ def test_training_jobs_share_a_study_and_run_on_gpus(rendered):
         claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
         assert claims == {one(docs, "PersistentVolumeClaim")["metadata"]["name"]}
     assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_workers_start_when_there_is_work_and_only_the_pipeline_may_start_them(rendered):
+    """No GPU waits through the teacher phase: the workers' Job is created suspended, and the pipeline starts
+    it right after writing the teacher-outputs marker, through a service account that may do only that."""
+    docs = rendered["jobs"]
+    pipeline, tune = one(docs, "Job", "distilops-pipeline"), one(docs, "Job", "distilops-tune")
+    assert tune["spec"]["suspend"] is True and not pipeline["spec"].get("suspend")
+    script = pod_spec(pipeline)["containers"][0]["args"][0]
+    marker = 'echo "$RUN_KEY" > /workspace/run/teacher_outputs.ready'
+    start = "distilops start-workers --job distilops-tune"
+    assert script.index(marker) < script.index(start) < script.rindex("dvc repro\n")
+    assert pod_spec(pipeline)["serviceAccountName"] == "distilops-pipeline"
+    assert pod_spec(pipeline)["automountServiceAccountToken"] is True
+    assert pod_spec(tune)["automountServiceAccountToken"] is False and "serviceAccountName" not in pod_spec(tune)
+    assert one(docs, "ServiceAccount", "distilops-pipeline")["automountServiceAccountToken"] is False
+    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": ["distilops-tune"],
+                              "verbs": ["get", "patch"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "distilops-pipeline", "namespace": "distilops"}]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def test_the_jobs_never_pull_a_moving_tag(rendered):
+    """Raw k8s/jobs names a placeholder tag no registry holds; `distilops jobs` pins the digest."""
+    for job in (d for d in rendered["jobs"] if d["kind"] == "Job"):
+        for container in (*pod_spec(job).get("initContainers", []), *pod_spec(job)["containers"]):
+            assert container["image"].endswith(":unpinned-render-with-distilops-jobs"), container["image"]
 
 
 def test_the_worker_command_exists_and_reads_the_index_kubernetes_sets():
@@ -369,7 +441,7 @@ def adapter_query(rule: dict, namespace: str, pods: list[str]) -> str:
 def test_the_adapter_rule_keeps_the_classify_filter():
     """seriesQuery only discovers series; the query the HPA's numbers come from must filter /classify itself,
     or in-flight requests of /readyz, /metrics and /model would count."""
-    (rule,) = yaml.safe_load((ROOT / "k8s/overlays/gpu/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = yaml.safe_load((ROOT / "k8s/monitoring/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     query = adapter_query(rule, "distilops", ["classifier-a", "classifier-b"])
     assert query == ('sum(bentoml_service_request_in_progress{namespace="distilops",pod=~"classifier-a|classifier-b",'
                      'endpoint="/classify"}) by (pod)')

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from distilops.errors import ModelError
 from distilops.pipeline.torch_model import open_classifier
 from distilops.serving.folder import write_meta
-from distilops.serving.inference import TextEncoder, softmax
+from distilops.serving.inference import OnnxModel, TextEncoder, softmax
 
 TEXTS = [
     "a wonderful, moving film",
@@ -94,3 +94,22 @@ def test_a_5000_character_text_is_read_up_to_the_window_cap(tmp_path):
     prediction = open_classifier(folder, threads=1).classify([text, "dull"])
     assert [(p.windows, p.truncated) for p in prediction] == [(16, True), (1, False)]
     assert prediction[0].label in ("rotten", "fresh") and 0.5 <= prediction[0].score <= 1
+
+
+@pytest.mark.parametrize("spin_wait", [False, True])
+def test_onnx_runtime_threads_spin_only_when_asked(tmp_path, spin_wait):
+    """Spinning idle threads read as busy cores to a CPU autoscaler: the session turns it off by default."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [None, 2])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)  # onnx writes 14,
+    onnx.save(proto, tmp_path / "model.onnx")  # ONNX Runtime 1.31 reads up to 13
+    model = OnnxModel(tmp_path / "model.onnx", cuda=False, threads=1, spin_wait=spin_wait)
+    options = model.session.get_session_options()
+    for pool in ("intra_op", "inter_op"):
+        assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == ("1" if spin_wait else "0")
+    batch = np.array([[1.0, 2.0]], dtype=np.float32)
+    assert model({"input_ids": batch, "attention_mask": batch}).tolist() == [[1.0, 2.0]]  # extra inputs dropped

@@ -93,6 +93,7 @@ def test_answers_match_the_model_and_name_the_version(served):
     assert info["format"] == "onnx" and info["providers"] == ["CPUExecutionProvider"] and info["device"] == "cpu"
     assert info["lineage"]["teacher"] == "tiny-teacher" and info["metrics"]["accuracy"] == 0.9
     assert info["limits"]["max_texts"] == MAX_TEXTS
+    assert info["spin_wait"] is False  # ONNX Runtime's idle threads sleep: CPU use reads true load
 
 
 def test_health_endpoints_and_prometheus_metrics(served):

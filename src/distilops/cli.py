@@ -283,8 +283,9 @@ def deploy_cmd(
                                              "the push (for rendering where the registry is out of reach)."),
     tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS "
                                     "(--no-tls-verify: plain HTTP, as for `image --push --no-tls-verify`)."),
-    do_apply: bool = typer.Option(False, "--apply", help="kubectl apply it, wait for the rollout, check /model "
-                                                         "through the Service; default: print the manifests."),
+    do_apply: bool = typer.Option(False, "--apply", help="Apply it (server-side, to the kubeconfig's cluster), wait "
+                                                         "for the rollout, check /model through the Service; "
+                                                         "default: print the manifests."),
     version: str = VERSION,
     model_name: str = MODEL,
     params: Path = PARAMS,
@@ -309,6 +310,52 @@ def deploy_cmd(
     served = apply(rendered)
     typer.echo(f"rolled out: the Service answers as {served['registry_name']} v{served['registry_version']} "
                f"on {served.get('providers')}", err=True)
+
+
+@app.command("jobs")
+def jobs_cmd(
+    image: str = typer.Option(..., "--image", help="The pipeline image you pushed: REGISTRY/PATH/distilops-pipeline:"
+                                                   "TAG (its digest is asked of the registry) or ...@sha256:DIGEST."),
+    check_registry: bool = typer.Option(True, "--check-registry/--skip-registry-check",
+                                        help="Ask the registry for the tag's digest; skipped: --image must carry "
+                                             "the digest."),
+    tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
+    do_apply: bool = typer.Option(False, "--apply", help="Apply it (server-side, to the kubeconfig's cluster); "
+                                                         "default: print the manifests."),
+) -> None:
+    """Render k8s/jobs (the pipeline Job and its suspended tune workers) with the pipeline image pinned by
+    digest, so a retried pod runs the same image as its first attempt; validate it offline; print or apply it.
+
+    The tune workers start suspended: the pipeline Job starts them (`distilops start-workers`) once the teacher
+    outputs they read exist, so no GPU waits idle through the teacher phase.
+    """
+    from distilops.release.cluster import apply
+    from distilops.release.deploy import job_containers, render_jobs
+
+    documents = render_jobs(image, check_registry=check_registry, tls_verify=tls_verify)
+    typer.echo(f"k8s/jobs on {job_containers(documents)[0]['image']}", err=True)
+    if not do_apply:
+        import yaml
+
+        typer.echo(yaml.safe_dump_all(documents, sort_keys=False))
+        return
+    for applied in apply(documents):
+        typer.echo(f"applied {applied}", err=True)
+
+
+@app.command("start-workers")
+def start_workers_cmd(
+    job: str = typer.Option("distilops-tune", "--job", help="The suspended Job to start."),
+    namespace: str = typer.Option(None, "--namespace", "-n", help="Its namespace (default: this pod's own, else "
+                                                                  "distilops)."),
+) -> None:
+    """Start (un-suspend) the tune workers' Job: what the pipeline Job runs once the teacher outputs exist.
+    Uses this pod's service account (k8s/jobs: a Role allowing only this), else the kubeconfig."""
+    from distilops.release.cluster import current_namespace, start_job
+
+    namespace = namespace or current_namespace()
+    started = start_job(namespace, job)
+    typer.echo(f"job {namespace}/{job} {'started' if started else 'was already running'}", err=True)
 
 
 @app.command("serve")

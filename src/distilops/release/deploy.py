@@ -3,7 +3,11 @@
     alias (production) -> release version -> the version serving the overlay's device -> its image
     -> k8s/overlays/<cpu|gpu> rendered by `kubectl kustomize`, the image pinned by the digest its registry
     reports (release/oci.py), the registry version as a pod label and annotation -> strict schema validation
-    -> printed, or `kubectl apply` + `kubectl rollout status` + /model checked through the Service.
+    -> printed, or applied (server-side, Kubernetes Python client: cluster.py), the rollout waited on, and
+    /model checked through the Service.
+
+`render_jobs` does the same for k8s/jobs: the pipeline image pinned by the digest its registry reports, so a
+retried pod runs the very image (and run key) its first attempt ran.
 
 Pinning a new tag changes the pod template, so re-applying rolls the pods; after `distilops promote
 --rollback`, deploy renders the previous version's image, and applying it rolls back the cluster too.
@@ -26,6 +30,7 @@ import yaml
 
 from distilops.commands import run_command
 from distilops.errors import DeployError
+from distilops.release import cluster
 from distilops.release.image import (
     IMAGE_ID,
     IMAGE_NAME,
@@ -59,15 +64,16 @@ class Rendered:
         return yaml.safe_dump_all(self.documents, sort_keys=False)
 
 
-def kubectl(*args: str, what: str, stdin: str | None = None, timeout: float | None = None) -> str:
-    return run_command(["kubectl", *args], what=f"{what} failed", error=DeployError, input=stdin, timeout=timeout,
-                       missing="deploy renders overlays with `kubectl kustomize` (kubectl >= 1.27)",
-                       tail_lines=20).stdout
+def kustomize(folder: Path) -> list[dict]:
+    """The documents `kubectl kustomize folder` renders."""
+    out = run_command(["kubectl", "kustomize", str(folder)], what=f"kubectl kustomize {folder} failed",
+                      error=DeployError, missing="deploy renders overlays with `kubectl kustomize` (kubectl >= 1.27)",
+                      tail_lines=20).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def render_overlay(overlay: str, root: Path = K8S) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(kubectl("kustomize", str(root / "overlays" / overlay),
-                                                      what=f"kubectl kustomize overlays/{overlay}")) if doc]
+    return kustomize(root / "overlays" / overlay)
 
 
 def image_reference(tags: dict[str, str], registry: str | None, version: str, *, check: bool = True,
@@ -129,9 +135,55 @@ def pin(documents: list[dict], *, image: str, registry_name: str, version: str, 
         raise DeployError(f"no container running the {IMAGE_NAME} image in the Deployment")
 
 
+# Custom resources are checked against their projects' published CRDs, vendored at a pinned release in crds/:
+#   monitoring.coreos.com_podmonitors.yaml  prometheus-operator v0.93.0 (f8fafd475f3d), example/prometheus-operator-crd/
+CRDS = Path(__file__).parent / "crds"
+
+
+def strict(schema: dict) -> dict:
+    """A CRD's OpenAPI schema that refuses unknown fields, as the API server prunes or rejects them: every
+    object with `properties` and no `additionalProperties` or x-kubernetes-preserve-unknown-fields is closed."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def custom_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> strict schema, for every version each vendored CRD serves."""
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                schema = strict(version["schema"]["openAPIV3Schema"])
+                schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked by the API server
+                schemas[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = schema
+    return schemas
+
+
+def validate_custom(doc: dict, schema: dict) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(doc))
+    if error is not None:
+        raise DeployError(f"{doc['kind']}/{doc['metadata']['name']} fails its CRD schema: {error.message} "
+                          f"(at {'.'.join(map(str, error.absolute_path))})")
+
+
 def validate(documents: list[dict], versions: tuple[str, ...] = SCHEMA_VERSIONS) -> None:
-    """Strict validation against the official Kubernetes schemas (unknown fields, wrong types): offline."""
+    """Strict validation against the official Kubernetes schemas (unknown fields, wrong types), and custom
+    resources against their vendored CRDs: offline."""
+    customs = custom_schemas()
     for doc in documents:
+        if (doc.get("apiVersion"), doc.get("kind")) in customs:
+            validate_custom(doc, customs[(doc["apiVersion"], doc["kind"])])
+            continue
         for version in versions:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -155,6 +207,43 @@ def render(model_name: str, *, overlay: str, alias: str = "production", version:
     return Rendered(documents, image, model_name, str(served.version), str(release.version), device)
 
 
+PIPELINE_IMAGE = "distilops-pipeline"
+
+
+def job_containers(documents: list[dict]) -> list[dict]:
+    """Every container (init containers too) of every Job among the documents."""
+    return [c for doc in documents if doc["kind"] == "Job"
+            for c in (*doc["spec"]["template"]["spec"].get("initContainers", []),
+                      *doc["spec"]["template"]["spec"]["containers"])]
+
+
+def render_jobs(image: str, *, root: Path = K8S, check_registry: bool = True, tls_verify: bool = True) -> list[dict]:
+    """k8s/jobs with every pipeline container on `image` (REGISTRY/PATH/distilops-pipeline:TAG) pinned by the
+    digest the registry reports for the tag (or the digest given as IMAGE@sha256:...), validated offline."""
+    name = image.split("@")[0]
+    if "@sha256:" in image:
+        pinned = image
+    elif not check_registry:
+        raise DeployError(f"{image} is a tag: without asking the registry, give the digest (IMAGE@sha256:...)")
+    else:
+        if ":" not in name.rsplit("/", 1)[-1]:
+            raise DeployError(f"{image}: name the tag you pushed (REGISTRY/PATH/{PIPELINE_IMAGE}:TAG)")
+        digest = manifest_digest(name, tls_verify=tls_verify)
+        if digest is None:
+            raise DeployError(f"{name} is not in the registry: build and push the pipeline image first "
+                              "(k8s/jobs/Dockerfile)")
+        pinned = f"{name.rsplit(':', 1)[0]}@{digest}"
+    documents = kustomize(root / "jobs")
+    containers = job_containers(documents)
+    for container in containers:
+        if PIPELINE_IMAGE in container["image"]:
+            container["image"] = pinned
+    if not any(c["image"] == pinned for c in containers):
+        raise DeployError(f"no container in k8s/jobs runs the {PIPELINE_IMAGE} image")
+    validate(documents)
+    return documents
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,12 +251,11 @@ def free_port() -> int:
 
 
 def apply(rendered: Rendered, *, timeout_s: int = 600) -> dict:
-    """kubectl apply, wait for the rollout, then ask the Service which version answers (via port-forward)."""
-    kubectl("apply", "-f", "-", what="kubectl apply", stdin=rendered.yaml())
+    """Server-side apply, wait for the rollout, then ask the Service which version answers (via port-forward)."""
+    cluster.apply(rendered.documents)
     deployment = next(d for d in rendered.documents if d["kind"] == "Deployment")
     namespace, name = deployment["metadata"].get("namespace", "default"), deployment["metadata"]["name"]
-    kubectl("rollout", "status", f"deployment/{name}", "-n", namespace, f"--timeout={timeout_s}s",
-            what="kubectl rollout status", timeout=timeout_s + 30)
+    cluster.wait_rollout(namespace, name, timeout_s=timeout_s)
     service = next(d for d in rendered.documents if d["kind"] == "Service")
     port = free_port()
     forward = subprocess.Popen(["kubectl", "port-forward", "-n", namespace, f"service/{service['metadata']['name']}",

@@ -111,12 +111,19 @@ class TextEncoder:
 
 
 class OnnxModel:
-    """An ONNX Runtime session: CUDA first when asked for and present, the CPU otherwise."""
+    """An ONNX Runtime session: CUDA first when asked for and present, the CPU otherwise.
 
-    def __init__(self, path: Path, *, cuda: bool, threads: int | None) -> None:
+    `spin_wait`: ONNX Runtime's idle CPU threads busy-wait for the next piece of work by default. That
+    saves a little latency, but a spinning thread counts as a busy core, so a pod's CPU utilisation (what a
+    CPU HorizontalPodAutoscaler scales on) reads high at any load; off unless asked for
+    (benchmarks/ort_spinning.py measures both)."""
+
+    def __init__(self, path: Path, *, cuda: bool, threads: int | None, spin_wait: bool = False) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin_wait else "0")
         cuda = cuda and CUDA in ort.get_available_providers()  # onnxruntime-gpu is installed
         if cuda:
             # The CUDA and cuDNN libraries come as nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), not on the
@@ -172,12 +179,14 @@ class TextClassifier:
     """Tokenizer + model from one folder; `predict_logits` and `classify` work on raw texts.
 
     ONNX folders run on ONNX Runtime: `device` "cuda" or "cpu" (None = CUDA when available), `threads`
-    CPU threads (None = all). Other formats need their `model` handed in (the pipeline's torch runtime).
+    CPU threads (None = all), `spin_wait` whether idle threads busy-wait (OnnxModel). Other formats need
+    their `model` handed in (the pipeline's torch runtime).
     `window_overlap`, `max_windows`: the long-text windows; None = the folder's distilops.json, else the defaults.
     """
 
     def __init__(self, folder: str | Path, device: str | None = None, threads: int | None = None, *,
-                 window_overlap: int | None = None, max_windows: int | None = None, model: Model | None = None) -> None:
+                 window_overlap: int | None = None, max_windows: int | None = None, model: Model | None = None,
+                 spin_wait: bool = False) -> None:
         self.folder = Path(folder)
         self.format = detect_format(self.folder)
         meta = read_meta(self.folder)
@@ -193,7 +202,8 @@ class TextClassifier:
             if self.format != "onnx":
                 raise ModelError(f"{self.folder} is a PyTorch model ({self.format}); serving runs ONNX folders "
                                  "only: serve an ONNX variant (distilops package --device cpu|gpu)")
-            model = OnnxModel(self.folder / FORMAT_FILES["onnx"], cuda=device != "cpu", threads=threads)
+            model = OnnxModel(self.folder / FORMAT_FILES["onnx"], cuda=device != "cpu", threads=threads,
+                              spin_wait=spin_wait)
         self.model = model
         self.providers, self.device = model.providers, model.device
 

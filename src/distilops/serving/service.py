@@ -47,6 +47,7 @@ MAX_BATCH_SIZE = int(os.environ.get("DISTILOPS_MAX_BATCH_SIZE", "64"))  # texts 
 MAX_LATENCY_MS = int(os.environ.get("DISTILOPS_MAX_LATENCY_MS", "1000"))  # queueing + inference budget
 WORKERS = int(os.environ.get("DISTILOPS_WORKERS", "1"))  # model copies per pod; batching gathers within each
 THREADS = int(os.environ.get("DISTILOPS_THREADS", "0"))  # CPU threads per worker (0 = the CPU limit / workers)
+SPIN_WAIT = os.environ.get("DISTILOPS_ORT_SPIN_WAIT", "0") == "1"  # idle threads busy-wait: inflates CPU use
 REQUIRE_GPU = os.environ.get("DISTILOPS_REQUIRE_GPU", "0") == "1"
 MAX_WINDOWS = int(os.environ["DISTILOPS_MAX_WINDOWS"]) if os.environ.get("DISTILOPS_MAX_WINDOWS") else None
 # Runtime health: after this many model calls in a row fail (a sticky CUDA error, say), the pod is not ready; once
@@ -193,7 +194,7 @@ class Classifier:
         threads = threads_per_worker()
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizer's pool, before its first use
         self.classifier = TextClassifier(Path(stored.path) / MODEL_SUBDIR, device="cuda" if REQUIRE_GPU else None,
-                                         threads=threads, max_windows=MAX_WINDOWS)
+                                         threads=threads, max_windows=MAX_WINDOWS, spin_wait=SPIN_WAIT)
         self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
         self.health = Health(UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS)
         if self.gpu_missing:
@@ -211,6 +212,7 @@ class Classifier:
             "providers": self.classifier.providers,  # what ONNX Runtime really runs on
             "require_gpu": REQUIRE_GPU,
             "threads": threads,
+            "spin_wait": SPIN_WAIT,
             "max_length": self.classifier.max_length,
             "window_overlap": self.classifier.window_overlap,
             "labels": self.classifier.labels,

@@ -1,0 +1,145 @@
+"""Talking to a cluster through the Kubernetes Python client: server-side apply, rollout waits, Job starts.
+
+Rendering stays with `kubectl kustomize` (deploy.py); what goes to the API server goes through the client, so
+answers are objects with fields, not kubectl's text. Credentials: the pod's service account inside a
+cluster, else the kubeconfig (KUBECONFIG, ~/.kube/config), as kubectl finds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distilops.errors import DeployError
+
+log = logging.getLogger(__name__)
+FIELD_MANAGER = "distilops"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def api_client() -> Any:
+    """An ApiClient from the pod's service account, else the kubeconfig; a clear error when neither exists."""
+    from kubernetes import client, config
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()
+        else:
+            config.load_kube_config()
+    except config.ConfigException as exc:
+        raise DeployError(f"no cluster credentials: {exc} (inside a pod: a service account token; elsewhere: a "
+                          "kubeconfig, as `kubectl` uses)") from None
+    return client.ApiClient()
+
+
+def current_namespace(default: str = "distilops") -> str:
+    """The pod's own namespace inside a cluster (its service account says), else `default`."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or default
+    except OSError:
+        return default
+
+
+def api_error(exc: Exception, what: str) -> DeployError:
+    """The API server's own reason (status, message) instead of the client's traceback."""
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None) or str(exc)
+    body = getattr(exc, "body", None)
+    if body:
+        with contextlib.suppress(ValueError, AttributeError):  # not a Status object: keep the reason
+            reason = json.loads(body).get("message", reason)
+    return DeployError(f"{what}: {status or ''} {reason}".strip())
+
+
+def apply(documents: list[dict], *, dry_run: bool = False, client: Any = None) -> list[str]:
+    """Server-side apply of each document, in order, as field manager `distilops` (conflicts forced: the
+    rendered overlay is the source of truth). Returns "Kind/name" for each."""
+    from kubernetes import dynamic
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        dyn = dynamic.DynamicClient(client or api_client())
+    except ApiException as exc:
+        raise api_error(exc, "asking the cluster which kinds it serves") from None
+    applied = []
+    for doc in documents:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        try:
+            resource = dyn.resources.get(api_version=doc["apiVersion"], kind=kind)
+            dyn.server_side_apply(resource, body=doc, namespace=doc["metadata"].get("namespace"),
+                                  field_manager=FIELD_MANAGER, force_conflicts=True,
+                                  **({"dry_run": "All"} if dry_run else {}))
+        except ApiException as exc:
+            raise api_error(exc, f"applying {kind}/{name}") from None
+        except dynamic.exceptions.ResourceNotFoundError:
+            raise DeployError(f"the cluster does not know {doc['apiVersion']} {kind} (a CRD not installed?)") from None
+        applied.append(f"{kind}/{name}")
+        log.info("applied %s/%s", kind, name)
+    return applied
+
+
+def rollout_state(deployment: dict) -> tuple[bool, str]:
+    """(done, what is happening) for a Deployment's status, as `kubectl rollout status` judges it.
+    Raises when the rollout exceeded its progress deadline."""
+    spec, status = deployment.get("spec", {}), deployment.get("status") or {}
+    metadata = deployment.get("metadata", {})
+    if metadata.get("generation", 0) > status.get("observedGeneration", 0):
+        return False, "waiting for the Deployment spec update to be observed"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            raise DeployError(f"rollout of {metadata.get('name')} exceeded its progress deadline: "
+                              f"{condition.get('message', '')}")
+    wanted = spec.get("replicas", 1)
+    updated, replicas = status.get("updatedReplicas", 0), status.get("replicas", 0)
+    available = status.get("availableReplicas", 0)
+    if updated < wanted:
+        return False, f"{updated} of {wanted} new replicas updated"
+    if replicas > updated:
+        return False, f"{replicas - updated} old replicas pending termination"
+    if available < updated:
+        return False, f"{available} of {updated} updated replicas available"
+    return True, f"{updated} replicas up to date and available"
+
+
+def wait_rollout(namespace: str, name: str, *, timeout_s: float = 600, poll_s: float = 2,
+                 read: Callable[[], dict] | None = None) -> str:
+    """Wait until the Deployment's rollout is complete (rollout_state); DeployError on timeout or deadline."""
+    if read is None:
+        from kubernetes import client as k8s
+
+        apps = k8s.AppsV1Api(api_client())
+
+        def read() -> dict:
+            return apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment_status(name, namespace))
+
+    deadline, message = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        done, now = rollout_state(read())
+        if now != message:
+            log.info("rollout of %s: %s", name, now)
+            message = now
+        if done:
+            return message
+        time.sleep(poll_s)
+    raise DeployError(f"rollout of {namespace}/{name} not complete after {timeout_s:.0f} s: {message}")
+
+
+def start_job(namespace: str, name: str, *, client: Any = None) -> bool:
+    """Un-suspend a Job (its pods start now). False if it was already running; DeployError if it is missing."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    batch = k8s.BatchV1Api(client or api_client())
+    try:
+        job = batch.read_namespaced_job(name, namespace)
+        if not job.spec.suspend:
+            return False
+        batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": False}}, field_manager=FIELD_MANAGER)
+    except ApiException as exc:
+        raise api_error(exc, f"starting job {namespace}/{name}") from None
+    return True
