@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast lint ui serve bento image benchmark test-tools clean-env
+.PHONY: run test test-fast lint ui serve bento image benchmark test-tools checkov clean-env
 
 # The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
 # (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
@@ -52,7 +52,25 @@ test-tools:
 	  fi; \
 	fi
 
-test: $(VENV)/.installed test-tools  ## the whole test suite (what CI runs: about 25 min on 2 cores)
+# checkov scans the rendered manifests (tests/test_k8s_scan.py, offline) from a venv of its own: its pins
+# (packaging<24, networkx<2.7, cachetools<6, importlib-metadata<8) clash with the project's. The version is
+# pinned and a new pin reinstalls it: about 8 s with uv (the main venv's when none is on the PATH), under a
+# minute with pip.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := .venv-tools/checkov
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	rm -rf $(CHECKOV_VENV) && python3 -m venv $(CHECKOV_VENV)
+	@UV=$$(command -v uv || { test -x $(VENV)/bin/uv && echo $(VENV)/bin/uv; }); \
+	if [ -n "$$UV" ]; then \
+	  $$UV pip install --python $(CHECKOV_VENV)/bin/python -q checkov==$(CHECKOV_VERSION); \
+	else \
+	  $(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION); \
+	fi
+	touch $@
+
+checkov: $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
+test: $(VENV)/.installed test-tools checkov  ## the whole test suite (what CI runs: about 25 min on 2 cores)
 	. $(VENV)/bin/activate && pytest
 
 # The inner loop: everything but the tests marked slow (real services, real `dvc repro`, containers): it
@@ -81,4 +99,4 @@ benchmark: $(VENV)/.installed  ## serving throughput, BentoML vs a naive server 
 	. $(VENV)/bin/activate && python benchmarks/serving_benchmark.py
 
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-tools
