@@ -176,3 +176,16 @@ def test_the_namespace_comes_from_the_service_account(tmp_path, monkeypatch):
     (token_dir / "namespace").write_text("team-a\n")
     monkeypatch.setattr(cluster, "SERVICE_ACCOUNT_NAMESPACE", token_dir / "namespace")
     assert cluster.current_namespace() == "team-a"
+
+
+def test_start_workers_without_a_cluster_says_so(tmp_path, monkeypatch):
+    """What the pipeline Job's script sees where it has no service account: one line and exit 1 (the script
+    then goes on, and its own distill stage runs every trial)."""
+    from typer.testing import CliRunner
+
+    from distilops.cli import app
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    result = CliRunner().invoke(app, ["start-workers"])
+    assert result.exit_code == 1 and "no cluster credentials" in result.output and "Traceback" not in result.output
