@@ -16,6 +16,7 @@ Pinning a new tag changes the pod template, so re-applying rolls the pods; after
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -154,8 +155,9 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+@functools.cache  # parsed once per process: validate runs for every render, and CRDs are large YAML
 def custom_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) -> strict schema, for every version each vendored CRD serves."""
+    """(apiVersion, kind) -> strict schema, for every version each vendored CRD serves (read-only)."""
     schemas = {}
     for path in sorted(CRDS.glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
