@@ -73,7 +73,7 @@ def condition_holds(condition: str, result: list[float]) -> bool:
 class Measurement:
     metric: str
     value: float | None
-    phase: str  # Successful | Failed | Error (Argo's measurement phases)
+    phase: str  # Successful | Failed | Inconclusive | Error (Argo's measurement phases)
     detail: str = ""
 
 
@@ -93,19 +93,32 @@ def template_args(template: dict, given: dict[str, str]) -> dict[str, str]:
     return {**args, **given}
 
 
+def judge(metric: dict, result: list[float]) -> str:
+    """Argo Rollouts' EvaluateResult (utils/evaluate/evaluate.go, v1.9.1): with only a success condition, not
+    holding fails; with only a failure condition, not holding succeeds; with both, neither holding is
+    Inconclusive; a failure condition that holds always fails."""
+    success, failure = metric.get("successCondition"), metric.get("failureCondition")
+    if not success and not failure:
+        return "Successful"
+    succeeded = condition_holds(success, result) if success else False
+    failed = condition_holds(failure, result) if failure else False
+    if success and not failure:
+        failed = not succeeded
+    if failure and not success:
+        succeeded = not failed
+    return "Failed" if failed else "Successful" if succeeded else "Inconclusive"
+
+
 def measure(prometheus: Prometheus, template: dict, args: dict[str, str]) -> list[Measurement]:
-    """One measurement of every metric of the AnalysisTemplate, judged as Argo Rollouts judges it: a failure
-    condition that holds fails it; otherwise a success condition that does not hold fails it."""
+    """One measurement of every metric of the AnalysisTemplate, with Argo's arguments substituted and its
+    judgement; a query that returns nothing or fails is an Error, as in Argo."""
     found = []
     args = template_args(template, args)
     for metric in template["spec"]["metrics"]:
         query = substitute(metric["provider"]["prometheus"]["query"], args)
         try:
             result = prometheus.query(query)
-            failed = "failureCondition" in metric and condition_holds(metric["failureCondition"], result)
-            if not failed and "successCondition" in metric:
-                failed = not condition_holds(metric["successCondition"], result)
-            found.append(Measurement(metric["name"], result[0], "Failed" if failed else "Successful"))
+            found.append(Measurement(metric["name"], result[0] if result else None, judge(metric, result)))
         except (ValueError, RuntimeError) as exc:
             found.append(Measurement(metric["name"], None, "Error", str(exc)))
     return found
