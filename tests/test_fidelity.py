@@ -138,3 +138,29 @@ def test_a_reference_that_does_not_fit_is_refused_with_the_reason(change, messag
     with pytest.raises(ValueError, match=message):
         LiveDrift(ref, LABELS, size=10)
 
+
+def test_the_service_records_a_batch_as_one_observation_at_a_time_would():
+    """The service adds a batch to its histograms one increment per bucket (Metrics.observe); Prometheus must read
+    the same buckets, count and sum as observing each text, values on an edge included."""
+    from prometheus_client import Histogram
+
+    from distilops.serving.service import Metrics
+
+    metrics = Metrics("7", LABELS)
+    assert metrics.batched
+    batch = {"confidence": [0.5, 0.6, 0.61, 0.99, 1.0], "words": [1, 5, 6, 640, 700], "windows": [1, 2, 3, 16, 17]}
+    metrics.observe(["fresh"] * 5, batch["confidence"], batch["words"], batch["windows"])
+    metrics.observe(["rotten"], [0.7], [10], [1])
+
+    def samples(histogram) -> list[tuple]:
+        return [(s.name.rsplit("_", 1)[1], s.labels.get("le"), s.value) for family in histogram.collect()
+                for s in family.samples if not s.name.endswith("_created")]
+
+    for (child, edges), values, last in zip(metrics.histograms, batch.values(), (0.7, 10, 1), strict=True):
+        one_at_a_time = Histogram("reference", "", buckets=edges, registry=None)
+        for value in [*values, last]:
+            one_at_a_time.observe(value)
+        assert samples(child) == samples(one_at_a_time)
+    counted = {label: [s.value for family in child.collect() for s in family.samples if s.name.endswith("_total")]
+               for label, child in metrics.predictions.items()}
+    assert counted == {"fresh": [5.0], "rotten": [1.0]}
