@@ -82,3 +82,23 @@ def batch_histogram(metrics_text: str) -> tuple[int, float]:
         if line.startswith("bentoml_service_adaptive_batch_size_sum") and 'method_name="classify"' in line:
             requests += float(line.rsplit(" ", 1)[1])
     return int(calls), requests
+
+
+def scrape(metrics_text: str) -> dict[str, list]:
+    """Prometheus text -> {family name: [(sample name, labels, value), ...]}, with each family's type under
+    `type:<name>` (prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        found[family.name] = [(s.name, s.labels, s.value) for s in family.samples]
+        found[f"type:{family.name}"] = [family.type]
+    return found
+
+
+def sample(scraped: dict[str, list], family: str, name: str | None = None, **labels: str) -> float | None:
+    """The value of the one sample of `family` named `name` (default: the family's) with these labels, or None."""
+    values = [value for sample_name, sample_labels, value in scraped.get(family, [])
+              if sample_name == (name or family) and labels.items() <= sample_labels.items()]
+    assert len(values) <= 1, f"{family} {labels}: {len(values)} samples"
+    return values[0] if values else None

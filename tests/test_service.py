@@ -3,13 +3,18 @@ into a temporary BentoML store and served by `bentoml serve` on 127.0.0.1."""
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import bentoml
 import httpx
 import pytest
-from serving import PROBE_PATHS, batch_histogram, bentoml_serve, free_port
+from serving import PROBE_PATHS, SRC, batch_histogram, bentoml_serve, free_port, sample, scrape
 from tiny import make_tiny_model
 
 from distilops.config import PromoteConfig
@@ -17,6 +22,8 @@ from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_mo
 from distilops.pipeline.quantize import build
 from distilops.release.package import package
 from distilops.release.registry import promote, register_version
+from distilops.serving import fidelity
+from distilops.serving.folder import MODEL_SUBDIR, SHADOW_SUBDIR, write_meta
 from distilops.serving.inference import TextClassifier
 from distilops.tracking import stage_run
 
@@ -266,3 +273,221 @@ def test_a_503_tells_the_client_when_to_retry(served):
         assert readyz.status_code == 503 and readyz.headers["retry-after"] == "1"
     server, _, _ = served
     assert "retry-after" not in httpx.get(server.url + "/readyz").headers
+
+
+# Live fidelity: the shadow model, the metrics of every answered text, drift against the evaluated reference.
+OPENINGS = ["a great", "the dull", "a moving", "this bland"]
+SHADOW_TEXTS = [f"{OPENINGS[i % 4]} film m{i}" + " and the plot" * (i % 3) for i in range(36)]  # 4, 7 or 10 words
+
+
+def bento_model(served, tmp_path: Path, version: str, *, shadow: Path | None = None,
+                reference: dict | None = None) -> str:
+    """The served ONNX folder as a Bento model of its own (registry version 7 of release 7, teacher version 5), with a
+    shadow folder and a reference when given: the layout `distilops package` gives a release carrying its teacher."""
+    server, folder, _ = served
+    model = shutil.copytree(folder, tmp_path / f"{version}-model")
+    if reference is not None:
+        write_meta(model, reference=reference)
+    tag = f"{NAME}:{version}"
+    with bentoml.models.create(tag, labels={"registry_name": NAME, "registry_version": "7", "variant": "onnx_int8"},
+                               metadata={"release.shadow": "5"}) as created:
+        shutil.copytree(model, Path(created.path) / MODEL_SUBDIR)
+        if shadow is not None:
+            shutil.copytree(shadow, Path(created.path) / SHADOW_SUBDIR)
+    # the store the servers read (the fixture's BENTOML_HOME; BentoML fixes its home at first use in a process)
+    assert Path(bentoml.models.get(tag).path).is_relative_to(server.env["BENTOML_HOME"])
+    return tag
+
+
+def teacher_like(folder: Path, destination: Path, *, labels: list[str] | None = None,
+                 broken_word: str | None = None) -> Path:
+    """A shadow model folder: the served weights, recorded as the teacher. `labels` renames the model's outputs
+    (["fresh", "rotten"]: it gives the other label for every text, so never agrees); `broken_word` gets a token id
+    beyond the model's embeddings, so ONNX Runtime fails any batch holding it."""
+    shadow = shutil.copytree(folder, destination)
+    write_meta(shadow, role="teacher", variant="teacher_onnx_fp32", source_model="tiny-teacher")
+    if labels is not None:
+        config = json.loads((shadow / "config.json").read_text())
+        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        config["label2id"] = {name: i for i, name in enumerate(labels)}
+        (shadow / "config.json").write_text(json.dumps(config))
+    if broken_word is not None:
+        tokenizer = json.loads((shadow / "tokenizer.json").read_text())
+        tokenizer["model"]["vocab"][broken_word] = 10_000
+        (shadow / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return shadow
+
+
+def evaluated(folder: Path, texts: list[str]) -> dict:
+    """A reference as evaluate describes a model (serving/fidelity.py), from the model's answers to `texts`."""
+    answers = TextClassifier(folder).classify(texts)
+    return fidelity.reference(predicted=[a.label for a in answers], confidence=[a.score for a in answers],
+                              words=[fidelity.word_count(t) for t in texts], windows=[a.windows for a in answers],
+                              labels=TextClassifier(folder).labels, agreement=0.9, agreement_ci=(0.85, 0.94),
+                              split="test")
+
+
+def classify_all(server, texts: list[str]) -> list[dict]:
+    """`texts` sent concurrently, MAX_TEXTS per request; the answers in order."""
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": texts[i: i + MAX_TEXTS]})
+                                          for i in range(0, len(texts), MAX_TEXTS)])
+
+    replies = asyncio.run(send())
+    assert [r.status_code for r in replies] == [200] * len(replies)
+    return [answer for reply in replies for answer in reply.json()]
+
+
+def metrics_when(server, condition, timeout: float = 30) -> dict[str, list]:
+    """/metrics scraped until `condition(scraped)` holds (the shadow thread catching up); fails on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scraped = scrape(httpx.get(server.url + "/metrics", timeout=10).text)
+        if condition(scraped):
+            return scraped
+        assert time.monotonic() < deadline, f"metrics never got there: {scraped.get('distilops_shadow_compared')}"
+        time.sleep(0.2)
+
+
+def shadow_counts(scraped: dict[str, list]) -> tuple[float | None, ...]:
+    return tuple(sample(scraped, f"distilops_shadow_{what}", f"distilops_shadow_{what}_total", model_version="7")
+                 for what in ("compared", "agreed", "dropped"))
+
+
+def buckets(scraped: dict[str, list], family: str) -> list[str]:
+    return [labels["le"] for name, labels, _ in scraped[family] if name == f"{family}_bucket"]
+
+
+def test_a_shadow_of_the_served_model_agrees_on_every_text_and_every_metric_is_exported(served, tmp_path):
+    """Shadow = the served model: every text compared (rate 1), every one agreed. The contract's metrics, with their
+    labels and buckets, and the drift and reference gauges of a model folder that carries a reference."""
+    _, folder, _ = served
+    reference = evaluated(folder, SHADOW_TEXTS[:20])
+    tag = bento_model(served, tmp_path, "shadow-same", shadow=teacher_like(folder, tmp_path / "teacher"),
+                      reference=reference)
+    settings = {"DISTILOPS_BENTO_MODEL": tag, "DISTILOPS_SHADOW_RATE": "1", "DISTILOPS_DRIFT_WINDOW": "20"}
+    with another_server(served, "shadow-same", **settings) as server:
+        server.wait_ready()
+        answers = classify_all(server, SHADOW_TEXTS)
+        n = len(SHADOW_TEXTS)
+        scraped = metrics_when(server, lambda m: shadow_counts(m)[0] == n)
+        assert shadow_counts(scraped) == (n, n, 0)
+        assert sample(scraped, "distilops_live_agreement", model_version="7") == 1.0
+
+        kinds = {"distilops_predictions": "counter", "distilops_prediction_confidence": "histogram",
+                 "distilops_text_words": "histogram", "distilops_text_windows": "histogram",
+                 "distilops_shadow_compared": "counter", "distilops_shadow_agreed": "counter",
+                 "distilops_shadow_dropped": "counter", "distilops_live_agreement": "gauge",
+                 "distilops_drift_psi": "gauge", "distilops_reference_agreement": "gauge"}
+        assert {family: scraped[f"type:{family}"][0] for family in kinds} == kinds
+        assert all(labels["model_version"] == "7" for family in kinds for _, labels, _ in scraped[family])
+        per_label = {label: sample(scraped, "distilops_predictions", "distilops_predictions_total", label=label)
+                     for label in ("rotten", "fresh")}
+        assert per_label == {label: sum(a["label"] == label for a in answers) for label in ("rotten", "fresh")}
+        for family, edges in (("distilops_prediction_confidence", fidelity.CONFIDENCE_EDGES),
+                              ("distilops_text_words", fidelity.WORDS_EDGES),
+                              ("distilops_text_windows", fidelity.WINDOWS_EDGES)):
+            assert buckets(scraped, family) == [str(float(edge)) for edge in edges] + ["+Inf"], family
+            assert sample(scraped, family, f"{family}_count") == n
+        words_in_5 = sum(fidelity.word_count(t) <= 5 for t in SHADOW_TEXTS)
+        assert sample(scraped, "distilops_text_words", "distilops_text_words_bucket", le="5.0") == words_in_5
+
+        # Drift: the last 20 texts against the reference (the first 20 texts' own description)
+        psi = {labels["feature"]: value for _, labels, value in scraped["distilops_drift_psi"]}
+        assert set(psi) == set(fidelity.FEATURES) and all(value >= 0 for value in psi.values())
+        bounds = {labels["bound"]: value for _, labels, value in scraped["distilops_reference_agreement"]}
+        assert bounds == {"point": 0.9, "low": 0.85, "high": 0.94}
+
+        info = httpx.get(server.url + "/model").json()
+        assert info["shadow"]["enabled"] is True and info["shadow"]["rate"] == 1.0
+        model = info["shadow"]["model"]
+        assert (model["teacher"], model["registry_version"], model["format"], model["device"]) == (
+            "tiny-teacher", "5", "onnx", "cpu")
+        assert info["reference"] == {"split": "test", "texts": 20, "agreement_with_teacher": 0.9,
+                                     "agreement_with_teacher_ci": [0.85, 0.94]}
+        assert info["drift"] == {"enabled": True, "window": 20, "min_texts": 20}
+
+
+def test_a_disagreeing_shadow_and_a_full_queue_are_counted_and_the_answers_stay_right(served, tmp_path):
+    """Shadow = the served weights with the label names swapped: it never agrees. A queue of one text drops most of
+    a burst: dropped counted, never waited for; every text is either compared or dropped."""
+    _, folder, _ = served
+    tag = bento_model(served, tmp_path, "shadow-reversed",
+                      shadow=teacher_like(folder, tmp_path / "teacher", labels=["fresh", "rotten"]))
+    settings = {"DISTILOPS_BENTO_MODEL": tag, "DISTILOPS_SHADOW_RATE": "1", "DISTILOPS_SHADOW_QUEUE": "1"}
+    with another_server(served, "shadow-reversed", **settings) as server:
+        server.wait_ready()
+        answers = classify_all(server, SHADOW_TEXTS)
+        expected = TextClassifier(folder).classify(SHADOW_TEXTS)
+        assert [a["label"] for a in answers] == [e.label for e in expected]
+        n = len(SHADOW_TEXTS)
+        scraped = metrics_when(server, lambda m: (shadow_counts(m)[0] or 0) + (shadow_counts(m)[2] or 0) == n)
+        compared, agreed, dropped = shadow_counts(scraped)
+        assert dropped > 0 and compared > 0 and agreed == 0
+        assert sample(scraped, "distilops_live_agreement", model_version="7") == 0.0
+        assert "distilops_drift_psi" not in scraped  # no reference in this model folder
+
+
+def test_a_failing_shadow_is_counted_and_logged_once_and_serving_carries_on(served, tmp_path):
+    """The shadow fails on every batch holding the word "film": those texts are counted as failed, one log line says
+    so (at most one a minute), the thread lives on and compares later texts; the pod stays ready."""
+    _, folder, _ = served
+    tag = bento_model(served, tmp_path, "shadow-failing", shadow=teacher_like(folder, tmp_path / "teacher",
+                                                                             broken_word="film"))
+    failing = [t for t in SHADOW_TEXTS if "film" in t.split()][:5]
+    fine = [t.replace("film", "story") for t in SHADOW_TEXTS]
+    with another_server(served, "shadow-failing", DISTILOPS_BENTO_MODEL=tag, DISTILOPS_SHADOW_RATE="1") as server:
+        server.wait_ready()
+        for text in failing:  # one at a time: several failed batches
+            assert post(server, {"texts": [text]}).status_code == 200
+        failed = lambda m: sample(m, "distilops_shadow_failed", "distilops_shadow_failed_total")  # noqa: E731
+        metrics_when(server, lambda m: failed(m) == len(failing))
+        classify_all(server, fine)
+        scraped = metrics_when(server, lambda m: shadow_counts(m)[0] == len(fine))
+        assert shadow_counts(scraped) == (len(fine), len(fine), 0) and failed(scraped) == len(failing)
+        assert probe_status(server, "/readyz") == 200 and probe_status(server, "/livez") == 200
+        assert server.log.read_text().count("shadow model failed; the texts it was scoring are not compared") == 1
+
+
+def test_rate_zero_shadows_nothing_and_a_model_without_reference_has_no_drift(served, tmp_path):
+    _, folder, _ = served
+    tag = bento_model(served, tmp_path, "shadow-off", shadow=teacher_like(folder, tmp_path / "teacher"))
+    with another_server(served, "shadow-off", DISTILOPS_BENTO_MODEL=tag, DISTILOPS_SHADOW_RATE="0") as server:
+        server.wait_ready()
+        classify_all(server, SHADOW_TEXTS)
+        scraped = scrape(httpx.get(server.url + "/metrics").text)
+        assert shadow_counts(scraped) == (0, 0, 0)
+        assert sample(scraped, "distilops_text_words", "distilops_text_words_count") == len(SHADOW_TEXTS)
+        for family in ("distilops_live_agreement", "distilops_drift_psi", "distilops_reference_agreement"):
+            assert family not in scraped, family
+        info = httpx.get(server.url + "/model").json()
+        assert info["shadow"]["enabled"] is False and info["shadow"]["reason"] == "DISTILOPS_SHADOW_RATE is 0"
+        assert info["shadow"]["model"]["teacher"] == "tiny-teacher"  # there, but off
+        assert info["reference"] is None
+        assert info["drift"]["enabled"] is False and info["drift"]["reason"].startswith("no reference")
+
+
+def test_a_shadow_rate_without_a_shadow_model_serves_without_and_says_why(served):
+    with another_server(served, "no-shadow-folder", DISTILOPS_SHADOW_RATE="0.5") as server:
+        server.wait_ready()
+        assert post(server, {"texts": ["a moving film"]}).status_code == 200
+        shadow = httpx.get(server.url + "/model").json()["shadow"]
+        assert shadow["enabled"] is False and shadow["model"] is None
+        assert shadow["reason"].startswith(f"no shadow model: the Bento model has no {SHADOW_SUBDIR}/ folder")
+        assert server.log.read_text().count("DISTILOPS_SHADOW_RATE=0.5 but no shadow model") == 1
+
+
+@pytest.mark.parametrize("name,value,meaning", [
+    ("DISTILOPS_SHADOW_RATE", "1.5", "a fraction between 0 and 1"),
+    ("DISTILOPS_SHADOW_RATE", "often", "a fraction between 0 and 1"),
+    ("DISTILOPS_DRIFT_WINDOW", "0", "a whole number >= 1"),
+])
+def test_a_bad_live_fidelity_setting_stops_the_service_with_one_line(served, name, value, meaning):
+    server, _, _ = served
+    bentoml_cli = str(Path(sys.executable).parent / "bentoml")
+    result = subprocess.run([bentoml_cli, "serve", "distilops.serving.service:Classifier", "--port", str(free_port())],
+                            cwd=SRC, env={**server.env, name: value}, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"distilops service: {name}={value!r}: must be {meaning}" in result.stderr
+    assert "Traceback" not in result.stderr
