@@ -1,5 +1,7 @@
 """The Optuna study: a bad trial is pruned, an interrupted study resumes, trials nest in MLflow."""
 
+import hashlib
+
 import mlflow
 import optuna
 import pytest
@@ -7,20 +9,29 @@ import torch
 from tiny import make_reviews, make_tiny_model
 from tqdm.auto import tqdm
 
-from distilops.config import DistillConfig
+from distilops.config import DistillConfig, load_section
 from distilops.errors import ConfigError, TuningError
 from distilops.pipeline.batching import predict_logits, tokenize
 from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer
 from distilops.pipeline.tuning import (
     NOT_IN_STUDY_KEY,
     best_trial,
+    distill_loss_fn,
+    params_of,
     pruning_summary,
     run_study,
     sampler_seed,
     storage_for,
     study_name_for,
 )
+from distilops.pipeline.training import TrainSettings, seed_everything, train
 from distilops.tracking import stage_run
+
+# Computed with the code before the layer-wise losses existed (commit 74c1423): the default path must not move.
+PINNED_DEFAULT_STUDY = PINNED_PARAMS_STUDY = "distill-240020f5e611"
+PINNED_TRIAL_PARAMS = {"temperature": 3.621780831931537, "alpha": 0.8655000144869414,
+                       "learning_rate": 0.00018559745019538265}
+PINNED_WEIGHTS = "e25524bd64d763abadcb9c417d4465aa69f10ab1f86c7b0d2a322bb7aa618e70"  # fp32 on an x86-64 CPU
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +187,36 @@ def test_a_storage_password_is_never_printed(tmp_path):
     with pytest.raises(ConfigError) as failure:
         storage_for(config(tmp_path, storage="postgresql://optuna:s3cret-pw@127.0.0.1:1/optuna"))
     assert "s3cret-pw" not in str(failure.value) and "optuna:***@127.0.0.1:1/optuna" in str(failure.value)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_default_path_is_what_it_was_before_the_layer_losses(setup, tmp_path, monkeypatch):
+    """With the layer-wise weights at their default [0, 0]: the same study name, the same trial params and
+    bit-identical student weights as the code before the layer losses existed (values pinned from that code)."""
+    root, teacher, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert study_name_for(DistillConfig(), {"data_hash": "x"}) == PINNED_DEFAULT_STUDY
+    assert study_name_for(load_section(DistillConfig), {"data_hash": "x"}) == PINNED_PARAMS_STUDY  # params.yaml
+    cfg = DistillConfig(n_trials=1, trial_train_examples=0, trial_epochs=1, eval_every_steps=3, batch_size=16,
+                        storage=f"sqlite:///{tmp_path}/study.db")  # the default search space
+
+    def student():
+        return build_student(teacher, 1)
+
+    with stage_run("distill"):
+        study = run_study(cfg, student, data, data, tokenizer.pad_token_id, study_name="default",
+                          storage=storage_for(cfg))
+    best = params_of(study.trials[0], cfg)
+    assert study.trials[0].params == pytest.approx(PINNED_TRIAL_PARAMS, rel=1e-12)
+    seed_everything(cfg.seed)
+    final = student()
+    train(final, data, data, tokenizer.pad_token_id,
+          TrainSettings.from_config(cfg, epochs=1, learning_rate=best.learning_rate, progress=None),
+          distill_loss_fn(best))
+    assert weights_sha256(final) == PINNED_WEIGHTS
