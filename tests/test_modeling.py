@@ -11,9 +11,9 @@ from distilops.pipeline.modeling import (
     build_student,
     check_same_tokenizer,
     layer_map,
-    target_layer_map,
     load_classifier,
     load_tokenizer,
+    target_layer_map,
 )
 
 

@@ -3,8 +3,9 @@
     loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T))      (soft targets, batchmean)
          + (1 - alpha) * CE(s, y)                                  (hard labels)
          + cosine_weight * mean over real tokens of (1 - cos(h_s, h_t))   (optional, last hidden states)
-         + hidden_mse_weight * mean over mapped layers of MSE(W h_s^i, h_t^map[i])   (optional, TinyBERT)
-         + attention_weight * mean over mapped layers, heads, real queries of KL(A_t^map[i] || A_s^i)  (optional, MiniLM)
+         + hidden_mse_weight * mean over mapped layers of MSE(W h_s^i, h_t^map[i])      (optional, TinyBERT)
+         + attention_weight * mean over mapped layers of KL(A_t^map[i] || A_s^i)         (optional, MiniLM)
+           (KL per head and real query token, over keys)
 
 The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when
 T changes (Hinton et al., 2015). Teacher tensors are detached: gradients reach the student only
