@@ -22,7 +22,15 @@ from distilops.pipeline.data import read_split
 from distilops.pipeline.losses import UNLABELLED
 from distilops.pipeline.modeling import count_parameters, save_model_folder
 from distilops.pipeline.training import TrainSettings, clear_checkpoints, seed_everything, train
-from distilops.pipeline.tuning import best_trial, distill_loss_fn, load_inputs, params_of, pruning_summary, tune
+from distilops.pipeline.tuning import (
+    best_trial,
+    distill_loss_fn,
+    layer_targets,
+    load_inputs,
+    params_of,
+    pruning_summary,
+    tune,
+)
 from distilops.serving.folder import read_meta
 from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
@@ -73,14 +81,21 @@ def main() -> None:
 
         seed_everything(cfg.seed)
         student = inputs.make_student()
+        layers = layer_targets(best, inputs.teacher, student)  # None while the layer-wise terms are off
         settings = TrainSettings.from_config(
             cfg, epochs=cfg.final_epochs, learning_rate=best.learning_rate,
             checkpoint_dir=paths.CHECKPOINTS / "student", progress="student",
             fingerprint={"stage": "distill-final", "study": inputs.study_name, **vars(best), "epochs": cfg.final_epochs,
                          "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                          "warmup_ratio": cfg.warmup_ratio})
-        result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best),
-                       on_eval=lambda step, acc: mlflow.log_metric("final_val_accuracy", acc, step=step))
+
+        def on_eval(step: int, acc: float) -> None:
+            mlflow.log_metric("final_val_accuracy", acc, step=step)
+            if layers is not None:
+                layers.log(step)
+
+        result = train(student, data["train"], data["validation"], pad_id, settings, distill_loss_fn(best, layers),
+                       on_eval=on_eval, extra=layers.projection if layers else None)
         save_model_folder(student, inputs.tokenizer, paths.STUDENT, max_length=cfg.max_length, role="student",
                           teacher=inputs.teacher_name, teacher_sha256=inputs.fingerprint["teacher"],
                           optuna_study=inputs.study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,

@@ -33,6 +33,17 @@ def test_nested_search_space_is_validated(tmp_path):
     assert load_section(DistillConfig, path).search.temperature == [2.0, 2.0]
 
 
+
+@pytest.mark.parametrize("key", ["cosine_weight", "hidden_mse_weight", "attention_weight"])
+def test_loss_weight_ranges_are_validated_and_off_by_default(tmp_path, key):
+    assert getattr(DistillConfig().search, key) == [0.0, 0.0]
+    for bad in ([-0.1, 0.5], [0.5, 0.1], [0.5]):
+        with pytest.raises(ConfigError, match=f"distill.search.{key}"):
+            load_section(DistillConfig, write(tmp_path, {"distill": {"search": {key: bad}}}))
+    assert getattr(load_section(DistillConfig, write(tmp_path, {"distill": {"search": {key: [0, 2]}}})).search,
+                   key) == [0.0, 2.0]
+
+
 def test_missing_section_and_file(tmp_path):
     with pytest.raises(ConfigError, match="no 'teacher' section"):
         load_section(TeacherConfig, write(tmp_path, {"seed": 1}))

@@ -13,6 +13,7 @@ from distilops.pipeline.modeling import (
     layer_map,
     load_classifier,
     load_tokenizer,
+    target_layer_map,
 )
 
 
@@ -46,6 +47,14 @@ def test_layer_map_general_and_bad_sizes():
     assert layer_map(12, 4) == [0, 3, 6, 9]
     with pytest.raises(ModelError, match="1..6"):
         layer_map(6, 7)
+
+
+def test_each_student_layer_learns_the_last_teacher_layer_of_the_block_it_replaces():
+    assert target_layer_map(6, 3) == [1, 3, 5]  # initialised from 0, 2, 4
+    assert target_layer_map(12, 4) == [2, 5, 8, 11]
+    assert target_layer_map(2, 1) == [1] and target_layer_map(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ModelError, match="1..6"):
+        target_layer_map(6, 0)
 
 
 def test_student_runs_and_is_smaller(tmp_path):

@@ -89,6 +89,39 @@ def test_an_interrupted_run_resumes_exactly(tiny, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_an_extra_module_of_the_loss_is_trained_and_resumed_with_the_model(tiny, tmp_path):
+    """`extra` (the layer-wise loss's projection) is optimised, clipped and checkpointed with the model."""
+    folder, tokenizer, data = tiny
+    pad = tokenizer.pad_token_id
+    calls = {"n": 0}
+
+    def run(path, crash_at=0):
+        seed_everything(0)
+        model, extra = load_classifier(str(folder)), torch.nn.Linear(2, 2)
+        start = extra.weight.detach().clone()
+
+        def loss_fn(model, batch):  # the logits through the extra layer
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise KeyboardInterrupt
+            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+            return torch.nn.functional.cross_entropy(extra(logits), batch["labels"])
+
+        return model, extra, start, lambda: train(model, data, data, pad, settings(path), loss_fn, extra=extra)
+
+    reference, ref_extra, start, go = run(tmp_path / "ref")
+    go()
+    assert not torch.equal(ref_extra.weight, start)  # in the optimizer
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, crash_at=8)[3]()  # after the checkpoint at step 6
+    model, extra, _, go = run(tmp_path)
+    assert go().resumed_from_step == 6
+    assert torch.allclose(extra.weight, ref_extra.weight, atol=1e-6)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
     folder, tokenizer, data = tiny
     model = load_classifier(str(folder))

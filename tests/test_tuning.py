@@ -1,5 +1,7 @@
 """The Optuna study: a bad trial is pruned, an interrupted study resumes, trials nest in MLflow."""
 
+import hashlib
+
 import mlflow
 import optuna
 import pytest
@@ -7,13 +9,21 @@ import torch
 from tiny import make_reviews, make_tiny_model
 from tqdm.auto import tqdm
 
-from distilops.config import DistillConfig
-from distilops.errors import ConfigError, TuningError
-from distilops.pipeline.batching import predict_logits, tokenize
+from distilops.config import DistillConfig, load_section
+from distilops.errors import ConfigError, ModelError, TuningError
+from distilops.pipeline.batching import device, loader, model_inputs, predict_logits, tokenize
+from distilops.pipeline.losses import distillation_loss
 from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer
+from distilops.pipeline.training import TrainSettings, seed_everything, train
 from distilops.pipeline.tuning import (
+    LAYER_WEIGHTS,
     NOT_IN_STUDY_KEY,
+    TrialParams,
     best_trial,
+    check_layer_losses,
+    distill_loss_fn,
+    layer_targets,
+    params_of,
     pruning_summary,
     run_study,
     sampler_seed,
@@ -21,6 +31,12 @@ from distilops.pipeline.tuning import (
     study_name_for,
 )
 from distilops.tracking import stage_run
+
+# Computed with the code before the layer-wise losses existed (commit 74c1423): the default path must not move.
+PINNED_DEFAULT_STUDY = PINNED_PARAMS_STUDY = "distill-240020f5e611"
+PINNED_TRIAL_PARAMS = {"temperature": 3.621780831931537, "alpha": 0.8655000144869414,
+                       "learning_rate": 0.00018559745019538265}
+PINNED_WEIGHTS = "e25524bd64d763abadcb9c417d4465aa69f10ab1f86c7b0d2a322bb7aa618e70"  # fp32 on an x86-64 CPU
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +192,131 @@ def test_a_storage_password_is_never_printed(tmp_path):
     with pytest.raises(ConfigError) as failure:
         storage_for(config(tmp_path, storage="postgresql://optuna:s3cret-pw@127.0.0.1:1/optuna"))
     assert "s3cret-pw" not in str(failure.value) and "optuna:***@127.0.0.1:1/optuna" in str(failure.value)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_default_path_is_what_it_was_before_the_layer_losses(setup, tmp_path, monkeypatch):
+    """With the layer-wise weights at their default [0, 0]: the same study name, the same trial params and
+    bit-identical student weights as the code before the layer losses existed (values pinned from that code)."""
+    root, teacher, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert study_name_for(DistillConfig(), {"data_hash": "x"}) == PINNED_DEFAULT_STUDY
+    assert study_name_for(load_section(DistillConfig), {"data_hash": "x"}) == PINNED_PARAMS_STUDY  # params.yaml
+    cfg = DistillConfig(n_trials=1, trial_train_examples=0, trial_epochs=1, eval_every_steps=3, batch_size=16,
+                        storage=f"sqlite:///{tmp_path}/study.db")  # the default search space
+
+    def student():
+        return build_student(teacher, 1)
+
+    with stage_run("distill"):
+        study = run_study(cfg, student, data, data, tokenizer.pad_token_id, study_name="default",
+                          storage=storage_for(cfg))
+    best = params_of(study.trials[0], cfg)
+    assert study.trials[0].params == pytest.approx(PINNED_TRIAL_PARAMS, rel=1e-12)  # no suggest call for [0, 0]
+    assert not best.layer_wise and layer_targets(best, teacher, student()) is None
+    settings = TrainSettings.from_config(cfg, epochs=1, learning_rate=best.learning_rate, progress=None)
+    finals = []
+    for loss_fn in (distill_loss_fn(best), original_distill_loss_fn(best)):
+        seed_everything(cfg.seed)
+        finals.append(student())
+        train(finals[-1], data, data, tokenizer.pad_token_id, settings, loss_fn)
+    assert weights_sha256(finals[0]) == weights_sha256(finals[1])  # on any hardware
+    if device().type == "cpu":  # pinned on the CPU (CUDA trains under bf16 autocast)
+        assert weights_sha256(finals[0]) == PINNED_WEIGHTS
+
+
+def original_distill_loss_fn(p: TrialParams):
+    """tuning.distill_loss_fn as it was before the layer-wise terms (commit 74c1423), verbatim."""
+    def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        out = model(**model_inputs(batch, dev), output_hidden_states=p.cosine_weight > 0)
+        parts = distillation_loss(
+            out.logits, batch["teacher_logits"].to(dev), batch["labels"].to(dev),
+            temperature=p.temperature, alpha=p.alpha, cosine_weight=p.cosine_weight,
+            student_hidden=out.hidden_states[-1] if p.cosine_weight > 0 else None,
+            teacher_hidden=batch["teacher_hidden"].to(dev) if p.cosine_weight > 0 else None,
+            attention_mask=batch["attention_mask"].to(dev),
+        )
+        return parts.total
+
+    return loss_fn
+
+
+def test_the_layer_weights_join_the_study_key_only_when_on(tmp_path):
+    name = study_name_for(config(tmp_path), {"data_hash": "x"})
+    off = {"hidden_mse_weight": [0.0, 0.0], "attention_weight": [0.0, 0.0]}
+    assert study_name_for(config(tmp_path, search={**config(tmp_path).search.model_dump(), **off}),
+                          {"data_hash": "x"}) == name
+    names = {name}
+    for key in LAYER_WEIGHTS:
+        for bounds in ([0.0, 1.0], [0.5, 0.5]):
+            search = {**config(tmp_path).search.model_dump(), key: bounds}
+            names.add(study_name_for(config(tmp_path, search=search), {"data_hash": "x"}))
+    assert len(names) == 1 + 2 * len(LAYER_WEIGHTS)
+
+
+@pytest.mark.slow
+def test_layer_wise_terms_run_online_train_a_projection_and_log_their_parts(setup, tmp_path, monkeypatch):
+    """A narrower one-layer student (width 16 vs 32: a projection) learns the teacher's last layer's
+    hidden states and attentions: trial and final run log the parts, and they decrease."""
+    root, _, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    teacher = load_classifier(str(root / "teacher"))  # its own copy: the attention term switches it to eager
+    narrow = make_tiny_model(tmp_path / "narrow", layers=1, hidden=16, seed=1)
+
+    def student():
+        return load_classifier(str(narrow))
+
+    search = {**config(tmp_path).search.model_dump(), "learning_rate": [3e-3, 3e-3],
+              "hidden_mse_weight": [0.5, 2.0], "attention_weight": [0.5, 2.0]}
+    cfg = config(tmp_path, n_trials=1, trial_epochs=4, search=search)
+    with stage_run("distill") as parent:
+        study = run_study(cfg, student, data, data, tokenizer.pad_token_id, study_name="layers",
+                          storage=storage_for(cfg), teacher=teacher)
+        (trial,) = study.trials
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert set(trial.params) == {"temperature", "alpha", *LAYER_WEIGHTS}  # learning rate fixed
+
+        best = params_of(trial, cfg)
+        seed_everything(cfg.seed)
+        final = student()
+        layers = layer_targets(best, teacher, final)
+        assert layers.layer_map == [1] and tuple(layers.projection.weight.shape) == (32, 16)
+        start = layers.projection.weight.detach().clone()
+        train(final, data, data, tokenizer.pad_token_id,
+              TrainSettings.from_config(cfg, epochs=4, learning_rate=best.learning_rate, progress=None),
+              distill_loss_fn(best, layers), on_eval=lambda step, acc: layers.log(step), extra=layers.projection)
+        assert not torch.equal(layers.projection.weight.detach().cpu(), start.cpu())  # trained with the student
+        final.train()  # its attention probabilities are distributions even in training (no dropout on them)
+        batch = next(iter(loader(data, 8, tokenizer.pad_token_id)))
+        sums = final(**model_inputs(batch, device()), output_attentions=True).attentions[0].sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+    client = mlflow.MlflowClient()
+    (child,) = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert float(child.data.params["hidden_mse_weight"]) == trial.params["hidden_mse_weight"]
+    for run_id in (child.info.run_id, parent.info.run_id):  # the trial, then the final run
+        for metric in ("train_hidden_mse", "train_attention_kl"):
+            history = [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+            assert len(history) >= 3 and history[-1] < history[0], (metric, history)
+
+
+def test_a_student_the_layer_terms_cannot_map_is_a_clear_error(setup, tmp_path):
+    root, teacher, _, _ = setup
+    four_heads = load_classifier(str(make_tiny_model(tmp_path / "four", layers=1)))
+    four_heads.config.num_attention_heads = 4
+    check_layer_losses(teacher, four_heads, attention=False)  # the hidden-state term does not care
+    with pytest.raises(ModelError, match=r"attention heads \(4\) to equal the teacher's \(2\)"):
+        check_layer_losses(teacher, four_heads, attention=True)
+    with pytest.raises(ModelError, match="1..2 layers"):
+        check_layer_losses(teacher, load_classifier(str(make_tiny_model(tmp_path / "deep", layers=3))),
+                           attention=False)
+    with pytest.raises(ModelError, match="need the teacher"):
+        layer_targets(TrialParams(2.0, 0.5, 1e-3, hidden_mse_weight=1.0), None, four_heads)

@@ -127,6 +127,12 @@ class SearchSpace(Section):
     learning_rate: bounds(gt=0) = Field([5e-5, 3e-4], description="[low, high] AdamW learning rate (log scale).")
     cosine_weight: bounds(ge=0) = Field([0.0, 0.0], description="[low, high] hidden-state cosine loss weight; "
                                                                 "[0, 0] = off.")
+    hidden_mse_weight: bounds(ge=0) = Field([0.0, 0.0], description="[low, high] weight of TinyBERT's hidden-state "
+                                                                    "MSE per mapped layer (teacher run online); "
+                                                                    "[0, 0] = off.")
+    attention_weight: bounds(ge=0) = Field([0.0, 0.0], description="[low, high] weight of MiniLM's attention-"
+                                                                   "distribution KL per mapped layer (teacher run "
+                                                                   "online; equal head counts); [0, 0] = off.")
 
 
 class DistillConfig(Trained):

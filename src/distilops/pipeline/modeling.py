@@ -4,6 +4,11 @@ A student built from a teacher has the teacher's architecture with fewer layers;
 pooler and classifier are copied, and student layer i is teacher layer i * (L_teacher // L_student)
 (every other layer for half the depth: 0, 2, 4, ...). Works for any encoder whose layers live
 under `*.encoder.layer.N.` (BERT, MPNet, RoBERTa, ELECTRA, ...).
+
+The layer-wise losses map student layer i to the last teacher layer of the block it replaces,
+teacher layer (i + 1) * step - 1 (1, 3, 5 for half the depth): initialised from the block's first
+layer, it learns to give the block's output, and the student's last layer the teacher's last
+(TinyBERT's uniform mapping, g(m) = m * step for 1-based m).
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
         raise ModelError(f"a student needs 1..{teacher_layers} layers, got {student_layers}")
     step = teacher_layers // student_layers
     return [i * step for i in range(student_layers)]
+
+
+def target_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layer whose outputs each student layer learns (the layer-wise losses): the last of the
+    layers it replaces, i.e. the one before the next block's first in `layer_map` (1, 3, 5 for 6 -> 3)."""
+    firsts = layer_map(teacher_layers, student_layers)  # a clear error for impossible sizes
+    step = teacher_layers // student_layers
+    return [first + step - 1 for first in firsts]
 
 
 def build_student(teacher: PreTrainedModel, student_layers: int = 0) -> PreTrainedModel:

@@ -126,18 +126,24 @@ def atomic_save(obj: object, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress) -> None:
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": progress.step, "best_acc": progress.best_acc,
-                 "best_step": progress.best_step, "history": progress.history, "rng": rng_state()}, path)
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
+                    extra: torch.nn.Module | None = None) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": progress.step, "best_acc": progress.best_acc,
+             "best_step": progress.best_step, "history": progress.history, "rng": rng_state()}
+    if extra is not None:
+        state["extra"] = extra.state_dict()
+    atomic_save(state, path)
 
 
 def load_checkpoint(paths: tuple[Path, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
-    """Restore model, optimizer, scheduler and RNG states in place; return the run's progress."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, extra: torch.nn.Module | None = None) -> Progress:
+    """Restore model (and extra), optimizer, scheduler and RNG states in place; return the run's progress."""
     last, best = paths
     ckpt = torch.load(last, map_location="cpu", weights_only=False)  # rng states must stay on the CPU
     model.load_state_dict(ckpt["model"])
+    if extra is not None:
+        extra.load_state_dict(ckpt["extra"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
@@ -154,9 +160,12 @@ def clear_checkpoints(settings: TrainSettings) -> None:
 # --- the loop ---------------------------------------------------------------------------------------
 
 
-def optimizer_and_schedule(model: torch.nn.Module, settings: TrainSettings, total_steps: int):
+def optimizer_and_schedule(model: torch.nn.Module, settings: TrainSettings, total_steps: int,
+                           extra: torch.nn.Module | None = None):
     """AdamW without weight decay on biases and norms; linear warm-up, then linear decay to zero."""
     named = list(model.named_parameters())
+    if extra is not None:  # appended after the model's: the model's own groups stay in the same order
+        named += list(extra.named_parameters(prefix="extra"))
     groups = [{"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": settings.weight_decay},
               {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
@@ -180,17 +189,24 @@ def validate(model: torch.nn.Module, val_data: Examples, pad_id: int, progress: 
 
 def train(model: torch.nn.Module, train_data: Examples, val_data: Examples, pad_id: int,
           settings: TrainSettings, loss_fn: LossFn = cross_entropy_loss,
-          on_eval: EvalCallback | None = None) -> TrainResult:
-    """Train `model` in place and leave it holding the weights with the best validation accuracy."""
+          on_eval: EvalCallback | None = None, extra: torch.nn.Module | None = None) -> TrainResult:
+    """Train `model` in place and leave it holding the weights with the best validation accuracy.
+
+    `extra`: trainable modules the loss uses beside the model (the hidden-state loss's projection):
+    optimised, clipped and checkpointed with it, but no part of the model that is validated and kept."""
     dev = device()
     model.to(dev)
+    trainable = list(model.parameters())
+    if extra is not None:
+        extra.to(dev)
+        trainable += list(extra.parameters())
     steps_per_epoch = -(-len(train_data) // settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    optimizer, scheduler = optimizer_and_schedule(model, settings, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model, settings, total_steps, extra)
     paths = checkpoint_paths(settings)
     progress = Progress()
     if paths and paths[0].exists():
-        progress = load_checkpoint(paths, model, optimizer, scheduler)
+        progress = load_checkpoint(paths, model, optimizer, scheduler, extra)
         log.info("resuming from checkpoint at step %d/%d", progress.step, total_steps)
     resumed_from = progress.step
 
@@ -211,7 +227,7 @@ def train(model: torch.nn.Module, train_data: Examples, val_data: Examples, pad_
                     raise DivergedError(f"non-finite loss ({loss.item()}) at step {progress.step + 1}: learning "
                                         "rate too high, or half-precision weights? The last checkpoint is kept.")
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -225,7 +241,7 @@ def train(model: torch.nn.Module, train_data: Examples, val_data: Examples, pad_
                     if on_eval:
                         on_eval(progress.step, acc)
                 if paths and (progress.step % settings.checkpoint_every_steps == 0 or end_of_epoch):
-                    save_checkpoint(paths[0], model, optimizer, scheduler, progress)
+                    save_checkpoint(paths[0], model, optimizer, scheduler, progress, extra)
     finally:
         bar.close()  # also when a pruner, a divergence or Ctrl-C ends the run
     if progress.best_state is not None:

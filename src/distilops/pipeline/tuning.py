@@ -1,4 +1,5 @@
-"""Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight).
+"""Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight and the
+layer-wise weights: TinyBERT's hidden-state MSE, MiniLM's attention KL).
 
 - TPE sampler seeded from `seed` (a resumed study or an extra worker derives its own seed, so it
   never replays the first trials); median pruner fed validation accuracy every `eval_every_steps`.
@@ -11,7 +12,12 @@
 - Each trial is a nested MLflow run under the stage's run; memory is released between trials.
 - The study name is derived from the whole trial configuration and the inputs, so editing anything
   that changes a trial (search space, data, weight decay...) starts a new study instead of resuming
-  one whose trials were run differently.
+  one whose trials were run differently. The layer-wise weights are left out while off ([0, 0]), so
+  studies from before they existed keep their names.
+- The layer-wise terms need every layer of the teacher, which the cache does not hold: when a trial's
+  weight is > 0 the teacher runs online on each batch (eval mode, no gradients). Student layer i learns
+  teacher layer modeling.target_layer_map[i]; a trainable projection (TinyBERT's W_h) maps the student's
+  width to the teacher's where they differ, trained with the student and then dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import mlflow
@@ -41,9 +47,16 @@ from distilops.hashing import json_sha256
 from distilops.pipeline import teacher_outputs
 from distilops.pipeline.batching import Examples, concat, device, model_inputs, tokenize
 from distilops.pipeline.data import read_labels, read_split
-from distilops.pipeline.losses import UNLABELLED, distillation_loss
-from distilops.pipeline.modeling import build_student, check_same_tokenizer, load_classifier, load_tokenizer
-from distilops.pipeline.training import TrainSettings, seed_everything, train
+from distilops.pipeline.losses import UNLABELLED, LossParts, distillation_loss
+from distilops.pipeline.modeling import (
+    build_student,
+    check_same_tokenizer,
+    load_classifier,
+    load_tokenizer,
+    num_layers,
+    target_layer_map,
+)
+from distilops.pipeline.training import LossFn, TrainSettings, seed_everything, train
 from distilops.serving.folder import read_meta
 from distilops.tracking import redact_uri
 
@@ -60,6 +73,17 @@ class TrialParams:
     alpha: float
     learning_rate: float
     cosine_weight: float = 0.0
+    hidden_mse_weight: float = 0.0
+    attention_weight: float = 0.0
+
+    @property
+    def layer_wise(self) -> bool:
+        """Whether a layer-wise term is on: the teacher then runs online."""
+        return self.hidden_mse_weight > 0 or self.attention_weight > 0
+
+
+# The layer-wise weights (search keys): while their range is [0, 0] they are left out of the study key.
+LAYER_WEIGHTS = ("hidden_mse_weight", "attention_weight")
 
 
 def suggest(trial: optuna.Trial, cfg: DistillConfig) -> TrialParams:
@@ -74,27 +98,110 @@ def suggest(trial: optuna.Trial, cfg: DistillConfig) -> TrialParams:
         alpha=pick("alpha", space.alpha),
         learning_rate=pick("learning_rate", space.learning_rate, log=True),
         cosine_weight=pick("cosine_weight", space.cosine_weight),
+        hidden_mse_weight=pick("hidden_mse_weight", space.hidden_mse_weight),
+        attention_weight=pick("attention_weight", space.attention_weight),
     )
 
 
 def params_of(trial: optuna.trial.FrozenTrial, cfg: DistillConfig) -> TrialParams:
     """A finished trial's parameters, filling fixed (equal-bound) values from the config."""
     space = cfg.search
-    return TrialParams(**{name: trial.params.get(name, getattr(space, name)[0])
-                          for name in ("temperature", "alpha", "learning_rate", "cosine_weight")})
+    return TrialParams(**{f.name: trial.params.get(f.name, getattr(space, f.name)[0]) for f in fields(TrialParams)})
 
 
-def distill_loss_fn(p: TrialParams) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
+@dataclass
+class LayerTargets:
+    """What the layer-wise terms need beside the student: the teacher (run online), which teacher layer each
+    student layer learns, and the projection of the student's width to the teacher's (None when equal)."""
+
+    teacher: torch.nn.Module
+    layer_map: list[int]
+    projection: torch.nn.Linear | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the parts since the last `log`, for MLflow
+    batches: int = 0
+
+    def record(self, parts: LossParts) -> None:
+        """Add one batch's layer-wise parts (kept on the device: no sync per step)."""
+        for name in ("hidden_mse", "attention_kl"):
+            self.sums[name] = self.sums.get(name, 0) + getattr(parts, name).detach()
+        self.batches += 1
+
+    def log(self, step: int) -> None:
+        """Log the parts' means since the last call as MLflow metrics train_hidden_mse / train_attention_kl."""
+        if self.batches:
+            mlflow.log_metrics({f"train_{k}": float(v) / self.batches for k, v in self.sums.items()}, step=step)
+        self.sums, self.batches = {}, 0
+
+
+def check_layer_losses(teacher: torch.nn.Module, student: torch.nn.Module, *, attention: bool) -> None:
+    """A clear error for a student the layer-wise terms cannot map to the teacher."""
+    target_layer_map(num_layers(teacher), num_layers(student))  # at most the teacher's layers
+    heads = (student.config.num_attention_heads, teacher.config.num_attention_heads)
+    if attention and heads[0] != heads[1]:
+        raise ModelError(f"the attention loss needs the student's attention heads ({heads[0]}) to equal the "
+                         f"teacher's ({heads[1]}): set distill.search.attention_weight to [0, 0]")
+
+
+def attention_dropout_off(model: torch.nn.Module) -> None:
+    """No dropout on the student's attention probabilities: Hugging Face returns them after dropout, which is
+    not a distribution to take a KL of. The attention-probability dropout is the one beside the query
+    projection (BERT, RoBERTa, ELECTRA: query; MPNet: q; DistilBERT: q_lin)."""
+    found = 0
+    for module in model.modules():
+        dropout = getattr(module, "dropout", None)
+        if isinstance(dropout, torch.nn.Dropout) and any(hasattr(module, q) for q in ("query", "q", "q_lin")):
+            dropout.p, found = 0.0, found + 1
+    if found != num_layers(model):
+        raise ModelError(f"found {found} attention-probability dropouts in {type(model).__name__} for "
+                         f"{num_layers(model)} layers: the attention loss does not know this architecture")
+
+
+def layer_targets(p: TrialParams, teacher: torch.nn.Module | None, student: torch.nn.Module) -> LayerTargets | None:
+    """What `p`'s layer-wise terms need; None when they are off (then nothing is created: no random draw)."""
+    if not p.layer_wise:
+        return None
+    if teacher is None:
+        raise ModelError("the layer-wise losses need the teacher: pass it to run_study")
+    check_layer_losses(teacher, student, attention=p.attention_weight > 0)
+    if p.attention_weight > 0:
+        for model in (teacher, student):  # SDPA attention returns no probabilities
+            model.set_attn_implementation("eager")
+        attention_dropout_off(student)
+    widths = (student.config.hidden_size, teacher.config.hidden_size)
+    projection = torch.nn.Linear(*widths) if p.hidden_mse_weight > 0 and widths[0] != widths[1] else None
+    teacher.to(device()).eval()
+    return LayerTargets(teacher, target_layer_map(num_layers(teacher), num_layers(student)), projection)
+
+
+def distill_loss_fn(p: TrialParams, layers: LayerTargets | None = None) -> LossFn:
+    """train()'s loss for parameters `p`; `layers` (from layer_targets) when a layer-wise term is on."""
+    if p.layer_wise and layers is None:
+        raise ModelError("the layer-wise losses need layer_targets(params, teacher, student)")
+
     def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         dev = next(model.parameters()).device
-        out = model(**model_inputs(batch, dev), output_hidden_states=p.cosine_weight > 0)
+        inputs = model_inputs(batch, dev)
+        out = model(**inputs, output_hidden_states=p.cosine_weight > 0 or p.hidden_mse_weight > 0,
+                    output_attentions=p.attention_weight > 0)
+        teacher_hidden_states = teacher_attentions = None
+        if layers is not None:
+            with torch.no_grad():  # the teacher only gives targets
+                teacher = layers.teacher(**inputs, output_hidden_states=p.hidden_mse_weight > 0,
+                                         output_attentions=p.attention_weight > 0)
+            teacher_hidden_states, teacher_attentions = teacher.hidden_states, teacher.attentions
         parts = distillation_loss(
             out.logits, batch["teacher_logits"].to(dev), batch["labels"].to(dev),
             temperature=p.temperature, alpha=p.alpha, cosine_weight=p.cosine_weight,
             student_hidden=out.hidden_states[-1] if p.cosine_weight > 0 else None,
             teacher_hidden=batch["teacher_hidden"].to(dev) if p.cosine_weight > 0 else None,
             attention_mask=batch["attention_mask"].to(dev),
+            hidden_mse_weight=p.hidden_mse_weight, attention_weight=p.attention_weight,
+            student_hidden_states=out.hidden_states, student_attentions=out.attentions,
+            teacher_hidden_states=teacher_hidden_states, teacher_attentions=teacher_attentions,
+            layer_map=layers.layer_map if layers else None, projection=layers.projection if layers else None,
         )
+        if layers is not None:
+            layers.record(parts)
         return parts.total
 
     return loss_fn
@@ -111,6 +218,8 @@ def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
     if cfg.study_name:
         return cfg.study_name
     key = {**cfg.model_dump(exclude=set(NOT_IN_STUDY_KEY)), **inputs}
+    # Off, the layer-wise weights change no trial: leaving them out keeps the names of studies made before them.
+    key["search"] = {k: v for k, v in key["search"].items() if not (k in LAYER_WEIGHTS and max(v) == 0)}
     return "distill-" + json_sha256(key)[:12]
 
 
@@ -152,6 +261,7 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
             return build_student(teacher, cfg.student_layers)
 
     with_hidden = cfg.search.cosine_weight[1] > 0
+    layer_wise = any(getattr(cfg.search, name)[1] > 0 for name in LAYER_WEIGHTS)
     fingerprint = teacher_outputs.fingerprint(teacher_dir, data_dir / "report.json", cfg.max_length)
     data = {}
     for split in teacher_outputs.TEACHER_SPLITS:
@@ -166,6 +276,8 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
         fingerprint = {**fingerprint, "transfer_sha256": teacher_outputs.transfer_sha256(transfer)}  # a new study
     if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
         raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
+    if layer_wise:  # fail before the first trial, not in it
+        check_layer_losses(teacher, make_student(), attention=cfg.search.attention_weight[1] > 0)
     teacher_name = read_meta(teacher_dir).get("source_model", str(teacher_dir))  # e.g. all-MiniLM-L6-v2
     return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name,
                          study_name_for(cfg, fingerprint))
@@ -246,11 +358,13 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
-              pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None) -> optuna.Study:
+              pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None,
+              teacher: torch.nn.Module | None = None) -> optuna.Study:
     """Create or resume the study and run the trials still missing (complete or pruned count as done).
 
     `worker` (0, 1, ...) marks an extra worker sharing the study: its sampler gets its own seed,
-    or every worker would propose the same first trials.
+    or every worker would propose the same first trials. `teacher` runs online when a trial's
+    layer-wise weight is > 0 (needed then only).
     """
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_steps)
@@ -273,6 +387,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
         params = suggest(trial, cfg)
         seed_everything(cfg.seed)
         student = make_student()
+        layers = layer_targets(params, teacher, student)  # None (and nothing drawn) while the terms are off
         # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats).
         settings = TrainSettings.from_config(cfg, epochs=cfg.trial_epochs, learning_rate=params.learning_rate,
                                              eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=0,
@@ -282,6 +397,8 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
         def report_or_prune(step: int, acc: float) -> None:
             reports.append((step, acc))
             mlflow.log_metric("val_accuracy", acc, step=step)
+            if layers is not None:
+                layers.log(step)
             trial.report(acc, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
@@ -292,7 +409,8 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                               tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}):
             mlflow.log_params(vars(params))
             try:
-                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params), report_or_prune)
+                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params, layers),
+                               report_or_prune, extra=layers.projection if layers else None)
                 mlflow.set_tag("state", "complete")
                 return result.best_accuracy
             except optuna.TrialPruned:
@@ -324,7 +442,7 @@ def tune(cfg: DistillConfig, inputs: DistillInputs, *, worker: int | None = None
     before training the final student, and what each `distilops tune` worker runs alone."""
     return run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
                      inputs.tokenizer.pad_token_id, study_name=inputs.study_name, storage=storage_for(cfg),
-                     worker=worker)
+                     worker=worker, teacher=inputs.teacher)
 
 
 def pruning_summary(study: optuna.Study) -> dict:
