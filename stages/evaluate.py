@@ -2,7 +2,10 @@
 on every set in `evaluate.extra_sets` (by default the long-text set): quality with 95% intervals
 (accuracy, macro F1, agreement with the teacher, retention, McNemar vs the teacher) and cost (size,
 parameters, batch-1 latency, batch-32 throughput on short and on long texts), with ratios to the teacher.
-Long texts are read in windows (`window_overlap`, `max_windows`), as the served model reads them."""
+Long texts are read in windows (`window_overlap`, `max_windows`), as the served model reads them.
+Each ONNX student also gets a "reference": its test-split answers as serving/fidelity.py bins them (label
+mix, confidence, words, windows, agreement with the teacher [95%]), which the register stage stores in the
+version's model folder for the service's drift gauges."""
 
 import mlflow
 

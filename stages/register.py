@@ -1,8 +1,12 @@
 """DVC stage `register`: the fp32 student and the serving models (ONNX int8 for CPU nodes, ONNX fp16
 for GPU nodes by default) become versions of one registered model in the MLflow registry, each
 tagged with its lineage, its device and its test results from the evaluate stage. The CPU version is
-the one promoted; its GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). Nothing
-here moves the `production` alias: that is `distilops promote`, behind its gates."""
+the one promoted; its GPU sibling follows it (tags `release.cpu` / `release.gpu` on both). The teacher's
+ONNX export (quantize, if it agreed with the PyTorch teacher) is registered too, role "teacher": the shadow
+model, named on every version of the release by `release.shadow`, that `distilops package` carries beside
+the served model. Each served folder records the windows it was evaluated with and, from evaluate, the
+reference its live predictions are compared with. Nothing here moves the `production` alias: that is
+`distilops promote`, behind its gates."""
 
 import logging
 import shutil
@@ -15,8 +19,15 @@ from distilops import paths
 from distilops.config import RegisterConfig, as_flat_dict, load_section
 from distilops.errors import RegistryError
 from distilops.hashing import sha256
-from distilops.pipeline.evaluate import model_key
-from distilops.release.registry import link_release, metrics_from_report, register_version
+from distilops.pipeline.evaluate import BASELINE, model_key
+from distilops.pipeline.quantize import TEACHER_CHECK, TEACHER_VARIANT
+from distilops.release.registry import (
+    TEACHER_ROLE,
+    link_release,
+    link_shadow,
+    metrics_from_report,
+    register_version,
+)
 from distilops.serving.folder import read_meta, write_meta
 from distilops.stage import read_json, run_stage, write_json
 from distilops.tracking import stage_run
@@ -24,11 +35,40 @@ from distilops.tracking import stage_run
 log = logging.getLogger("register")
 
 
-def with_windows(folder: Path, cfg: RegisterConfig, into: Path) -> Path:
-    """A copy of `folder` that records the window settings it was evaluated with, so it is served with them."""
+def with_windows(folder: Path, cfg: RegisterConfig, into: Path, reference: dict | None = None) -> Path:
+    """A copy of `folder` that records the window settings it was evaluated with, so it is served with them,
+    and (serving candidates) the `reference` description of its test predictions the service compares with."""
     copy = Path(shutil.copytree(folder, into / folder.name))
-    write_meta(copy, window_overlap=cfg.window_overlap, max_windows=cfg.max_windows)
+    write_meta(copy, window_overlap=cfg.window_overlap, max_windows=cfg.max_windows,
+               **({"reference": reference} if reference else {}))
     return copy
+
+
+def teacher_plan(checks: dict) -> list[tuple[str, Path, str, str, str]]:
+    """The teacher's ONNX export as the release's shadow version, when quantize accepted it; else none."""
+    found = checks.get(TEACHER_CHECK)
+    if not found or not found.get("accepted", False):
+        reason = found["reason"] if found else "not built by the quantize stage"
+        log.warning("the teacher's ONNX export is not registered: %s. This release carries no shadow model.", reason)
+        return []
+    return [(TEACHER_VARIANT, paths.TEACHER_ONNX, TEACHER_ROLE, "", BASELINE)]
+
+
+def description(variant: str, role: str, device: str, folder: Path) -> str:
+    meta = read_meta(folder)
+    if role == TEACHER_ROLE:
+        return (f"{variant} (teacher): {meta.get('source_model', '?')} fine-tuned, as ONNX: the shadow model "
+                "its release's pods may compare their answers with")
+    return f"{variant} ({role}{', ' + device if device else ''}) distilled from {meta.get('teacher', '?')}"
+
+
+def summary(m: dict[str, float]) -> str:
+    """Accuracy and its interval, retention where the version has a teacher to retain, p95 latency."""
+    text = f"test accuracy {m['accuracy']:.4f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]"
+    if "accuracy_retention_low" in m:
+        text += (f" ({100 * m['accuracy_retention']:.1f}% [{100 * m['accuracy_retention_low']:.1f}%, "
+                 f"{100 * m['accuracy_retention_high']:.1f}%] of the teacher's)")
+    return f"{text}, p95 {m['latency_p95_ms']:.2f} ms"
 
 
 def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
@@ -53,37 +93,42 @@ def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
 def main() -> None:
     cfg = load_section(RegisterConfig)
     evaluation = read_json(paths.metrics_file("evaluate"))
-    devices = serving_variants(cfg, read_json(paths.metrics_file("quantize")))
+    checks = read_json(paths.metrics_file("quantize"))
+    devices = serving_variants(cfg, checks)
     params_text = Path("params.yaml").read_text()
-    # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling).
-    plan = [("student", paths.STUDENT, "reference", "")]
-    plan += [(variant, paths.QUANTIZED / variant, "serving", device) for device, variant in devices.items()]
+    # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling), then
+    # the teacher's export (the shadow model) when quantize accepted it.
+    plan = [("student", paths.STUDENT, "reference", "", model_key("student"))]
+    plan += [(variant, paths.QUANTIZED / variant, "serving", device, model_key(variant))
+             for device, variant in devices.items()]
+    plan += teacher_plan(checks)
 
-    registered, release = {}, {}
+    registered, release, shadow = {}, {}, ""
     with stage_run("register", as_flat_dict(cfg)), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_text(params_text, "params.yaml")
-        for variant, folder, role, device in plan:
-            key = model_key(variant)
+        for variant, folder, role, device, key in plan:
+            evaluated = evaluation["models"][key]
             m = metrics_from_report(evaluation, key)
             mv = register_version(
-                with_windows(folder, cfg, Path(scratch)), model_name=cfg.model_name, metrics=m, variant=variant,
-                role=role, device=device, test_correct=evaluation["models"][key]["test_correct"],
+                with_windows(folder, cfg, Path(scratch), evaluated.get("reference")), model_name=cfg.model_name,
+                metrics=m, variant=variant, role=role, device=device, test_correct=evaluated["test_correct"],
                 test_examples=evaluation["test_examples"], tags={"params_sha256": sha256(params_text)},
-                description=f"{variant} ({role}{', ' + device if device else ''}) distilled from "
-                            f"{read_meta(folder).get('teacher', '?')}")
+                description=description(variant, role, device, folder))
             registered[f"{variant}@{device}" if device else variant] = {
                 "version": int(mv.version), "role": role, "device": device, "evaluated_as": key}
             if device:
                 release[device] = str(mv.version)
-            log.info("%s v%s: %s (%s%s), test accuracy %.4f [%.3f, %.3f] (%.1f%% [%.1f%%, %.1f%%] of the "
-                     "teacher's), p95 %.2f ms", cfg.model_name, mv.version, variant, role,
-                     f", {device}" if device else "", m["accuracy"], m["accuracy_low"], m["accuracy_high"],
-                     100 * m["accuracy_retention"], 100 * m["accuracy_retention_low"],
-                     100 * m["accuracy_retention_high"], m["latency_p95_ms"])
+            if role == TEACHER_ROLE:
+                shadow = str(mv.version)
+            log.info("%s v%s: %s (%s%s), %s", cfg.model_name, mv.version, variant, role,
+                     f", {device}" if device else "", summary(m))
         link_release(cfg.model_name, release)
+        if shadow:  # every version of the release names its shadow: the served ones, the student, the teacher
+            link_shadow(cfg.model_name, [str(r["version"]) for r in registered.values()], shadow)
     write_json(paths.metrics_file("register"), {"model_name": cfg.model_name, "versions": registered,
                                                 "serving_version": int(release["cpu"]),
-                                                "serving_versions": {d: int(v) for d, v in release.items()}})
+                                                "serving_versions": {d: int(v) for d, v in release.items()},
+                                                "shadow_version": int(shadow) if shadow else None})
     log.info("promote with: distilops promote %s", release["cpu"])
 
 

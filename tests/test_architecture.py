@@ -243,7 +243,7 @@ def test_paths_and_dvc_yaml_agree():
     outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values()
             for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
     for constant in (paths.DATA_REPORT, paths.LONG_TEXTS, paths.TEACHER, paths.TEACHER_OUTPUTS, paths.STUDENT,
-                     paths.QUANTIZED):
+                     paths.QUANTIZED, paths.TEACHER_ONNX):
         assert constant.as_posix() in outs, constant
     assert {f"{paths.PREPARED.as_posix()}/{split}.parquet" for split in ("train", "validation", "test")} <= outs
     for name, stage in stages.items():  # a stage's metrics file is metrics/<stage>.json

@@ -1,12 +1,26 @@
 """Evaluation metrics against hand-computed values; the speed protocol's shape (timings are benchmarks,
-not asserted); the baseline ratios."""
+not asserted); the baseline ratios; agreement intervals and the serving reference (serving/fidelity.py)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from tiny import make_reviews, make_tiny_model
 
-from distilops.pipeline.evaluate import classification_metrics, measure_speed, ratios_to_baseline
+from distilops import stats
+from distilops.config import EvaluateConfig
+from distilops.pipeline.evaluate import (
+    classification_metrics,
+    measure_speed,
+    model_folders,
+    ratios_to_baseline,
+    reference_of,
+    run,
+    windows_per_text,
+)
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+from distilops.pipeline.quantize import build
 from distilops.pipeline.torch_model import open_classifier
+from distilops.serving import fidelity
 
 
 def test_classification_metrics_by_hand():
@@ -71,3 +85,71 @@ def test_paired_quality_gives_intervals_retention_and_mcnemar():
     assert s["accuracy_ci"][0] < 0.84 < s["accuracy_ci"][1]
     assert s["retention"] == pytest.approx(0.84 / 0.9) and s["retention_ci"][0] < s["retention"] < s["retention_ci"][1]
     assert s["mcnemar_vs_teacher"] == {"model_only_right": 0, "teacher_only_right": 6, "p_value": pytest.approx(2 / 64)}
+    # agreement: 94 of 100 texts given the teacher's label, resampled on the same texts as the accuracies
+    low, high = s["agreement_with_teacher_ci"]
+    assert low < 0.94 < high and (low, high) == stats.accuracy_interval(student == teacher,
+                                                                        stats.bootstrap_indices(100, 500, 0))
+    assert out["teacher"]["agreement_with_teacher_ci"] == [1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def onnx_student(tmp_path_factory):
+    """A tiny ONNX student with 16-token windows: a 60-word text needs more than one."""
+    root = tmp_path_factory.mktemp("reference")
+    raw = make_tiny_model(root / "raw")
+    student = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student", max_length=16,
+                                role="student", teacher="tiny-teacher")
+    return student, build("onnx_fp32", student, root / "quantized")
+
+
+LONG = " ".join(["great"] * 60)  # 60 tokens: 16-token windows sharing 4 read it in 6, capped at 3
+TEXTS = ["great film", "dull and bland", "a wonderful moving film", LONG]
+
+
+def test_the_reference_describes_the_answers_by_hand(onnx_student):
+    _, folder = onnx_student
+    model = open_classifier(folder, window_overlap=4, max_windows=3)
+    assert windows_per_text(model, TEXTS) == windows_per_text(model, TEXTS, batch_size=1) == [1, 1, 1, 3]
+    logits = np.array([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0], [1.0, 0.0]])  # what the service would score:
+    # rotten 0.881, fresh 0.953, rotten 0.5 (a tie goes to the first label, as argmax), rotten 0.731
+    quality = {"agreement_with_teacher": 0.75, "agreement_with_teacher_ci": [0.5, 1.0]}
+    ref = reference_of(model, logits, TEXTS, quality)
+    assert (ref["split"], ref["texts"]) == ("test", 4)
+    assert ref["agreement_with_teacher"] == 0.75 and ref["agreement_with_teacher_ci"] == [0.5, 1.0]
+    assert ref["label"] == {"labels": ["rotten", "fresh"], "fractions": [0.75, 0.25]}
+    # confidence bins: <=0.6 | 0.7 | 0.8 | 0.9 | 0.95 | 0.99 | above
+    assert ref["confidence"] == {"edges": list(fidelity.CONFIDENCE_EDGES),
+                                 "fractions": [0.25, 0.0, 0.25, 0.25, 0.0, 0.25, 0.0]}
+    assert ref["words"]["fractions"] == [0.75, 0.0, 0.0, 0.0, 0.25, 0.0, 0.0, 0.0, 0.0]  # 2, 3, 4 words; 60
+    assert ref["windows"]["fractions"] == [0.75, 0.0, 0.25, 0.0, 0.0, 0.0]  # 1, 1, 1; 3 windows
+
+
+def test_run_gives_every_onnx_student_a_reference_from_its_own_answers(onnx_student, tmp_path):
+    student, onnx = onnx_student
+    teacher = save_model_folder(load_classifier(str(make_tiny_model(tmp_path / "t", seed=1))),
+                                load_tokenizer(str(tmp_path / "t")), tmp_path / "teacher", max_length=16)
+    frame = make_reviews(n_movies=6, per_movie=4)
+    test = frame[frame["category"] != "plot"].assign(label=lambda f: (f["category"] == "fresh").astype(int))
+    test = pd.concat([test, pd.DataFrame({"text": [LONG], "label": [1]})], ignore_index=True)
+    cfg = EvaluateConfig(speed_texts=8, latency_samples=2, repeats=1, bootstrap_resamples=100, threads=1,
+                         window_overlap=4, max_windows=3)
+    evaluation = run(cfg, {"teacher": teacher, "student": student, "student_onnx_fp32": onnx}, test, {},
+                     ["rotten", "fresh"])
+    models = evaluation.report["models"]
+    assert "reference" not in models["teacher"] and "reference" not in models["student"]  # PyTorch: never served
+    ref, entry = models["student_onnx_fp32"]["reference"], models["student_onnx_fp32"]
+    assert ref["texts"] == len(test) and ref["agreement_with_teacher_ci"] == entry["agreement_with_teacher_ci"]
+    assert ref["agreement_with_teacher"] == entry["agreement_with_teacher"]
+    predicted = evaluation.predictions["student_onnx_fp32"]
+    assert ref["label"]["fractions"] == pytest.approx([(predicted == 0).mean(), (predicted == 1).mean()])
+    assert ref["windows"]["fractions"][2] == pytest.approx(1 / len(test))  # the long text: 3 windows
+    scores = [c.score for c in open_classifier(onnx, window_overlap=4, max_windows=3).classify(test["text"].tolist())]
+    assert ref["confidence"]["fractions"] == pytest.approx(fidelity.fractions(scores, fidelity.CONFIDENCE_EDGES))
+    for name in models:
+        low, high = models[name]["agreement_with_teacher_ci"]
+        assert 0 <= low <= models[name]["agreement_with_teacher"] <= high <= 1
+
+
+def test_the_teacher_export_is_no_student_variant():
+    folders = model_folders({"onnx_int8": {}, "onnx_fp16": {}, "teacher_onnx": {}})
+    assert list(folders) == ["teacher", "student", "student_onnx_int8", "student_onnx_fp16"]

@@ -55,7 +55,9 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     assert len(summary) < 20
 
     checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
-    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"}
+    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16", "teacher_onnx"}
+    assert checks["teacher_onnx"]["accepted"] and checks["teacher_onnx"]["agreement_with_teacher"] >= 0.999
+    assert (repo_copy.path / "models/teacher_onnx/model.onnx").stat().st_size > 0  # a DVC out of quantize
     evaluation = json.loads((repo_copy.path / "metrics/evaluate.json").read_text())
     models = evaluation["models"]
     assert set(models) == {"teacher", "student", "student_torch_int8", "student_onnx_fp32", "student_onnx_int8",
@@ -69,6 +71,15 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
         low, high = entry["accuracy_ci"]
         assert 0 <= low <= entry["accuracy"] <= high <= 1
     assert 0 <= models["student"]["mcnemar_vs_teacher"]["p_value"] <= 1
+    for entry in models.values():
+        low, high = entry["agreement_with_teacher_ci"]
+        assert 0 <= low <= entry["agreement_with_teacher"] <= high <= 1
+    # what each ONNX student would serve is described on the test split, for the service's drift gauges
+    assert {n for n, m in models.items() if "reference" in m} == {"student_onnx_fp32", "student_onnx_int8",
+                                                                 "student_onnx_fp16"}
+    reference = models["student_onnx_int8"]["reference"]
+    assert reference["texts"] == evaluation["test_examples"]
+    assert sum(reference["label"]["fractions"]) == pytest.approx(1)
     for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png", "sets.csv",
                  "set_accuracies.png"):
         assert (repo_copy.path / "plots/evaluate" / plot).stat().st_size > 0
@@ -76,6 +87,8 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
 
     registered = json.loads((repo_copy.path / "metrics/register.json").read_text())
     assert registered["versions"]["student"]["role"] == "reference"
+    shadow = str(registered["shadow_version"])
+    assert registered["versions"]["teacher_onnx_fp32"]["role"] == "teacher"
     devices = {device: str(v) for device, v in registered["serving_versions"].items()}
     assert set(devices) == {"cpu", "gpu"} and devices["cpu"] == str(registered["serving_version"])
     # Both URIs: an earlier test may have set the process-wide registry URI to its own store.
@@ -88,6 +101,12 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     assert (gpu.tags["variant"], gpu.tags["device"]) == ("onnx_fp16", "gpu")  # never int8 on a GPU
     for version in (serving, gpu):  # each names its release's version for every device
         assert {version.tags["release.cpu"], version.tags["release.gpu"]} == set(devices.values())
+        assert version.tags["release.shadow"] == shadow  # and its teacher, the shadow model
+    teacher = client.get_model_version("tiny-sentiment", shadow)
+    assert (teacher.tags["role"], teacher.tags["variant"], teacher.tags["release.shadow"]) == (
+        "teacher", "teacher_onnx_fp32", shadow)
+    assert float(serving.tags["eval.agreement_with_teacher_low"]) == pytest.approx(
+        models["student_onnx_int8"]["agreement_with_teacher_ci"][0])
     assert serving.tags["teacher"] == "tiny-teacher" and serving.tags["optuna_study"].startswith("distill-")
     assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8"]["accuracy"])
     assert float(serving.tags["eval.accuracy_retention_low"]) == pytest.approx(

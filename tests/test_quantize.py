@@ -1,7 +1,10 @@
 """Both quantization paths on a tiny model: they load through the serving code, stay faithful to the
-fp32 student, shrink it, and the acceptance check rejects a variant that loses too much accuracy."""
+fp32 student, shrink it, and the acceptance check rejects a variant that loses too much accuracy.
+The teacher's ONNX export (the shadow model) predicts what the PyTorch teacher does, or is refused."""
 
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +12,17 @@ from tiny import make_reviews, make_tiny_model
 
 from distilops.pipeline.batching import tokenize
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.pipeline.quantize import build, check, weights_size_mb
+from distilops.pipeline.quantize import (
+    TEACHER_VARIANT,
+    build,
+    check,
+    check_teacher,
+    export_teacher,
+    weights_size_mb,
+)
 from distilops.pipeline.torch_model import open_classifier
 from distilops.pipeline.training import TrainSettings, train
-from distilops.serving.folder import read_meta
+from distilops.serving.folder import read_meta, write_meta
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +161,47 @@ def test_register_serves_onnx_fp32_where_quantize_rejected_the_configured_varian
     assert "cpu variant onnx_int8 is not registered: dropped 3 points. onnx_fp32 serves instead" in caplog.text
     with pytest.raises(RegistryError, match="add onnx_fp32 to quantize.variants"):
         stage.serving_variants(RegisterConfig(), {"onnx_int8": {"accepted": False, "reason": "x"}})
+
+
+def test_the_teacher_exports_to_onnx_and_agrees_with_itself_in_pytorch(student, texts, tmp_path):
+    teacher = Path(shutil.copytree(student, tmp_path / "teacher"))  # a trained model: no near-ties to flip
+    write_meta(teacher, role="teacher", source_model="tiny")
+    folder = export_teacher(teacher, tmp_path / "teacher_onnx")
+    meta = read_meta(folder)
+    assert (meta["format"], meta["variant"], meta["role"], meta["source_model"]) == ("onnx", TEACHER_VARIANT,
+                                                                                     "teacher", "tiny")
+    exported = open_classifier(folder)
+    assert exported.format == "onnx" and exported.labels == open_classifier(teacher).labels
+    onnx_logits = exported.predict_logits_batched(texts, 16)
+    torch_logits = open_classifier(teacher).predict_logits_batched(texts, 16)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    result = check_teacher(onnx_logits.argmax(-1), torch_logits.argmax(-1), torch_logits.argmax(-1),
+                           size_mb=weights_size_mb(folder), teacher_size_mb=weights_size_mb(teacher))
+    assert result.accepted and result.agreement_with_teacher == 1.0 and result.accuracy == 1.0
+    assert result.as_dict()["variant"] == TEACHER_VARIANT and result.size_mb > 0
+
+
+def test_the_teacher_export_is_refused_below_0999_agreement():
+    labels = np.array([0, 1] * 500)
+    one_flip, two_flips = labels.copy(), labels.copy()
+    one_flip[0] = 1
+    two_flips[:2] = 1 - two_flips[:2]
+    ok = check_teacher(one_flip, labels, labels, size_mb=1, teacher_size_mb=1)
+    bad = check_teacher(two_flips, labels, labels, size_mb=1, teacher_size_mb=1)
+    assert ok.accepted and ok.agreement_with_teacher == 0.999
+    assert not bad.accepted and bad.agreement_with_teacher == 0.998
+    assert bad.reason == ("agreement with the PyTorch teacher 0.9980 on 1000 test texts (needs >= 0.999): not "
+                          "registered, so releases carry no shadow model")
+
+
+def test_register_skips_a_refused_teacher_export_with_its_reason(caplog):
+    from conftest import load_stage
+
+    stage = load_stage("register")
+    with caplog.at_level(logging.WARNING, logger="register"):
+        assert stage.teacher_plan({"teacher_onnx": {"accepted": False, "reason": "agreement 0.9980"}}) == []
+        assert stage.teacher_plan({}) == []
+    assert "teacher's ONNX export is not registered: agreement 0.9980. This release carries no shadow" in caplog.text
+    assert "not built by the quantize stage" in caplog.text
+    (plan,) = stage.teacher_plan({"teacher_onnx": {"accepted": True, "reason": "ok"}})
+    assert plan[0] == TEACHER_VARIANT and plan[2:] == ("teacher", "", "teacher")

@@ -275,3 +275,96 @@ def test_a_promote_killed_before_the_alias_moved_leaves_everything_as_it_was(sto
     assert [r.info.status for r in runs] == ["FAILED"] and "never moved" in runs[0].data.tags["reconciled"]
     event, _ = promote(NAME, GATES, version=v2)  # and the promotion can simply be run again
     assert current() == v2 and event.from_version == v1
+
+
+def test_the_teacher_carries_its_own_metrics_and_every_model_its_agreement_interval():
+    teacher = {"accuracy": 0.86, "latency_p95_ms": 9.0, "accuracy_ci": [0.84, 0.88], "agreement_with_teacher": 1.0,
+               "agreement_with_teacher_ci": [1.0, 1.0]}  # the baseline: no retention, no McNemar against itself
+    student = {"accuracy": 0.85, "latency_p95_ms": 3.0, "accuracy_ci": [0.83, 0.87], "retention_ci": [0.97, 1.01],
+               "mcnemar_vs_teacher": {"p_value": 0.4}, "agreement_with_teacher": 0.91,
+               "agreement_with_teacher_ci": [0.89, 0.93]}
+    evaluation = {"models": {"teacher": teacher, "student_onnx_int8": student}}
+    of_teacher = metrics_from_report(evaluation, "teacher")
+    assert of_teacher["accuracy_retention"] == 1.0 and "accuracy_retention_low" not in of_teacher
+    assert "mcnemar_vs_teacher_p" not in of_teacher and of_teacher["agreement_with_teacher_low"] == 1.0
+    of_student = metrics_from_report(evaluation, "student_onnx_int8")
+    assert (of_student["agreement_with_teacher"], of_student["agreement_with_teacher_low"],
+            of_student["agreement_with_teacher_high"]) == (0.91, 0.89, 0.93)
+
+
+@pytest.mark.slow
+def test_the_register_stage_stores_references_and_names_the_release_shadow(store, tmp_path):
+    """The register stage on tiny real folders and a real evaluation report: the served folders carry their
+    reference, the teacher's ONNX export is a version of its own (role teacher), every version names it."""
+    import json
+    import shutil
+
+    import pandas as pd
+    from conftest import load_stage
+    from tiny import make_reviews
+    from typer.testing import CliRunner
+
+    from distilops import paths
+    from distilops.cli import app
+    from distilops.config import EvaluateConfig
+    from distilops.pipeline.evaluate import run
+    from distilops.pipeline.quantize import build, export_teacher
+    from distilops.release.registry import SHADOW_TAG, latest_serving_version
+    from distilops.serving.folder import find_model_folder, read_meta
+    from distilops.stage import write_json
+
+    shutil.copytree(store, paths.STUDENT)
+    quantized = {v: build(v, paths.STUDENT, paths.QUANTIZED) for v in ("onnx_int8", "onnx_fp16")}
+    raw = make_tiny_model(tmp_path / "raw_teacher", seed=1)
+    teacher = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), paths.TEACHER, max_length=32,
+                                role="teacher", source_model="tiny")
+    export_teacher(teacher, paths.TEACHER_ONNX)
+    frame = make_reviews(n_movies=6, per_movie=4)
+    test = frame[frame["category"] != "plot"].assign(label=lambda f: (f["category"] == "fresh").astype(int))
+    cfg = EvaluateConfig(speed_texts=8, latency_samples=2, repeats=1, bootstrap_resamples=100, threads=1)
+    report = run(cfg, {"teacher": teacher, "student": paths.STUDENT, "student_onnx_int8": quantized["onnx_int8"],
+                       "student_onnx_fp16": quantized["onnx_fp16"]}, pd.DataFrame(test), {}, ["rotten", "fresh"]).report
+    write_json(paths.metrics_file("evaluate"), report)
+    write_json(paths.metrics_file("quantize"), {name: {"accepted": True, "reason": "ok"}
+                                                for name in ("onnx_int8", "onnx_fp16", "teacher_onnx")})
+    (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\nmax_windows: 4\nregister: {{}}\npromote: {{}}\n")
+
+    load_stage("register").main()
+    registered = json.loads(paths.metrics_file("register").read_text())
+    versions = {key: str(entry["version"]) for key, entry in registered["versions"].items()}
+    shadow = versions["teacher_onnx_fp32"]
+    assert registered["shadow_version"] == int(shadow) and set(versions) == {
+        "student", "onnx_int8@cpu", "onnx_fp16@gpu", "teacher_onnx_fp32"}
+    assert registered["versions"]["teacher_onnx_fp32"] == {"version": int(shadow), "role": "teacher", "device": "",
+                                                           "evaluated_as": "teacher"}
+    c = client()
+    tags = {key: c.get_model_version(NAME, v).tags for key, v in versions.items()}
+    assert all(t[SHADOW_TAG] == shadow for t in tags.values())  # every version of the release names its teacher
+    teacher_tags = tags["teacher_onnx_fp32"]
+    assert (teacher_tags["role"], teacher_tags["variant"], teacher_tags["format"]) == ("teacher", "teacher_onnx_fp32",
+                                                                                       "onnx")
+    assert "device" not in teacher_tags and "eval.accuracy_retention_low" not in teacher_tags
+    assert float(teacher_tags["eval.accuracy"]) == pytest.approx(report["models"]["teacher"]["accuracy"])
+    served = report["models"]["student_onnx_int8"]
+    assert float(tags["onnx_int8@cpu"]["eval.agreement_with_teacher_low"]) == pytest.approx(
+        served["agreement_with_teacher_ci"][0])
+    assert float(tags["onnx_int8@cpu"]["eval.agreement_with_teacher_high"]) == pytest.approx(
+        served["agreement_with_teacher_ci"][1])
+
+    def meta(version: str) -> dict:
+        return read_meta(find_model_folder(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}",
+                                                                               dst_path=str(tmp_path / version))))
+
+    assert meta(versions["onnx_int8@cpu"])["reference"] == served["reference"]
+    assert meta(versions["onnx_fp16@gpu"])["reference"] == report["models"]["student_onnx_fp16"]["reference"]
+    shadow_meta = meta(shadow)
+    assert "reference" not in shadow_meta and shadow_meta["max_windows"] == 4 and shadow_meta["format"] == "onnx"
+
+    # The teacher is the newest version, yet never what `promote` picks by default; `versions` shows its role.
+    assert str(latest_serving_version(c, NAME).version) == versions["onnx_int8@cpu"]
+    event, _ = promote(NAME, GATES, dry_run=True, force_reason="tiny random models")
+    assert event.to_version == versions["onnx_int8@cpu"]
+    listed = CliRunner().invoke(app, ["versions"])
+    assert listed.exit_code == 0, listed.output
+    (line,) = [line for line in listed.stdout.splitlines() if line.startswith(f"v{shadow} ")]
+    assert "teacher_onnx_fp32 teacher" in line and f"shadow v{shadow}" in line

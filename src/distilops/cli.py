@@ -151,8 +151,9 @@ def short_commit(commit: str) -> str:
 
 @app.command("versions")
 def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
-    """List the registered versions with their variant, role, test metrics and aliases."""
-    from distilops.release.registry import DEVICE, ROLE, VARIANT, client, list_versions, version_metrics
+    """List the registered versions with their variant, role (serving, reference: the fp32 student, teacher: the
+    release's shadow model), test metrics, aliases and the shadow version their release carries."""
+    from distilops.release.registry import DEVICE, ROLE, SHADOW_TAG, VARIANT, client, list_versions, version_metrics
 
     _, name = promote_config(params, model_name)
     c = client()
@@ -175,12 +176,13 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
         extra = "".join(f"  {key.removesuffix('.accuracy')} {with_interval(m, key, '.3f')}" for key in sorted(m)
                         if key.endswith(".accuracy"))  # extra evaluation sets, e.g. long_reviews
-        typer.echo(f"v{mv.version:<4} {mv.tags.get(VARIANT, '?'):11s} {mv.tags.get(ROLE, '?'):9s} "
+        typer.echo(f"v{mv.version:<4} {mv.tags.get(VARIANT, '?'):17s} {mv.tags.get(ROLE, '?'):9s} "
                    f"{mv.tags.get(DEVICE, '-'):4s} "
                    f"acc {with_interval(m, 'accuracy', '.3f')}  "
                    f"retention {with_interval(m, 'accuracy_retention', '.1%')}"
                    f"{extra}  p95 {m.get('latency_p95_ms', nan):5.2f} ms  {m.get('size_mb', nan):5.1f} MB"
-                   f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}")
+                   f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}"
+                   + (f"  shadow v{mv.tags[SHADOW_TAG]}" if mv.tags.get(SHADOW_TAG) else ""))
 
 
 @app.command("tune")
@@ -218,26 +220,36 @@ def tune_cmd(
 DEVICE = typer.Option("cpu", "--device", "-d", help="cpu: the release's CPU variant (ONNX int8); gpu: its GPU "
                                                     "variant (ONNX fp16 on the CUDA provider).")
 VERSION = typer.Option(None, "--version", help="Use this registry version's release instead of the alias's.")
+SHADOW = typer.Option(True, "--shadow/--no-shadow", help="Carry the release's teacher (ONNX fp32, the version its "
+                      "`release.shadow` tag names) beside the served model as its shadow. It costs the teacher's "
+                      "size in the Bento and the image (about 90 MB for MiniLM-L6), and runs only where the pod "
+                      "sets DISTILOPS_SHADOW_RATE > 0 (the fraction of texts it scores, to measure live agreement). "
+                      "A release without one is packaged without it.")
 
 
-def package_version(params: Path, model_name: str | None, version: str | None, device: str):
+def package_version(params: Path, model_name: str | None, version: str | None, device: str, shadow: bool = True):
     """Package the version serving `device` in the alias's (or an explicit version's) release."""
     from distilops.release.package import package
 
     cfg, name = promote_config(params, model_name)
-    return package(name, alias=cfg.alias, version=version, device=device)
+    return package(name, alias=cfg.alias, version=version, device=device, shadow=shadow)
+
+
+def shadow_note(shadow_version: str) -> str:
+    return f", shadow: teacher v{shadow_version}" if shadow_version else ", no shadow"
 
 
 @app.command("package")
-def package_cmd(version: str = VERSION, device: str = DEVICE, model_name: str = MODEL, params: Path = PARAMS) -> None:
+def package_cmd(version: str = VERSION, device: str = DEVICE, shadow: bool = SHADOW, model_name: str = MODEL,
+                params: Path = PARAMS) -> None:
     """Import the production release's variant for a device into the BentoML model store (for `bentoml build`).
 
     Prints the Bento model tag. `bentoml build -f bentofile.yaml src` then bakes it into an
     immutable Bento that serves without the registry; `distilops image` does both and builds its image.
     """
-    packaged = package_version(params, model_name, version, device)
-    typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}, {device}) "
-               f"as Bento model {packaged.tag}", err=True)
+    packaged = package_version(params, model_name, version, device, shadow)
+    typer.echo(f"packaged {packaged.registry_name} v{packaged.registry_version} ({packaged.variant}, {device}"
+               f"{shadow_note(packaged.shadow_version)}) as Bento model {packaged.tag}", err=True)
     typer.echo(packaged.tag)
 
 
@@ -252,6 +264,7 @@ def image_cmd(
     tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
     repository: str = typer.Option(None, "--repository", help="Local name of the image (default: "
                                    "localhost/distilops-classifier); its tag is v<version>-<device>."),
+    shadow: bool = SHADOW,
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
@@ -263,7 +276,7 @@ def image_cmd(
     from distilops.release.image import build_image, push
 
     cfg, name = promote_config(params, model_name)
-    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base,
+    built = build_image(name, device=device, alias=cfg.alias, version=version, base=base, shadow=shadow,
                         **({"repository": repository} if repository else {}))
     typer.echo(f"built {built.ref} ({built.size_mb:.0f} MB) for {name} v{built.registry_version} "
                f"(release v{built.release_version}) in {sum(built.seconds.values()):.0f} s", err=True)

@@ -14,6 +14,7 @@ TEACHER = Path("models/teacher")  # teacher: fine-tuned model folder
 TEACHER_OUTPUTS = Path("data/teacher_outputs")  # teacher_outputs: cached logits (and hidden states)
 STUDENT = Path("models/student")  # distill: the final student
 QUANTIZED = Path("models/quantized")  # quantize: one folder per variant
+TEACHER_ONNX = Path("models/teacher_onnx")  # quantize: the teacher as ONNX fp32, the shadow model served beside it
 METRICS = Path("metrics")  # <stage>.json per stage
 PLOTS = Path("plots")  # <stage>/ per stage
 CHECKPOINTS = Path("checkpoints")  # <stage>/ resumable training state, removed when a run finishes

@@ -2,8 +2,11 @@
 extra evaluation sets (e.g. the long-text set).
 
 Quality: accuracy with its bootstrap 95% interval, macro F1, per-class precision/recall, agreement
-with the teacher, retention (accuracy / the teacher's, paired interval) and an exact McNemar test
-against the teacher, per set (see stats.py for why intervals).
+with the teacher (paired interval), retention (accuracy / the teacher's, paired interval) and an exact
+McNemar test against the teacher, per set (see stats.py for why intervals).
+Reference: for each ONNX student (what a pod may serve), its predictions on the test split described as
+serving/fidelity.py cuts them (label mix, confidence, words, windows, agreement with the teacher); the
+register stage stores it in the version's model folder and the service measures drift against it.
 Cost: weights on disk, parameters, batch-1 latency (median and p95) and batch-32 throughput,
 measured end to end (tokenization included) through the same `TextClassifier` the service uses.
 Speed is measured in one process, models interleaved within each repeat, so machine noise
@@ -31,15 +34,18 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from tqdm.auto import tqdm
 
 from distilops import paths, stats
-from distilops.config import EvaluateConfig
+from distilops.config import QUANTIZE_VARIANTS, EvaluateConfig
 from distilops.pipeline.quantize import weights_size_mb
 from distilops.pipeline.torch_model import open_classifier
+from distilops.serving import fidelity
 from distilops.serving.folder import read_meta
-from distilops.serving.inference import TextClassifier
+from distilops.serving.inference import TextClassifier, softmax
 
 log = logging.getLogger(__name__)
 BASELINE = "teacher"
 SET_SPEED_TEXTS = 64  # texts of each extra set timed for throughput (long ones cost a window each)
+REFERENCE_SPLIT = "test"  # the split each serving candidate's reference describes
+ENCODE_BATCH = 256  # texts tokenized at a time when counting windows
 
 
 def model_key(variant: str) -> str:
@@ -49,10 +55,35 @@ def model_key(variant: str) -> str:
 
 
 def model_folders(quantized: dict) -> dict[str, Path]:
-    """teacher, student, then every variant the quantize stage built (its report `quantized`, accepted or not)."""
+    """teacher, student, then every variant the quantize stage built (its report `quantized`, accepted or not;
+    the report's teacher_onnx entry is the teacher's export, not a student variant)."""
     folders = {BASELINE: paths.TEACHER, "student": paths.STUDENT}
-    folders.update({model_key(variant): paths.QUANTIZED / variant for variant in quantized})
+    folders.update({model_key(variant): paths.QUANTIZED / variant for variant in quantized
+                    if variant in QUANTIZE_VARIANTS})
     return folders
+
+
+def serving_candidates(models: dict[str, TextClassifier]) -> list[str]:
+    """The models a pod may serve: every ONNX student (the serving image runs ONNX only)."""
+    return [name for name, model in models.items() if name != BASELINE and model.format == "onnx"]
+
+
+def windows_per_text(model: TextClassifier, texts: Sequence[str], batch_size: int = ENCODE_BATCH) -> list[int]:
+    """The windows `model` reads each text in: its tokenizer alone, no model runs."""
+    return [n for i in range(0, len(texts), batch_size)
+            for n in model.encode(texts[i: i + batch_size]).windows_per_text]
+
+
+def reference_of(model: TextClassifier, logits: np.ndarray, texts: Sequence[str], quality: dict) -> dict:
+    """What the service compares its traffic against (serving/fidelity.py): `model`'s answers on the test
+    split, from the logits already computed (its score is the softmax's max, as the service answers), the
+    texts' length and windows, and its agreement with the teacher with its interval (`quality`)."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    return fidelity.reference(
+        predicted=[model.labels[i] for i in probs.argmax(-1)], confidence=probs.max(-1).tolist(),
+        words=[fidelity.word_count(t) for t in texts], windows=windows_per_text(model, texts), labels=model.labels,
+        agreement=quality["agreement_with_teacher"], agreement_ci=tuple(quality["agreement_with_teacher_ci"]),
+        split=REFERENCE_SPLIT)
 
 
 @dataclass
@@ -72,7 +103,9 @@ def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra
     models = {name: open_classifier(folder, threads=threads, window_overlap=cfg.window_overlap,
                                     max_windows=cfg.max_windows) for name, folder in folders.items()}
 
-    predictions = {name: model.predict_logits_batched(texts).argmax(-1) for name, model in models.items()}
+    # Each model reads the test split once: predictions, intervals and the serving reference share these logits.
+    logits = {name: model.predict_logits_batched(texts) for name, model in models.items()}
+    predictions = {name: values.argmax(-1) for name, values in logits.items()}
     quality = paired_quality(labels, predictions, label_names, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     results = {
         name: {"format": model.format, **classification_metrics(labels, predictions[name], label_names),
@@ -82,6 +115,8 @@ def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra
                "test_correct": stats.pack_correct(predictions[name] == labels)}
         for name, model in models.items()
     }
+    for name in serving_candidates(models):
+        results[name]["reference"] = reference_of(models[name], logits[name], texts, quality[name])
     sets = {}
     for k, (set_name, frame) in enumerate(extra.items(), start=1):
         set_texts = frame["text"].tolist()
@@ -134,7 +169,7 @@ def flat_metrics(report: dict) -> dict[str, float]:
         for name, m in models_of_set.items():
             if prefix:
                 flat.update({f"{prefix}{name}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
-            for key in ("accuracy", "retention"):
+            for key in ("accuracy", "retention", "agreement_with_teacher"):
                 if f"{key}_ci" in m:
                     flat[f"{prefix}{name}.{key}_low"], flat[f"{prefix}{name}.{key}_high"] = m[f"{key}_ci"]
     return flat
@@ -253,7 +288,7 @@ def measure_speed(models: dict[str, TextClassifier], texts: list[str], *, batch_
 
 def paired_quality(labels: np.ndarray, predictions: dict[str, np.ndarray], label_names: Sequence[str], *,
                    resamples: int, seed: int, baseline: str = "teacher") -> dict[str, dict]:
-    """Per model, on one set: accuracy and its 95% interval, macro F1, agreement with the baseline and,
+    """Per model, on one set: accuracy and its 95% interval, macro F1, agreement with the baseline (interval) and,
     against the baseline on the same resampled texts, retention with its interval and McNemar's test."""
     indices = stats.bootstrap_indices(len(labels), resamples, seed)
     correct = {name: preds == labels for name, preds in predictions.items()}
@@ -263,7 +298,9 @@ def paired_quality(labels: np.ndarray, predictions: dict[str, np.ndarray], label
         entry = {"accuracy": float(correct[name].mean()),
                  "accuracy_ci": list(stats.accuracy_interval(correct[name], indices)),
                  "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
-                 "agreement_with_teacher": float((preds == predictions[baseline]).mean())}
+                 "agreement_with_teacher": float((preds == predictions[baseline]).mean()),
+                 # the same texts resampled for every model: agreement is "correct" against the teacher's label
+                 "agreement_with_teacher_ci": list(stats.accuracy_interval(preds == predictions[baseline], indices))}
         if name != baseline:
             base_accuracy = correct[baseline].mean()
             test = stats.mcnemar(correct[name], correct[baseline])
@@ -308,7 +345,8 @@ def summary_line(name: str, entry: dict, batch_size: int = 32) -> str:
 
 
 def set_summary_line(set_name: str, name: str, entry: dict) -> str:
-    text = f"{set_name:14s} {name:18s} acc {interval(entry)}  agreement {entry['agreement_with_teacher']:.1%}"
+    text = (f"{set_name:14s} {name:18s} acc {interval(entry)}  "
+            f"agreement {interval(entry, 'agreement_with_teacher', percent=True)}")
     if "retention" in entry:
         text += f"  retention {interval(entry, 'retention', percent=True)}"
     return text

@@ -1,6 +1,7 @@
 """Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8 (what
 CPU nodes serve) and ONNX fp16 (what GPU nodes serve: ONNX Runtime's CUDA provider has no kernels for
-the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU).
+the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU). And the teacher
+as ONNX fp32 (`export_teacher`), the shadow model a pod may score a sample of its texts with.
 
 Each variant is a model folder (serving/folder.py) holding the student's tokenizer, config and
 metadata beside its own weights, so every consumer loads it the same way. A variant is only
@@ -35,6 +36,10 @@ from distilops.errors import QuantizeError
 from distilops.serving.folder import FORMAT_FILES, read_meta, write_meta
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".pt", ".data")
+TEACHER_CHECK = "teacher_onnx"  # the teacher export's entry in the stage's report, beside the variants'
+TEACHER_VARIANT = "teacher_onnx_fp32"  # its variant: in its distilops.json and on its registry version
+# The export runs the same fp32 arithmetic as PyTorch: only rounding may flip a prediction, on a near-tie.
+TEACHER_MIN_AGREEMENT = 0.999
 
 
 class _FromOnnxRuntime(logging.Filter):
@@ -121,6 +126,14 @@ def convert_onnx_fp16(onnx_fp32: Path, out: Path) -> Path:
     return out
 
 
+def export_teacher(teacher: Path, out: Path, opset: int = 17) -> Path:
+    """The teacher as an fp32 ONNX folder, by the exporter the student variants use, so the serving runtime
+    (ONNX Runtime, no torch) can run it beside the student."""
+    export_onnx(teacher, out, opset)
+    write_meta(out, variant=TEACHER_VARIANT)  # role "teacher" and its lineage come with the teacher's own
+    return out
+
+
 def build(variant: str, student: Path, out_root: Path, *, opset: int = 17) -> Path:
     """Build one variant under `out_root/variant` (onnx_int8 and onnx_fp16 build onnx_fp32 first if missing)."""
     out = out_root / variant
@@ -174,3 +187,34 @@ def check(variant: str, predictions: np.ndarray, student_predictions: np.ndarray
     return Check(variant=variant, accuracy=accuracy, student_accuracy=student_accuracy, accuracy_drop=drop,
                  agreement_with_student=float((predictions == student_predictions).mean()), size_mb=size_mb,
                  student_size_mb=student_size_mb, accepted=accepted, reason=reason)
+
+
+@dataclass
+class TeacherCheck:
+    """The teacher's ONNX export's test predictions against the PyTorch teacher's: registered only if they agree."""
+
+    variant: str
+    agreement_with_teacher: float
+    min_agreement: float
+    accuracy: float
+    teacher_accuracy: float
+    size_mb: float
+    teacher_size_mb: float
+    accepted: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_teacher(predictions: np.ndarray, teacher_predictions: np.ndarray, labels: np.ndarray, *, size_mb: float,
+                  teacher_size_mb: float, min_agreement: float = TEACHER_MIN_AGREEMENT) -> TeacherCheck:
+    """Accept the export when it predicts the PyTorch teacher's label on at least `min_agreement` of the texts."""
+    agreement = float((predictions == teacher_predictions).mean())
+    accepted = agreement >= min_agreement - 1e-12
+    reason = (f"agreement with the PyTorch teacher {agreement:.4f} on {len(labels)} test texts (needs >= "
+              f"{min_agreement})" + ("" if accepted else ": not registered, so releases carry no shadow model"))
+    return TeacherCheck(variant=TEACHER_VARIANT, agreement_with_teacher=agreement, min_agreement=min_agreement,
+                        accuracy=float((predictions == labels).mean()),
+                        teacher_accuracy=float((teacher_predictions == labels).mean()),
+                        size_mb=size_mb, teacher_size_mb=teacher_size_mb, accepted=accepted, reason=reason)

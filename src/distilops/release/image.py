@@ -12,6 +12,8 @@
   docker.io/library/python:3.11-slim` (or any image with python3 and venv) works the same.
 - The image tag, ID and digest are recorded on the registry version (`image.*` tags), so
   `distilops deploy` pins what was built for the version production names.
+- The release's teacher rides along as the shadow model unless `shadow=False` (package.py): the image
+  grows by the teacher's size; the pod runs it only when DISTILOPS_SHADOW_RATE > 0.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def build_bento(packaged: Packaged, out: Path, bentofile: Path = BENTOFILE) -> s
     spec = yaml.safe_load(bentofile.read_text())
     spec["python"]["packages"] = python_packages(packaged.device, bentofile)
     spec["labels"] = {**spec.get("labels", {}), "device": packaged.device,
-                      "registry_version": packaged.registry_version}
+                      "registry_version": packaged.registry_version,
+                      **({"shadow_version": packaged.shadow_version} if packaged.shadow_version else {})}
     # The service finds its model by this tag when the Bento is served (from its own model store).
     spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "DISTILOPS_BENTO_MODEL"] + [
         {"name": "DISTILOPS_BENTO_MODEL", "value": packaged.tag}]
@@ -184,15 +187,16 @@ def record(packaged: Packaged, built: BuiltImage) -> None:
 
 def build_image(model_name: str, *, device: str = "cpu", alias: str = "production", version: str | None = None,
                 base: str | None = None, repository: str = LOCAL_REPOSITORY,
-                context_root: Path | None = None) -> BuiltImage:
-    """Package the version serving `device` in the alias's (or the given version's) release, build its image
-    with buildah, record the image on the version; returns what was built."""
+                context_root: Path | None = None, shadow: bool = True) -> BuiltImage:
+    """Package the version serving `device` in the alias's (or the given version's) release (with its teacher
+    as the shadow model, if `shadow` and the release has one), build its image with buildah, record the image
+    on the version; returns what was built."""
     missing = [str(p) for p in (CONTAINERFILE, BENTOFILE, Path("src/distilops/serving/service.py")) if not p.exists()]
     if missing:
         raise ImageError(f"{', '.join(missing)} not found: run `distilops image` from the repository root")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    packaged = package(model_name, alias=alias, version=version, device=device)
+    packaged = package(model_name, alias=alias, version=version, device=device, shadow=shadow)
     if packaged.format != "onnx":
         raise ImageError(f"version {packaged.registry_version} is a {packaged.format} model: the serving images "
                          "run ONNX only (promote a version registered by the register stage)")
@@ -213,7 +217,8 @@ def build_image(model_name: str, *, device: str = "cpu", alias: str = "productio
     ref = f"{repository}:{image_tag(packaged.registry_version, device)}"
     labels = {"ai.distilops.registry-name": model_name, "ai.distilops.registry-version": packaged.registry_version,
               "ai.distilops.release-version": packaged.release_version, "ai.distilops.device": device,
-              "ai.distilops.variant": packaged.variant, "ai.distilops.bento": bento_tag}
+              "ai.distilops.variant": packaged.variant, "ai.distilops.bento": bento_tag,
+              **({"ai.distilops.shadow-version": packaged.shadow_version} if packaged.shadow_version else {})}
     run(["buildah", "bud", "--isolation", "chroot", "--layers=false", "-f", str(context / "Containerfile"),
          "--build-arg", f"BASE={base}", "--build-arg", f"DEVICE={device}", "--build-arg", f"MODEL_TAG={packaged.tag}",
          *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")],

@@ -42,8 +42,10 @@ PROMOTIONS_EXPERIMENT = "distilops-promotions"
 
 # --- the tag schema: what a version carries (written by register_version and link_release; read by the
 # gates, `distilops versions`, packaging, images and deploy) --------------------------------------------
-VARIANT, ROLE, DEVICE = "variant", "role", "device"  # onnx_int8 ...; serving | reference; cpu | gpu | ""
+VARIANT, ROLE, DEVICE = "variant", "role", "device"  # onnx_int8 ...; serving | reference | teacher; cpu | gpu | ""
+TEACHER_ROLE = "teacher"  # the release's teacher as ONNX: the shadow model its pods may compare against
 RELEASE_PREFIX = "release."  # release.<device>: the version serving that device in this version's release
+SHADOW_TAG = f"{RELEASE_PREFIX}shadow"  # the release's teacher version, on every version of the release
 METRIC_PREFIX = "eval."  # eval.<metric> on the test split, eval.<set>.<metric> on each extra set
 CORRECT_TAG = "test_correct"  # which test texts the version got right (stats.pack_correct), for paired gates
 TEST_EXAMPLES = "test_examples"  # how many: with data_hash, says two versions were tested on the same texts
@@ -65,14 +67,19 @@ def client() -> mlflow.MlflowClient:
 def metrics_from_report(report: dict, key: str) -> dict[str, float]:
     """Model `key`'s metrics from the evaluate stage's report (metrics/evaluate.json), as its version carries
     them: on the test split with 95% intervals and its teacher's accuracy (what the gates read) and,
-    prefixed by the set's name, on every extra set."""
+    prefixed by the set's name, on every extra set. `key` "teacher" (the shadow version) has no retention
+    interval or McNemar test: it is the baseline."""
     entry = report["models"][key]
     metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
     metrics["teacher_accuracy"] = float(report["models"]["teacher"]["accuracy"])
     metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
     metrics["accuracy_low"], metrics["accuracy_high"] = entry["accuracy_ci"]
-    metrics["accuracy_retention_low"], metrics["accuracy_retention_high"] = entry["retention_ci"]
-    metrics["mcnemar_vs_teacher_p"] = entry["mcnemar_vs_teacher"]["p_value"]
+    if "agreement_with_teacher_ci" in entry:  # reports written before the interval have the point only
+        low, high = entry["agreement_with_teacher_ci"]
+        metrics["agreement_with_teacher_low"], metrics["agreement_with_teacher_high"] = low, high
+    if "retention_ci" in entry:  # the teacher itself has no retention interval nor McNemar test against itself
+        metrics["accuracy_retention_low"], metrics["accuracy_retention_high"] = entry["retention_ci"]
+        metrics["mcnemar_vs_teacher_p"] = entry["mcnemar_vs_teacher"]["p_value"]
     for set_name, found in report.get("sets", {}).items():
         m = found["models"][key]
         metrics.update({f"{set_name}.accuracy": m["accuracy"], f"{set_name}.accuracy_low": m["accuracy_ci"][0],
@@ -153,6 +160,14 @@ def link_release(model_name: str, release: dict[str, str]) -> None:
     for version in release.values():
         for device, serving in release.items():
             c.set_model_version_tag(model_name, version, f"{RELEASE_PREFIX}{device}", serving)
+
+
+def link_shadow(model_name: str, versions: list[str], shadow: str) -> None:
+    """Tag each version of one release with its teacher's version (`release.shadow`): what `package` carries
+    beside the served model, for the service to compare a sample of its answers against."""
+    c = client()
+    for version in versions:
+        c.set_model_version_tag(model_name, version, SHADOW_TAG, shadow)
 
 
 def version_for_device(c: mlflow.MlflowClient, model_name: str, mv: ModelVersion, device: str) -> ModelVersion:

@@ -20,7 +20,7 @@ from distilops.errors import ModelError
 
 META_FILE = "distilops.json"
 MODEL_SUBDIR = "model"  # the model folder inside a Bento model's directory (distilops package)
-SHADOW_SUBDIR = "shadow"  # the shadow (teacher) model folder beside it, when the release carries one
+SHADOW_SUBDIR = "shadow"  # the release's teacher (ONNX), beside it, when packaged with its shadow
 FORMAT_FILES = {"pytorch": "model.safetensors", "pytorch-int8": "model_int8.pt", "onnx": "model.onnx"}
 # How a folder that records no window settings is read: params.yaml's defaults (tests pin them equal).
 WINDOW_OVERLAP = 16  # tokens neighbouring windows of a long text share (at most half a window)
