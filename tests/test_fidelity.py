@@ -144,7 +144,7 @@ def test_the_service_records_a_batch_as_one_observation_at_a_time_would():
     the same buckets, count and sum as observing each text, values on an edge included."""
     from prometheus_client import Histogram
 
-    from distilops.serving.service import Metrics
+    from distilops.serving.live import Metrics
 
     metrics = Metrics("7", LABELS)
     assert metrics.batched
