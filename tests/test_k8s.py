@@ -509,9 +509,10 @@ def test_the_rollout_takes_its_pods_from_the_deployment(rendered, overlay):
         constraint["matchLabelKeys"] = ["rollouts-pod-template-hash"]
     assert plain["spec"]["template"] == deployment["spec"]["template"]
     assert {d["metadata"]["namespace"] for d in docs} == {"distilops"}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     for kind in ("Service", "PodDisruptionBudget"):
         selector = one(docs, kind)["spec"]["selector"]
-        assert selector.get("matchLabels", selector).items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert selector.get("matchLabels", selector).items() <= pod_labels.items()
 
 
 @pytest.mark.parametrize("overlay", CANARIES)

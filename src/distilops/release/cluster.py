@@ -31,7 +31,8 @@ def api_client() -> Any:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # KUBECONFIG read now: the client reads it once, when first imported, and a later change is ignored
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     except config.ConfigException as exc:
         raise DeployError(f"no cluster credentials: {exc} (inside a pod: a service account token; elsewhere: a "
                           "kubeconfig, as `kubectl` uses)") from None
