@@ -32,8 +32,8 @@ run: $(VENV)/.installed  ## the main job: every pipeline stage that is out of da
 
 # Besides Python, the tests need kubectl >= 1.27 (its built-in kustomize v5 renders k8s/); for the container
 # test podman, buildah, debootstrap and runc; a PostgreSQL server (the shared Optuna study and the MLflow
-# server's store), Chromium (the MLflow UI check) and an image registry (docker-registry: deploy pins the
-# digest it reports). As root on Debian these are installed here (about 90 s); otherwise this says what to
+# server's store), Chromium (the MLflow UI check), an image registry (docker-registry: deploy pins the
+# digest it reports) and promtool (Debian's prometheus: the PrometheusRule and canary queries). As root on Debian these are installed here (about 90 s); otherwise this says what to
 # install. Debian's kubectl (kubernetes-client) is 1.20, too old for the kustomizations: install kubectl from
 # Kubernetes' own packages.
 CONTAINER_TOOLS := podman buildah debootstrap runc
@@ -43,12 +43,13 @@ test-tools:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null || command -v google-chrome >/dev/null || missing="$$missing chromium"; \
 	command -v docker-registry >/dev/null || missing="$$missing docker-registry"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing (Debian packages, for the container, PostgreSQL, registry and UI tests)"; \
+	    echo "installing$$missing (Debian packages, for the container, PostgreSQL, registry, UI and rule tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing uidmap >/dev/null; \
 	  else \
-	    echo "missing:$$missing. The container, PostgreSQL, registry and UI tests need them: sudo apt-get install$$missing uidmap"; \
+	    echo "missing:$$missing. The container, PostgreSQL, registry, UI and rule tests need them: sudo apt-get install$$missing uidmap"; \
 	  fi; \
 	fi
 

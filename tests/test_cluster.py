@@ -7,9 +7,12 @@ client, its discovery and its serialisation run; what a real server would do wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from kubernetes import client as k8s
@@ -17,15 +20,23 @@ from kubernetes import client as k8s
 from distilops.errors import DeployError
 from distilops.release import cluster
 
-GROUPS = {"apps/v1": [("deployments", "Deployment", True)], "batch/v1": [("jobs", "Job", True)],
-          "rbac.authorization.k8s.io/v1": [("roles", "Role", True)]}
-CORE = [("services", "Service", True), ("configmaps", "ConfigMap", True), ("namespaces", "Namespace", False)]
+GROUPS = {"apps/v1": [("deployments", "Deployment", True), ("replicasets", "ReplicaSet", True)],
+          "batch/v1": [("jobs", "Job", True)], "rbac.authorization.k8s.io/v1": [("roles", "Role", True)],
+          "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+          "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
+          "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True)],
+          "argoproj.io/v1alpha1": [("rollouts", "Rollout", True), ("analysistemplates", "AnalysisTemplate", True)]}
+CORE = [("services", "Service", True), ("configmaps", "ConfigMap", True), ("namespaces", "Namespace", False),
+        ("serviceaccounts", "ServiceAccount", True)]
 
 
 class StandIn(BaseHTTPRequestHandler):
     """API discovery for a few kinds, one Job `distilops-tune` (suspended), and a log of every write."""
 
     writes: list[dict] = []
+    objects: dict[str, dict] = {}  # path -> object (GET)
+    on_apply: dict[str, dict] = {}  # path -> what GET answers there once it has been written (a controller's work)
+    replica_sets: list[dict] = []
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "distilops-tune", "namespace": "distilops"},
            "spec": {"suspend": True, "template": {"spec": {"containers": []}}}}
 
@@ -63,12 +74,23 @@ class StandIn(BaseHTTPRequestHandler):
                 return self.answer(200, self.resources(entries, gv))
         if path == "/apis/batch/v1/namespaces/distilops/jobs/distilops-tune":
             return self.answer(200, StandIn.job)
+        if path in StandIn.objects:
+            return self.answer(200, StandIn.objects[path])
+        if path == "/apis/apps/v1/namespaces/distilops/replicasets":  # ?labelSelector=key=value
+            wanted = dict(parse_qsl(urlsplit(self.path).query)).get("labelSelector", "")
+            key, _, value = wanted.partition("=")
+            items = [rs for rs in StandIn.replica_sets if rs["metadata"]["labels"].get(key) == value]
+            return self.answer(200, {"kind": "ReplicaSetList", "apiVersion": "apps/v1", "metadata": {},
+                                     "items": items})
         return self.answer(404, {"kind": "Status", "status": "Failure", "message": f"{path} not found",
                                  "reason": "NotFound", "code": 404})
 
     def do_PATCH(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         StandIn.writes.append({"path": self.path, "content_type": self.headers["Content-Type"], "body": body})
+        for path, after in StandIn.on_apply.items():
+            if self.path.split("?")[0] == path:
+                StandIn.objects[path] = after
         if "forbidden" in self.path:
             return self.answer(403, {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
                                      "message": 'jobs.batch "forbidden" is forbidden: User "system:serviceaccount:'
@@ -78,16 +100,25 @@ class StandIn(BaseHTTPRequestHandler):
         return self.answer(200, body if "kind" in body else StandIn.job)
 
 
-@pytest.fixture()
-def api():
-    StandIn.writes = []
+@contextlib.contextmanager
+def stand_in() -> Iterator[str]:
+    """A fresh stand-in API server (no objects, no writes); yields its URL."""
+    StandIn.writes, StandIn.objects, StandIn.replica_sets, StandIn.on_apply = [], {}, [], {}
     StandIn.job["spec"]["suspend"] = True
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    configuration = k8s.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    yield k8s.ApiClient(configuration)
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture()
+def api():
+    with stand_in() as url:
+        configuration = k8s.Configuration()
+        configuration.host = url
+        yield k8s.ApiClient(configuration)
 
 
 def test_apply_is_server_side_with_distilops_as_field_manager(api):
@@ -107,9 +138,9 @@ def test_apply_is_server_side_with_distilops_as_field_manager(api):
 
 
 def test_an_unknown_kind_is_a_clear_error(api):
-    rollout = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "metadata": {"name": "r", "namespace": "x"}}
-    with pytest.raises(DeployError, match="does not know argoproj.io/v1alpha1 Rollout"):
-        cluster.apply([rollout], client=api)
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "r", "namespace": "x"}}
+    with pytest.raises(DeployError, match="does not know example.com/v1 Widget"):
+        cluster.apply([widget], client=api)
     assert StandIn.writes == []
 
 
@@ -189,3 +220,102 @@ def test_start_workers_without_a_cluster_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     result = CliRunner().invoke(app, ["start-workers"])
     assert result.exit_code == 1 and "no cluster credentials" in result.output and "Traceback" not in result.output
+
+
+# --- Argo Rollouts: a canary's progress, and what the cluster serves before a release -----------------------
+
+ROLLOUT_PATH = "/apis/argoproj.io/v1alpha1/namespaces/distilops/rollouts/distilops-classifier"
+DEPLOYMENT_PATH = "/apis/apps/v1/namespaces/distilops/deployments/distilops-classifier"
+
+
+def rollout(*, phase="Progressing", message="", abort=False, stable="6d4f", current="7b9c", step=1, generation=3,
+            observed="3", workload=5, workload_observed="5", pause=None, controller_pause=False) -> dict:
+    """A Rollout as Argo Rollouts v1.9's controller reports it (status fields of the vendored CRD)."""
+    status = {"phase": phase, "message": message, "stableRS": stable, "currentPodHash": current,
+              "observedGeneration": observed, "workloadObservedGeneration": workload_observed,
+              "currentStepIndex": step, "controllerPause": controller_pause, "replicas": 3, "updatedReplicas": 1,
+              "availableReplicas": 3, "readyReplicas": 3}
+    if abort:
+        status.update(abort=True, abortedAt="2026-01-01T00:00:00Z")
+    if pause:
+        status["pauseConditions"] = [{"reason": pause, "startTime": "2026-01-01T00:00:00Z"}]
+    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "distilops-classifier", "namespace": "distilops", "generation": generation,
+                         "annotations": {"rollout.argoproj.io/workload-generation": str(workload)}},
+            "spec": {}, "status": status}
+
+
+ABORTED = ('RolloutAborted: Rollout aborted update to revision 4: Metric "agreement-vs-stable" assessed Failed due '
+           'to failed (3) > failureLimit (2)')
+
+
+@pytest.mark.parametrize(("found", "state", "says"), [
+    (rollout(phase="Healthy", stable="7b9c", current="7b9c", step=4), "promoted", "fully promoted: stable is 7b9c"),
+    (rollout(phase="Degraded", message=ABORTED, abort=True), "aborted", 'Metric "agreement-vs-stable" assessed Failed'),
+    (rollout(phase="Degraded", message="InvalidSpec: The Rollout is invalid"), "degraded", "InvalidSpec"),
+    (rollout(phase="Paused", message="CanaryPauseStep", pause="CanaryPauseStep"), "paused", "step 1: CanaryPauseStep"),
+    (rollout(message="more replicas need to be updated"), "progressing", "step 1: more replicas need to be updated"),
+    # Healthy on the old revision while the controller has not seen our spec, or the Deployment's new template
+    (rollout(phase="Healthy", stable="6d4f", current="6d4f", observed="2"), "progressing", "spec update"),
+    (rollout(phase="Healthy", stable="6d4f", current="6d4f", workload=4, workload_observed="4"), "progressing",
+     "see the Deployment's new template"),
+    (rollout(phase="Healthy", stable="6d4f", current="6d4f", workload_observed="4"), "progressing", "reference"),
+    (rollout(phase="Paused", controller_pause=True), "progressing", "unpause"),
+])
+def test_canary_state_judges_as_kubectl_argo_rollouts_does(found, state, says):
+    got_state, got_says = cluster.canary_state(found, workload_generation=5)
+    assert got_state == state and says in got_says
+
+
+def test_wait_canary_follows_the_rollout_to_its_end_or_times_out():
+    states = iter([rollout(observed="2"), rollout(), rollout(phase="Paused", pause="CanaryPauseStep", step=1),
+                   rollout(step=2), rollout(phase="Healthy", stable="7b9c", current="7b9c", step=4)])
+    assert cluster.wait_canary("distilops", "distilops-classifier", workload_generation=5, read=lambda: next(states),
+                               poll_s=0) == ("promoted", "fully promoted: stable is 7b9c")
+    aborted = rollout(phase="Degraded", message=ABORTED, abort=True)
+    assert cluster.wait_canary("distilops", "distilops-classifier", read=lambda: aborted, poll_s=0)[0] == "aborted"
+    paused = rollout(phase="Paused", message="InconclusiveAnalysisRun", pause="InconclusiveAnalysisRun")
+    with pytest.raises(DeployError, match=r"not finished after 0 s \(paused: paused at step 1: Inconclusive.*"
+                                          r"nothing recorded.*kubectl argo rollouts get rollout distilops-classifier "
+                                          r"-n distilops --watch"):
+        cluster.wait_canary("distilops", "distilops-classifier", read=lambda: paused, timeout_s=0.05, poll_s=0.01)
+    with pytest.raises(DeployError, match="is gone"):
+        cluster.wait_canary("distilops", "distilops-classifier", read=lambda: None, poll_s=0)
+
+
+def replica_set(hash_: str, version: str, release: str) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": f"distilops-classifier-{hash_}", "namespace": "distilops",
+                         "labels": {"rollouts-pod-template-hash": hash_}},
+            "spec": {"selector": {"matchLabels": {"rollouts-pod-template-hash": hash_}}, "template": {
+                "metadata": {"labels": {"distilops.ai/registry-version": version},
+                             "annotations": {"distilops.ai/release-version": release}},
+                "spec": {"containers": []}}}}
+
+
+def deployment(version: str, available: int) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "distilops-classifier", "namespace": "distilops", "generation": 7},
+            "spec": {"selector": {"matchLabels": {}}, "template": {
+                "metadata": {"labels": {"distilops.ai/registry-version": version}}, "spec": {"containers": []}}},
+            "status": {"availableReplicas": available}}
+
+
+def test_what_the_cluster_serves_is_read_from_the_stable_revision(api):
+    """Under a Rollout: its stable ReplicaSet's template, not the Deployment's (after an aborted canary that
+    still names the canary). Without one: a Deployment with available pods. Neither: a first release."""
+    assert cluster.stable_template("distilops", "distilops-classifier", client=api) is None  # nothing there
+    StandIn.objects[DEPLOYMENT_PATH] = deployment("8", available=0)
+    assert cluster.stable_template("distilops", "distilops-classifier", client=api) is None  # created, not serving
+    StandIn.objects[DEPLOYMENT_PATH] = deployment("6", available=2)  # a live Deployment, about to be migrated
+    assert cluster.stable_template("distilops", "distilops-classifier", client=api)["labels"] == {
+        "distilops.ai/registry-version": "6"}
+    StandIn.objects[DEPLOYMENT_PATH] = deployment("8", available=0)  # Argo scaled it down; it names the canary
+    StandIn.objects[ROLLOUT_PATH] = rollout(phase="Degraded", abort=True, stable="6d4f", current="7b9c")
+    StandIn.replica_sets = [replica_set("6d4f", "6", "5"), replica_set("7b9c", "8", "7")]
+    template = cluster.stable_template("distilops", "distilops-classifier", client=api)
+    assert template["annotations"] == {"distilops.ai/release-version": "5"}
+    assert cluster.read_deployment("distilops", "distilops-classifier", client=api)["metadata"]["generation"] == 7
+    assert cluster.read_rollout("distilops", "other", client=api) is None
+    StandIn.objects[ROLLOUT_PATH] = rollout(stable="")  # a new Rollout, nothing stable yet
+    assert cluster.stable_template("distilops", "distilops-classifier", client=api) is None

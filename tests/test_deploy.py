@@ -244,3 +244,87 @@ def test_jobs_pin_the_digest_the_registry_reports(tmp_path):
             render_jobs(f"{image}:never-pushed", tls_verify=False)
         with pytest.raises(DeployError, match="name the tag you pushed"):
             render_jobs(image, tls_verify=False)
+
+
+# --- --strategy canary: rendered offline; applied to the stand-in API server of test_cluster.py ---------------
+
+
+def test_canary_strategy_renders_the_rollout_over_the_pinned_deployment(registry):
+    first, _ = registry
+    rendered = offline("cpu", strategy="canary")
+    kinds = [d["kind"] for d in rendered.documents]
+    assert {"Rollout", "AnalysisTemplate", "Deployment", "HorizontalPodAutoscaler"} <= set(kinds)
+    assert rendered.strategy == "canary" and rendered.release == first["cpu"]
+    template = deployment(rendered)["spec"]["template"]  # the Rollout's pods are the Deployment's template
+    assert template["metadata"]["labels"][LABEL] == first["cpu"]
+    assert template["spec"]["containers"][0]["image"] == rendered.image
+    rollout = next(d for d in rendered.documents if d["kind"] == "Rollout")
+    assert rollout["spec"]["workloadRef"]["name"] == deployment(rendered)["metadata"]["name"]
+    with pytest.raises(DeployError, match="unknown strategy 'bluegreen'"):
+        offline("cpu", strategy="bluegreen")
+    result = CliRunner().invoke(app, ["deploy", "--overlay", "gpu", "--strategy", "canary", "-m", NAME,
+                                      "--skip-registry-check"])
+    assert result.exit_code == 0, result.output
+    printed = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert {"Rollout", "AnalysisTemplate"} <= {d["kind"] for d in printed}
+    help_text = CliRunner().invoke(app, ["deploy", "--help"], env={"COLUMNS": "200"}).output
+    assert "--strategy" in help_text and "canary" in help_text and "--timeout" in help_text
+
+
+def kubeconfig(tmp_path, server: str) -> str:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+        "clusters": [{"name": "stand-in", "cluster": {"server": server}}],
+        "users": [{"name": "nobody", "user": {"token": "stand-in"}}],  # (an empty user is refused)
+        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "nobody"}}]}))
+    return str(path)
+
+
+def test_a_canary_outcome_is_recorded_and_an_abort_returns_the_alias(registry, tmp_path, monkeypatch):
+    """`deploy --strategy canary --apply` against the stand-in API server: the release the cluster serves is read
+    from the Rollout's stable ReplicaSet, the manifests applied, the Rollout followed. Aborted: exit 1 with one
+    line, `canary-aborted` recorded, the alias back on the stable release. Promoted: exit 0, `canary-promoted`."""
+    from test_cluster import DEPLOYMENT_PATH, ROLLOUT_PATH, StandIn, replica_set, rollout, stand_in
+    from test_cluster import deployment as live_deployment
+
+    from distilops.release.registry import alias_version, history
+
+    first, second = registry
+    promote(NAME, GATES, version=second["cpu"])  # the new release: its canary is what deploy rolls out
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with stand_in() as server:
+        monkeypatch.setenv("KUBECONFIG", kubeconfig(tmp_path, server))
+        StandIn.replica_sets = [replica_set("6d4f", first["cpu"], first["cpu"])]  # the stable: release 1
+        StandIn.objects[DEPLOYMENT_PATH] = live_deployment(second["cpu"], available=0)  # generation 7
+        StandIn.objects[ROLLOUT_PATH] = rollout(phase="Degraded", abort=True, stable="6d4f", current="7b9c",
+                                                workload=7, workload_observed="7",
+                                                message='RolloutAborted: Metric "error-ratio" assessed Failed')
+        deploy = ["deploy", "--overlay", "cpu", "--strategy", "canary", "--apply", "-m", NAME, "--skip-registry-check"]
+        aborted = CliRunner().invoke(app, deploy)
+        assert aborted.exit_code == 1 and "Traceback" not in aborted.output
+        (line,) = [line for line in aborted.output.splitlines() if line.startswith("error:")]  # (logs around it)
+        assert line == (
+            f'error: canary of release v{second["cpu"]} aborted: RolloutAborted: Metric "error-ratio" assessed Failed; '
+            f'{NAME}@production moved back to v{first["cpu"]}, the version the cluster still serves')
+        applied = {w["body"]["kind"] for w in StandIn.writes}
+        assert {"Rollout", "AnalysisTemplate", "Deployment", "HorizontalPodAutoscaler"} <= applied
+        assert str(alias_version(client(), NAME, "production").version) == first["cpu"]
+
+        promote(NAME, GATES, version=second["cpu"])  # fixed, released again: Argo promotes it
+        # still aborted (stable 6d4f) when deploy reads it; promoted once the new template is applied
+        StandIn.on_apply[ROLLOUT_PATH] = rollout(phase="Healthy", stable="7b9c", current="7b9c", step=4, workload=7,
+                                                 workload_observed="7")
+        promoted = CliRunner().invoke(app, deploy)
+        assert promoted.exit_code == 0, promoted.output
+        assert f"canary promoted: {NAME} v{second['cpu']}" in promoted.output
+        assert str(alias_version(client(), NAME, "production").version) == second["cpu"]
+    events = [(e.action, e.from_version, e.to_version) for e in history(NAME)]
+    assert events[:4] == [("canary-promoted", first["cpu"], second["cpu"]), ("promote", first["cpu"], second["cpu"]),
+                          ("canary-aborted", second["cpu"], first["cpu"]), ("promote", first["cpu"], second["cpu"])]
+    assert 'Metric "error-ratio" assessed Failed' in history(NAME)[2].reason
+    listed = CliRunner().invoke(app, ["history", "-m", NAME]).output
+    assert "canary-aborted" in listed and "canary-promoted" in listed
+    # --rollback goes by promotions: from release 2 back to release 1, not to what a canary event names
+    event, _ = promote(NAME, GATES, rollback=True)
+    assert (event.from_version, event.to_version) == (second["cpu"], first["cpu"])

@@ -1,6 +1,7 @@
 """Kubernetes manifests: every kustomization rendered (`kubectl kustomize`) and validated offline against
 the official schemas, strict on unknown fields; then checks that the manifests fit the service they deploy."""
 
+import copy
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ from distilops.errors import DeployError
 from distilops.release.deploy import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "jobs", "platform", "monitoring")
+KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "overlays/gpu-canary", "overlays/cpu-canary",
+                  "jobs", "platform", "monitoring")
 APPS = [k for k in KUSTOMIZATIONS if k != "namespace"]  # what users apply and delete, again and again
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 
@@ -48,7 +50,8 @@ def pod_spec(workload: dict) -> dict:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_manifests_validate_strictly(rendered, kustomization, version):
-    """Core kinds against Kubernetes' schemas; custom resources (PodMonitor) against their vendored CRDs."""
+    """Core kinds against Kubernetes' schemas; custom resources (PodMonitor, PrometheusRule, Rollout,
+    AnalysisTemplate) against their vendored CRDs."""
     validate(rendered[kustomization], (version,))
 
 
@@ -465,3 +468,129 @@ def test_the_platform_admits_only_its_clients(rendered):
     assert admitted(postgres) == {"mlflow", "distilops-pipeline", "distilops-tune"}  # not the serving pods
     assert admitted(mlflow) >= {"distilops-pipeline", "distilops-tune"}
     assert set(postgres["spec"]["policyTypes"]) == set(mlflow["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+# --- canary releases (Argo Rollouts) and the metrics they are judged by --------------------------------------
+
+CANARIES = ("overlays/cpu-canary", "overlays/gpu-canary")
+# The series the service exports (the shared contract of issue 18) and BentoML's own: nothing else may be queried.
+CONTRACT_SERIES = {
+    "distilops_predictions_total", "distilops_prediction_confidence_bucket", "distilops_prediction_confidence_count",
+    "distilops_prediction_confidence_sum", "distilops_text_words_bucket", "distilops_text_windows_bucket",
+    "distilops_shadow_compared_total", "distilops_shadow_agreed_total", "distilops_shadow_dropped_total",
+    "distilops_live_agreement", "distilops_drift_psi", "distilops_reference_agreement",
+    "bentoml_service_request_total", "bentoml_service_request_duration_seconds_bucket"}
+SIMPLE_CONDITION = re.compile(r"^result\[0\] (<=|>=|<|>) -?\d+(\.\d+)?$")
+
+
+def series_in(query: str) -> set[str]:
+    """Metric names a PromQL query selects (every selector here has {labels})."""
+    return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", query))
+
+
+@pytest.mark.parametrize("overlay", CANARIES)
+def test_the_rollout_takes_its_pods_from_the_deployment(rendered, overlay):
+    docs = rendered[overlay]
+    rollout, deployment = one(docs, "Rollout"), one(docs, "Deployment")
+    ref = rollout["spec"]["workloadRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", deployment["metadata"]["name"])
+    assert ref["scaleDown"] == "progressively"  # a live Deployment is scaled down only as the Rollout's pods come up
+    assert rollout["spec"]["selector"] == deployment["spec"]["selector"]
+    assert "template" not in rollout["spec"] and "replicas" not in rollout["spec"]  # the HPA owns the count
+    assert "replicas" not in deployment["spec"]  # Argo scales it to 0; applying again must not scale it back
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+                                             "name": rollout["metadata"]["name"]}
+    # same pod template as the plain overlay but for the spread key Argo's pods carry
+    plain = one(render(overlay.removesuffix("-canary")), "Deployment")  # fresh: other tests edit `rendered`
+    spec = pod_spec(deployment)
+    assert {tuple(c["matchLabelKeys"]) for c in spec["topologySpreadConstraints"]} == {("rollouts-pod-template-hash",)}
+    for constraint in pod_spec(plain)["topologySpreadConstraints"]:
+        constraint["matchLabelKeys"] = ["rollouts-pod-template-hash"]
+    assert plain["spec"]["template"] == deployment["spec"]["template"]
+    assert {d["metadata"]["namespace"] for d in docs} == {"distilops"}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = one(docs, kind)["spec"]["selector"]
+        assert selector.get("matchLabels", selector).items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("overlay", CANARIES)
+def test_the_canary_steps_are_analysed_throughout(rendered, overlay):
+    canary = one(rendered[overlay], "Rollout")["spec"]["strategy"]["canary"]
+    weights = [s["setWeight"] for s in canary["steps"] if "setWeight" in s]
+    assert weights == sorted(weights) and weights[0] <= 10 and all(w < 100 for w in weights)
+    assert all(s.get("pause", {}).get("duration") for s in canary["steps"] if "pause" in s)  # never waits for a human
+    analysis = canary["analysis"]
+    assert analysis["templates"] == [{"templateName": "distilops-canary"}] and "startingStep" not in analysis
+    surge = (canary["maxSurge"], canary["maxUnavailable"])
+    assert surge == ((1, 0) if overlay == "overlays/cpu-canary" else (0, 1))  # as each overlay's rolling update
+
+
+@pytest.mark.parametrize("overlay", CANARIES)
+def test_the_rollout_passes_every_arg_the_analysis_needs(rendered, overlay):
+    docs = rendered[overlay]
+    template = one(docs, "AnalysisTemplate", "distilops-canary")
+    passed = {a["name"]: a for a in one(docs, "Rollout")["spec"]["strategy"]["canary"]["analysis"]["args"]}
+    declared = {a["name"]: a for a in template["spec"]["args"]}
+    assert set(passed) <= set(declared)
+    assert {name for name, arg in declared.items() if "value" not in arg} == set(passed)
+    assert passed["canary-hash"]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+    assert passed["stable-hash"]["valueFrom"] == {"podTemplateHashValue": "Stable"}
+    assert passed["namespace"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert declared["prometheus-address"]["value"].startswith("http://")
+    used = set(re.findall(r"\{\{args\.([a-z-]+)\}\}", yaml.safe_dump(template["spec"]["metrics"], width=10**6)))
+    assert used == set(declared)
+
+
+def test_every_analysis_metric_reads_contract_series_and_a_simple_condition(rendered):
+    template = one(rendered["overlays/cpu-canary"], "AnalysisTemplate")
+    metrics = {m["name"]: m for m in template["spec"]["metrics"]}
+    assert set(metrics) == {"error-ratio", "latency-p95-ratio", "agreement-vs-stable", "agreement-vs-evaluated",
+                            "label-mix-shift"}
+    for name, metric in metrics.items():
+        query = metric["provider"]["prometheus"]["query"]
+        assert series_in(query) and series_in(query) <= CONTRACT_SERIES, (name, series_in(query) - CONTRACT_SERIES)
+        assert "{{args.canary-hash}}" in query and 'namespace="{{args.namespace}}"' in query
+        for selector in re.findall(r"\{([^{}]*(?:\{\{[^}]*\}\}[^{}]*)*)\}\[?", query):
+            if "rollouts_pod_template_hash" not in selector and "args." in selector:
+                raise AssertionError(f"{name}: a selector without the revision: {selector}")
+        assert SIMPLE_CONDITION.match(metric["successCondition"]), metric["successCondition"]
+        assert "failureCondition" not in metric or SIMPLE_CONDITION.match(metric["failureCondition"])
+        assert query.rstrip().endswith(("or vector(0)", "or vector(1)"))  # a value, even with no traffic
+        assert metric["interval"] == "1m" and int(metric["failureLimit"]) <= 2  # aborted within minutes
+
+
+def test_the_canary_crds_refuse_a_typo(rendered):
+    docs = copy.deepcopy(rendered["overlays/cpu-canary"])
+    rollout, template = one(docs, "Rollout"), one(docs, "AnalysisTemplate")
+    rollout["spec"]["workloadRef"]["scaledown"] = rollout["spec"]["workloadRef"].pop("scaleDown")
+    with pytest.raises(DeployError, match="Rollout/distilops-classifier fails its CRD schema.*scaledown"):
+        validate([rollout])
+    template["spec"]["metrics"][0]["sucessCondition"] = template["spec"]["metrics"][0].pop("successCondition")
+    with pytest.raises(DeployError, match="AnalysisTemplate/distilops-canary fails its CRD schema.*sucessCondition"):
+        validate([template])
+    rule = copy.deepcopy(one(rendered["monitoring"], "PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][-1]["for_"] = "15m"
+    with pytest.raises(DeployError, match="PrometheusRule/distilops-fidelity fails its CRD schema.*for_"):
+        validate([rule])
+
+
+def test_series_carry_the_revision_they_come_from(rendered):
+    """The PodMonitor copies Argo's pod label onto every series (as rollouts_pod_template_hash), which the
+    analysis selects canary and stable by."""
+    monitor = one(rendered["monitoring"], "PodMonitor")
+    assert monitor["spec"]["podTargetLabels"] == ["rollouts-pod-template-hash"]
+
+
+def test_the_rules_read_contract_series_and_their_own_records(rendered):
+    rules = [r for g in one(rendered["monitoring"], "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    records = {r["record"] for r in rules if "record" in r}
+    for rule in rules:
+        assert series_in(rule["expr"]) <= CONTRACT_SERIES | records, rule.get("record") or rule.get("alert")
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    assert set(alerts) == {"DistilopsLiveAgreementBelowEvaluated", "DistilopsInputDrift", "DistilopsShadowDropping"}
+    for alert in alerts.values():
+        assert alert["for"] and " >= " in alert["expr"]  # held a while, and a minimum of samples
+        assert {"summary", "description", "runbook"} <= set(alert["annotations"])
+    assert 'distilops_reference_agreement{bound="low"}' in str(rules)  # the threshold comes from the version

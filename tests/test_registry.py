@@ -368,3 +368,34 @@ def test_the_register_stage_stores_references_and_names_the_release_shadow(store
     assert listed.exit_code == 0, listed.output
     (line,) = [line for line in listed.stdout.splitlines() if line.startswith(f"v{shadow} ")]
     assert "teacher_onnx_fp32 teacher" in line and f"shadow v{shadow}" in line
+
+
+def test_canary_outcomes_are_recorded_and_an_abort_moves_the_alias_back(store):
+    """record_canary (what `deploy --strategy canary --apply` calls with what the cluster decided)."""
+    from distilops.release.registry import record_canary
+
+    v1, v2, v3 = register(store, 0.85), register(store, 0.86), register(store, 0.86)
+    promote(NAME, GATES, version=v1)
+    event, moved = record_canary(NAME, "production", canary=v1, stable=None, promoted=True, message="")
+    assert (event.action, event.from_version, event.to_version, moved) == ("canary-promoted", "", v1, False)
+    assert event.reason == "canary analysis passed: fully promoted"
+
+    promote(NAME, GATES, version=v2)
+    event, moved = record_canary(NAME, "production", canary=v2, stable=v1, promoted=False,
+                                 message="RolloutAborted: error-ratio failed")
+    assert (event.action, event.from_version, event.to_version, moved) == ("canary-aborted", v2, v1, True)
+    assert current() == v1 and event.reason == "RolloutAborted: error-ratio failed"
+
+    promote(NAME, GATES, version=v3)  # someone moved the alias on while v2's canary ran: it stays
+    event, moved = record_canary(NAME, "production", canary=v2, stable=v1, promoted=False, message="aborted")
+    assert not moved and current() == v3 and f"moved to v{v3} during the canary: left there" in event.reason
+
+    # a first release aborted: nothing else is known to serve, so the alias stays, and the event says so
+    event, moved = record_canary(NAME, "production", canary=v3, stable=None, promoted=False, message="aborted")
+    assert not moved and current() == v3 and (event.from_version, event.to_version) == (v3, v3)
+    assert "no stable version in the cluster" in event.reason
+    actions = [e.action for e in history(NAME)]
+    assert actions == ["canary-aborted", "canary-aborted", "promote", "canary-aborted", "promote", "canary-promoted",
+                       "promote"]
+    rolled, _ = promote(NAME, GATES, rollback=True)  # by promotions only: v3 came after v1
+    assert (rolled.from_version, rolled.to_version) == (v3, v1)

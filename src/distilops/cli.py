@@ -299,30 +299,52 @@ def deploy_cmd(
     do_apply: bool = typer.Option(False, "--apply", help="Apply it (server-side, to the kubeconfig's cluster), wait "
                                                          "for the rollout, check /model through the Service; "
                                                          "default: print the manifests."),
+    strategy: str = typer.Option("rolling", "--strategy", help="rolling: the Deployment's rolling update "
+                                 "(k8s/overlays/OVERLAY); canary: an Argo Rollouts canary judged on live metrics "
+                                 "(k8s/overlays/OVERLAY-canary), its outcome recorded in `distilops history`."),
+    timeout: int = typer.Option(None, "--timeout", help="With --apply: seconds to wait for the rollout (default "
+                                                        "600) or the canary (default 1800)."),
     version: str = VERSION,
     model_name: str = MODEL,
     params: Path = PARAMS,
 ) -> None:
     """Render an overlay with the production release's image pinned by digest (asked of the registry it was
-    pushed to) and the registry version on its pods, validate it offline against the Kubernetes schemas, then
-    print or apply it. A version whose image was never pushed, was rebuilt since, or whose tag the registry
-    lacks or now gives another image is refused, naming the fix.
+    pushed to) and the registry version on its pods, validate it offline against the Kubernetes schemas (and
+    the vendored Argo Rollouts and prometheus-operator CRDs), then print or apply it. A version whose image was
+    never pushed, was rebuilt since, or whose tag the registry lacks or now gives another image is refused,
+    naming the fix.
 
     After `distilops promote --rollback`, deploy puts the previous version's image back.
+
+    `--strategy canary --apply` (Argo Rollouts installed): reads the version the cluster serves, applies, and
+    follows the canary until Argo promotes it (exit 0, `canary-promoted` recorded) or aborts it (exit 1 with
+    the failed analysis; `canary-aborted` recorded and the alias moved back to the version still served).
     """
-    from distilops.release.deploy import SCHEMA_VERSIONS, apply, render
+    from distilops.release.deploy import SCHEMA_VERSIONS, apply, apply_canary, render
 
     cfg, name = promote_config(params, model_name)
     rendered = render(name, overlay=overlay, alias=cfg.alias, version=version, registry=registry,
-                      check_registry=check_registry, tls_verify=tls_verify)
-    typer.echo(f"{name} v{rendered.version} (release v{rendered.release}, {rendered.device}): {rendered.image}; "
-               f"valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in SCHEMA_VERSIONS)}", err=True)
+                      check_registry=check_registry, tls_verify=tls_verify, strategy=strategy)
+    typer.echo(f"{name} v{rendered.version} (release v{rendered.release}, {rendered.device}, {strategy}): "
+               f"{rendered.image}; valid for Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in SCHEMA_VERSIONS)}",
+               err=True)
     if not do_apply:
         typer.echo(rendered.yaml())
         return
-    served = apply(rendered)
-    typer.echo(f"rolled out: the Service answers as {served['registry_name']} v{served['registry_version']} "
-               f"on {served.get('providers')}", err=True)
+    if strategy == "rolling":
+        served = apply(rendered, timeout_s=timeout or 600)
+        typer.echo(f"rolled out: the Service answers as {served['registry_name']} v{served['registry_version']} "
+                   f"on {served.get('providers')}", err=True)
+        return
+    outcome = apply_canary(rendered, alias=cfg.alias, timeout_s=timeout or 1800)
+    if outcome.promoted:
+        typer.echo(f"canary promoted: {name} v{rendered.version} (release v{rendered.release}) serves "
+                   f"{rendered.device}; recorded as {outcome.event.action}", err=True)
+        return
+    if outcome.alias_moved:
+        fail(f"canary of release v{rendered.release} aborted: {outcome.message}; {name}@{cfg.alias} moved back to "
+             f"v{outcome.stable}, the version the cluster still serves")
+    fail(f"canary of release v{rendered.release} aborted: {outcome.event.reason}")  # why the alias did not move
 
 
 @app.command("jobs")

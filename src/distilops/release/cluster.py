@@ -31,7 +31,8 @@ def api_client() -> Any:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # KUBECONFIG read now: the client reads it once, when first imported, and a later change is ignored
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     except config.ConfigException as exc:
         raise DeployError(f"no cluster credentials: {exc} (inside a pod: a service account token; elsewhere: a "
                           "kubeconfig, as `kubectl` uses)") from None
@@ -143,3 +144,133 @@ def start_job(namespace: str, name: str, *, client: Any = None) -> bool:
     except ApiException as exc:
         raise api_error(exc, f"starting job {namespace}/{name}") from None
     return True
+
+
+# --- Argo Rollouts: reading a canary's progress (argoproj.io/v1alpha1 rollouts) ----------------------------
+
+ROLLOUTS = ("argoproj.io", "v1alpha1", "rollouts")
+POD_HASH = "rollouts-pod-template-hash"  # Argo's label on each revision's ReplicaSet and pods
+WORKLOAD_GENERATION = "rollout.argoproj.io/workload-generation"  # the referenced Deployment's generation Argo saw
+
+
+def not_found(exc: Exception) -> bool:
+    return getattr(exc, "status", None) == 404
+
+
+def read_rollout(namespace: str, name: str, *, client: Any = None) -> dict | None:
+    """The Rollout as a dict (status included); None if there is none, or the cluster has no Rollout kind."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return k8s.CustomObjectsApi(client or api_client()).get_namespaced_custom_object(
+            *ROLLOUTS[:2], namespace, ROLLOUTS[2], name)
+    except ApiException as exc:
+        if not_found(exc):
+            return None
+        raise api_error(exc, f"reading rollout {namespace}/{name}") from None
+
+
+def read_deployment(namespace: str, name: str, *, client: Any = None) -> dict | None:
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    apps = k8s.AppsV1Api(client or api_client())
+    try:
+        return apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment(name, namespace))
+    except ApiException as exc:
+        if not_found(exc):
+            return None
+        raise api_error(exc, f"reading deployment {namespace}/{name}") from None
+
+
+def stable_template(namespace: str, name: str, *, client: Any = None) -> dict | None:
+    """The pod template metadata (labels, annotations) of what the cluster serves now, before a release:
+    the Rollout's stable ReplicaSet (status.stableRS names its rollouts-pod-template-hash) where a Rollout
+    exists, else the Deployment's template where its pods are available (a Deployment about to be migrated);
+    None where neither serves (a first release). The Deployment's template is not the stable under a Rollout:
+    after an aborted canary it still holds the canary's template."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    client = client or api_client()
+    rollout = read_rollout(namespace, name, client=client)
+    if rollout is not None:
+        stable = (rollout.get("status") or {}).get("stableRS")
+        if not stable:
+            return None
+        apps = k8s.AppsV1Api(client)
+        try:
+            found = apps.list_namespaced_replica_set(namespace, label_selector=f"{POD_HASH}={stable}").items
+        except ApiException as exc:
+            raise api_error(exc, f"listing the replica sets of rollout {namespace}/{name}") from None
+        if not found:
+            return None
+        return apps.api_client.sanitize_for_serialization(found[0])["spec"]["template"].get("metadata") or {}
+    deployment = read_deployment(namespace, name, client=client)
+    if deployment is None or not (deployment.get("status") or {}).get("availableReplicas"):
+        return None
+    return deployment["spec"]["template"].get("metadata") or {}
+
+
+PROMOTED, ABORTED, DEGRADED, PAUSED, PROGRESSING = "promoted", "aborted", "degraded", "paused", "progressing"
+
+
+def canary_state(rollout: dict, workload_generation: int = 0) -> tuple[str, str]:
+    """(state, what is happening) of a Rollout, as `kubectl argo rollouts status` judges it (Argo's
+    GetRolloutPhase: generation observed, not unpausing, referenced workload observed, then the phase the
+    controller computed), with `workload_generation` the Deployment's generation after our apply, so that a
+    Rollout not yet showing the new template is not read as done. States: promoted (Healthy, and stable is the
+    current pod hash: every step passed), aborted (status.abort: failed analysis, or progress deadline with
+    progressDeadlineAbort), degraded (Degraded without an abort: e.g. an invalid spec), paused, progressing."""
+    metadata, status = rollout.get("metadata") or {}, rollout.get("status") or {}
+    observed = str(status.get("observedGeneration", ""))
+    if observed.isdigit() and int(observed) < int(metadata.get("generation", 0)):  # (Argo < 0.10 wrote a hash)
+        return PROGRESSING, "waiting for rollout spec update to be observed"
+    if status.get("controllerPause") and not status.get("pauseConditions"):
+        return PROGRESSING, "waiting for rollout to unpause"
+    seen = (metadata.get("annotations") or {}).get(WORKLOAD_GENERATION)
+    if workload_generation and (seen is None or int(seen) < workload_generation):
+        return PROGRESSING, "waiting for the Rollout to see the Deployment's new template"
+    if seen is not None and status.get("workloadObservedGeneration") not in (None, seen):
+        return PROGRESSING, "waiting for rollout spec update to be observed for the reference workload"
+    phase, message = status.get("phase", ""), status.get("message", "")
+    if status.get("abort"):
+        return ABORTED, message or "aborted"
+    if phase == "Degraded":
+        return DEGRADED, message
+    if phase == "Healthy" and status.get("stableRS") and status.get("stableRS") == status.get("currentPodHash"):
+        return PROMOTED, f"fully promoted: stable is {status['stableRS']}"
+    if phase == "Paused":
+        step = status.get("currentStepIndex")
+        return PAUSED, f"paused at step {step}: {message}" if step is not None else f"paused: {message}"
+    step = status.get("currentStepIndex")
+    return PROGRESSING, f"step {step}: {message}" if step is not None and message else (message or phase or "starting")
+
+
+def wait_canary(namespace: str, name: str, *, workload_generation: int = 0, timeout_s: float = 1800,
+                poll_s: float = 5, read: Callable[[], dict | None] | None = None,
+                client: Any = None) -> tuple[str, str]:
+    """Follow the Rollout until it is promoted, aborted or degraded: (state, message). On timeout, DeployError
+    saying how to look; nothing is changed (the canary goes on, or stays paused, in the cluster)."""
+    if read is None:
+        def read() -> dict | None:
+            return read_rollout(namespace, name, client=client)
+
+    deadline, message = time.monotonic() + timeout_s, ""
+    while True:
+        rollout = read()
+        if rollout is None:
+            raise DeployError(f"rollout {namespace}/{name} is gone (deleted while the canary ran?)")
+        state, now = canary_state(rollout, workload_generation)
+        if now != message:
+            log.info("canary of %s: %s", name, now)
+            message = now
+        if state in (PROMOTED, ABORTED, DEGRADED):
+            return state, message
+        if time.monotonic() > deadline:
+            raise DeployError(f"canary of {namespace}/{name} not finished after {timeout_s:.0f} s ({state}: "
+                              f"{message}); nothing recorded, the registry alias left as it is. Follow it with "
+                              f"`kubectl argo rollouts get rollout {name} -n {namespace} --watch`, then run the "
+                              "deploy again")
+        time.sleep(poll_s)

@@ -6,6 +6,12 @@
     -> printed, or applied (server-side, Kubernetes Python client: cluster.py), the rollout waited on, and
     /model checked through the Service.
 
+`--strategy canary` renders k8s/overlays/<device>-canary instead: the same Deployment (image pinned there as
+above), and an Argo Rollout that takes its pod template from it and releases each new template as a canary,
+judged live against the stable by the AnalysisTemplate (k8s/components/canary). Applied (`apply_canary`):
+the version the cluster serves is read first, the Rollout followed until promoted or aborted, and the outcome
+recorded in the promotion history; an abort moves the registry alias back to the version still served.
+
 `render_jobs` does the same for k8s/jobs: the pipeline image pinned by the digest its registry reports, so a
 retried pod runs the very image (and run key) its first attempt ran.
 
@@ -44,12 +50,14 @@ from distilops.release.image import (
 )
 from distilops.release.oci import manifest_digest
 from distilops.release.package import resolve
-from distilops.release.registry import DEVICES, VARIANT
+from distilops.release.registry import DEVICES, VARIANT, PromotionEvent, record_canary
 
 log = logging.getLogger(__name__)
 K8S = Path("k8s")
 SCHEMA_VERSIONS = ("1.30.0", "1.33.0")
 LABEL = "distilops.ai/registry-version"
+RELEASE_ANNOTATION = "distilops.ai/release-version"
+STRATEGIES = ("rolling", "canary")  # rolling: k8s/overlays/<device>; canary: k8s/overlays/<device>-canary
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Rendered:
     version: str  # the registry version the pods serve
     release: str  # the promoted version whose release it is
     device: str
+    strategy: str = "rolling"
 
     def yaml(self) -> str:
         return yaml.safe_dump_all(self.documents, sort_keys=False)
@@ -126,7 +135,7 @@ def pin(documents: list[dict], *, image: str, registry_name: str, version: str, 
     template["metadata"].setdefault("labels", {})[LABEL] = version
     template["metadata"].setdefault("annotations", {}).update({
         "distilops.ai/registry-model": registry_name, "distilops.ai/registry-version": version,
-        "distilops.ai/release-version": release, "distilops.ai/variant": variant})
+        RELEASE_ANNOTATION: release, "distilops.ai/variant": variant})
     containers = template["spec"]["containers"]
     for container in containers:
         if container["image"].split("@")[0].rsplit(":", 1)[0].endswith(IMAGE_NAME):
@@ -137,7 +146,11 @@ def pin(documents: list[dict], *, image: str, registry_name: str, version: str, 
 
 
 # Custom resources are checked against their projects' published CRDs, vendored at a pinned release in crds/:
-#   monitoring.coreos.com_podmonitors.yaml  prometheus-operator v0.93.0 (f8fafd475f3d), example/prometheus-operator-crd/
+#   monitoring.coreos.com_podmonitors.yaml, monitoring.coreos.com_prometheusrules.yaml
+#       prometheus-operator v0.93.0 (f8fafd475f3d132e239432ae6172de60a6cb6516), example/prometheus-operator-crd/
+#   argoproj.io_rollouts.yaml, argoproj.io_analysistemplates.yaml
+#       Argo Rollouts v1.9.1 (b6bd3bcf8f60d717a98763d26acc983db7f97cb0), manifests/crds/rollout-crd.yaml and
+#       analysis-template-crd.yaml
 CRDS = Path(__file__).parent / "crds"
 
 
@@ -159,8 +172,9 @@ def strict(schema: dict) -> dict:
 def custom_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> strict schema, for every version each vendored CRD serves (read-only)."""
     schemas = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the Argo CRDs (200 kB each) in ms, not s
     for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+        crd = yaml.load(path.read_text(), Loader=loader)
         for version in crd["spec"]["versions"]:
             if version.get("served"):
                 schema = strict(version["schema"]["openAPIV3Schema"])
@@ -196,17 +210,20 @@ def validate(documents: list[dict], versions: tuple[str, ...] = SCHEMA_VERSIONS)
 
 def render(model_name: str, *, overlay: str, alias: str = "production", version: str | None = None,
            registry: str | None = None, root: Path = K8S, check_registry: bool = True,
-           tls_verify: bool = True) -> Rendered:
+           tls_verify: bool = True, strategy: str = "rolling") -> Rendered:
     if overlay not in DEVICES:  # k8s/overlays/<device>: one overlay per device
         raise DeployError(f"unknown overlay '{overlay}': use one of {sorted(DEVICES)}")
+    if strategy not in STRATEGIES:
+        raise DeployError(f"unknown strategy '{strategy}': use one of {list(STRATEGIES)}")
     device = overlay
     release, served = resolve(model_name, alias=alias, version=version, device=device)
     image = image_reference(served.tags, registry, served.version, check=check_registry, tls_verify=tls_verify)
-    documents = render_overlay(overlay, root)
+    documents = render_overlay(overlay if strategy == "rolling" else f"{overlay}-canary", root)
+    # The canary overlay holds the same Deployment: the Rollout takes its pod template from it (workloadRef).
     pin(documents, image=image, registry_name=model_name, version=str(served.version), release=str(release.version),
         variant=served.tags.get(VARIANT, "?"))
     validate(documents)
-    return Rendered(documents, image, model_name, str(served.version), str(release.version), device)
+    return Rendered(documents, image, model_name, str(served.version), str(release.version), device, strategy)
 
 
 PIPELINE_IMAGE = "distilops-pipeline"
@@ -281,3 +298,57 @@ def apply(rendered: Rendered, *, timeout_s: int = 600) -> dict:
         raise DeployError(f"the Service answers with version {served.get('registry_version')}, expected "
                           f"{rendered.version}: old pods still serving?")
     return served
+
+
+@dataclass
+class CanaryOutcome:
+    promoted: bool
+    message: str  # Argo's: the analysis that failed, or that the rollout is fully promoted
+    stable: str | None  # the release version the cluster served before (None: a first release)
+    event: PromotionEvent  # as recorded in the promotion history
+    alias_moved: bool  # the alias went back to `stable` (after an abort)
+
+
+def served_release(namespace: str, name: str, *, client: object = None) -> str | None:
+    """The release version (the alias's version) the cluster serves now: the release annotation `pin` puts on
+    the pod template of the Rollout's stable revision, or of a live Deployment; None for a first release."""
+    template = cluster.stable_template(namespace, name, client=client)
+    if template is None:
+        return None
+    annotations, labels = template.get("annotations") or {}, template.get("labels") or {}
+    return annotations.get(RELEASE_ANNOTATION) or labels.get(LABEL)
+
+
+def apply_canary(rendered: Rendered, *, alias: str = "production", timeout_s: float = 1800, poll_s: float = 5,
+                 client: object = None) -> CanaryOutcome:
+    """Apply a canary release and follow it to its end; record the outcome (registry.record_canary).
+
+    1. Read which release the cluster serves (stable), before anything changes.
+    2. Server-side apply; the Deployment's new template starts a canary in the Rollout.
+    3. Follow the Rollout (cluster.wait_canary) until promoted (Healthy, the new revision stable), aborted (the
+       analysis failed, or the canary never got ready) or degraded.
+    4. Promoted: `canary-promoted` recorded. Aborted: `canary-aborted` recorded and the alias moved back to the
+       stable release, so it never names a version the cluster no longer serves. With no stable release (a
+       first release: Argo runs it unanalysed, so an abort is rare) the alias is left, the event says so and
+       the caller fails loudly. Degraded without an abort (e.g. a spec the controller refuses): nothing is
+       recorded, DeployError. A timeout: nothing recorded or moved, DeployError saying how to look.
+    """
+    rollout = next((d for d in rendered.documents if d["kind"] == "Rollout"), None)
+    if rollout is None:
+        raise DeployError("no Rollout among the manifests: render them with strategy canary")
+    namespace, name = rollout["metadata"].get("namespace", "default"), rollout["metadata"]["name"]
+    client = client or cluster.api_client()
+    stable = served_release(namespace, name, client=client)
+    cluster.apply(rendered.documents, client=client)
+    workload = rollout["spec"]["workloadRef"]["name"]
+    generation = int((cluster.read_deployment(namespace, workload, client=client) or {}).get("metadata", {})
+                     .get("generation", 0))
+    state, message = cluster.wait_canary(namespace, name, workload_generation=generation, timeout_s=timeout_s,
+                                         poll_s=poll_s, client=client)
+    if state == cluster.DEGRADED:
+        raise DeployError(f"rollout {namespace}/{name} is degraded: {message}; nothing recorded. Look with "
+                          f"`kubectl argo rollouts get rollout {name} -n {namespace}`")
+    promoted = state == cluster.PROMOTED
+    event, moved = record_canary(rendered.registry_name, alias, canary=rendered.release, stable=stable,
+                                 promoted=promoted, message=message)
+    return CanaryOutcome(promoted, message, stable, event, moved)

@@ -16,6 +16,9 @@
   between leaves a RUNNING event, which the next `promote` or `history` reconciles against the
   alias: moved -> FINISHED (tagged `reconciled`), not moved -> FAILED. So `history` and
   `--rollback` always see every move that happened, and none that did not.
+- A canary release (`distilops deploy --strategy canary --apply`) records what the cluster decided in the
+  same history: `canary-promoted`, or `canary-aborted` with the alias moved back to the version the cluster
+  still serves, by the same protocol (`record_canary`). `--rollback` goes by promotions and rollbacks only.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ def no_regression(candidate: ModelVersion, current: ModelVersion, gates: Promote
 class PromotionEvent:
     when: str
     user: str
-    action: str  # promote | rollback, with "-forced" when gates were overridden
+    action: str  # promote | rollback, with "-forced" when gates were overridden; canary-promoted | canary-aborted
     model_name: str
     alias: str
     from_version: str  # "" when the alias pointed nowhere
@@ -332,6 +335,8 @@ def previous_version(model_name: str, alias: str, current: ModelVersion | None) 
     if current is None:
         raise RegistryError(f"'{model_name}@{alias}' points nowhere: nothing to roll back")
     for event in history(model_name, alias=alias):
+        if event.action.startswith(CANARY_PREFIX):  # a canary's outcome says what the cluster did, not which
+            continue                                # version held the alias before (an abort returns to it)
         if event.to_version == str(current.version):
             if not event.from_version:
                 break
@@ -385,18 +390,71 @@ def promote(model_name: str, gates: PromoteConfig, *, version: str | int | None 
     if dry_run:
         return event, results
 
+    record(c, event, move=True)
+    return event, results
+
+
+def record(c: mlflow.MlflowClient, event: PromotionEvent, *, move: bool) -> PromotionEvent:
+    """Record `event` in the promotions experiment and, with `move`, point its alias at its to_version.
+
+    Record first, move last: the run is opened (RUNNING) with the whole event, the version tagged, the alias
+    moved, the run closed (FINISHED). Whatever stops this between the steps, `reconcile` can tell what
+    happened from where the alias points. Without `move` (an outcome with nothing to move), the run is opened
+    and closed."""
+    model_name, alias, target = event.model_name, event.alias, event.to_version
     tags = {k: str(v) for k, v in event.as_dict().items() if k not in ("gates", "run_id")}
     tags["gates"] = json.dumps(event.gates)
-    # Record first, move last: whatever stops this between the steps, `reconcile` can tell what happened.
-    run = c.create_run(_promotions_experiment(c), run_name=f"{action} {model_name} v{event.from_version or '-'}"
-                       f" -> v{event.to_version}", tags=tags)
-    try:
-        c.set_model_version_tag(model_name, str(target.version), f"last_{alias}_at", event.when)
-        c.set_registered_model_alias(model_name, alias, str(target.version))
-    except Exception:
-        if str(getattr(alias_version(c, model_name, alias), "version", "")) != str(target.version):
-            c.set_terminated(run.info.run_id, status="FAILED")  # nothing moved; else leave it to reconcile
-        raise
+    run = c.create_run(_promotions_experiment(c), run_name=f"{event.action} {model_name} "
+                       f"v{event.from_version or '-'} -> v{target}", tags=tags)
+    if move:
+        try:
+            c.set_model_version_tag(model_name, target, f"last_{alias}_at", event.when)
+            c.set_registered_model_alias(model_name, alias, target)
+        except Exception:
+            if str(getattr(alias_version(c, model_name, alias), "version", "")) != target:
+                c.set_terminated(run.info.run_id, status="FAILED")  # nothing moved; else leave it to reconcile
+            raise
     c.set_terminated(run.info.run_id, status="FINISHED")
     event.run_id = run.info.run_id
-    return event, results
+    return event
+
+
+# --- canary releases: what the cluster decided (`distilops deploy --strategy canary --apply`) -----------------
+
+CANARY_PREFIX = "canary-"
+CANARY_PROMOTED, CANARY_ABORTED = "canary-promoted", "canary-aborted"
+
+
+def record_canary(model_name: str, alias: str, *, canary: str, stable: str | None, promoted: bool, message: str,
+                  user: str | None = None) -> tuple[PromotionEvent, bool]:
+    """Record a canary's outcome in the promotion history; after an abort, move `alias` back to the version
+    the cluster still serves. Returns the event and whether the alias moved.
+
+    `canary`: the release version the canary ran (the alias's version when deploy rendered it); `stable`: the
+    release version the cluster served before it (None: none, a first release). Promoted: `canary-promoted`,
+    stable -> canary; nothing moves (the alias already names the canary). Aborted: `canary-aborted`, canary ->
+    stable, and the alias moves back to stable if it still names the canary (record first, move last, as
+    `promote`; one another moved since is left where they put it). Aborted with no stable version: the alias
+    is left on the canary (nothing else is known to work) and the event, canary -> canary, says that the
+    cluster serves none of this model's versions; the caller fails loudly."""
+    c = client()
+    reconcile(c, model_name, _promotions_experiment(c))
+    current = alias_version(c, model_name, alias)
+    holder = str(current.version) if current is not None else ""
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if promoted:
+        event = PromotionEvent(when, user or current_user(), CANARY_PROMOTED, model_name, alias, stable or "", canary,
+                               message or "canary analysis passed: fully promoted", [])
+        return record(c, event, move=False), False
+    move = stable is not None and holder == canary and stable != canary
+    if stable is None:
+        reason = f"{message}; no stable version in the cluster: alias left on v{holder or '-'}, which it does not serve"
+        target = canary
+    elif holder not in (canary, stable):
+        reason = f"{message}; the alias was moved to v{holder} during the canary: left there"
+        target = stable
+    else:
+        reason = message
+        target = stable
+    event = PromotionEvent(when, user or current_user(), CANARY_ABORTED, model_name, alias, canary, target, reason, [])
+    return record(c, event, move=move), move
