@@ -115,9 +115,13 @@ def main() -> None:
     runs: dict[str, dict[int, list[dict]]] = {rate: {c: [] for c in clients} for rate in rates}
     try:
         for rate in rates:
+            # A BentoML home per server: its Prometheus files live there, and a shared one mixes their metrics.
+            home = work / f"home-{rate}"
+            shutil.copytree(work / "bentoml" / "models", home / "models")
             servers[rate] = bentoml_serve(free_port(), {
-                **env, "DISTILOPS_BENTO_MODEL": packaged.tag, "DISTILOPS_WORKERS": "1", "DISTILOPS_THREADS": "2",
-                "DISTILOPS_SHADOW_RATE": rate, "DISTILOPS_SHADOW_THREADS": "1"}, work / f"rate{rate}.log")
+                **env, "BENTOML_HOME": str(home), "DISTILOPS_BENTO_MODEL": packaged.tag, "DISTILOPS_WORKERS": "1",
+                "DISTILOPS_THREADS": "2", "DISTILOPS_SHADOW_RATE": rate, "DISTILOPS_SHADOW_THREADS": "1"},
+                work / f"rate{rate}.log")
         for server in servers.values():
             server.wait_ready()
         model_info = httpx.get(servers[rates[-1]].url + "/model", timeout=10).json()
