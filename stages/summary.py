@@ -22,7 +22,8 @@ def served(register: dict) -> tuple[str, str]:
 
 
 def headline(evaluation: dict, distill: dict, register: dict) -> dict:
-    """Served model vs teacher on the test split (95% intervals), its speed and size, every extra set."""
+    """Served model vs teacher on the test split (95% intervals), its speed and size, every extra set, its
+    agreement with the teacher on every unlabelled set."""
     variant, key = served(register)
     model, teacher = evaluation["models"][key], evaluation["models"]["teacher"]
     summary = {
@@ -42,6 +43,8 @@ def headline(evaluation: dict, distill: dict, register: dict) -> dict:
     }
     for name, entry in evaluation.get("sets", {}).items():
         summary[f"{name}_accuracy"] = entry["models"][key]["accuracy"]
+    for name, entry in evaluation.get("unlabeled_sets", {}).items():  # label-free: agreement with the teacher
+        summary[f"{name}_agreement"] = entry["models"][key]["agreement_with_teacher"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
 
 

@@ -56,3 +56,22 @@ def test_repository_params_load():
 
     for cls in (PrepareConfig, TeacherConfig, TeacherOutputsConfig, DistillConfig):
         load_section(cls)
+
+
+def test_unlabeled_sets_default_to_held_apart_general_text_and_are_validated(tmp_path):
+    from distilops.config import EvaluateConfig
+
+    (default,) = load_section(EvaluateConfig).unlabeled_sets  # the repository's params.yaml
+    assert (default.name, default.source, default.max_texts) == ("general_text", "general_english", 0)
+    assert [s.name for s in EvaluateConfig().unlabeled_sets] == ["general_text"]
+    logs = {"name": "requests", "source": "logs/requests.jsonl", "max_texts": 500}
+    assert load_section(EvaluateConfig, write(tmp_path, {"evaluate": {"unlabeled_sets": [logs]}})
+                        ).unlabeled_sets[0].max_texts == 500
+    bad = {"evaluate": {"unlabeled_sets": [{"name": "requests", "source": "logs.xlsx"}]}}
+    with pytest.raises(ConfigError, match=r"unlabeled_sets.source: must be 'general_english' or a local .txt"):
+        load_section(EvaluateConfig, write(tmp_path, bad))
+    for names, extra in ((["a", "a"], []), (["test"], []), (["long"], ["long"])):
+        data = {"unlabeled_sets": [{"name": n, "source": "x.txt"} for n in names],
+                "extra_sets": [{"name": n, "source": "y.csv"} for n in extra]}
+        with pytest.raises(ConfigError, match=r"evaluate.unlabeled_sets: names must be unique, not 'test'"):
+            load_section(EvaluateConfig, write(tmp_path, {"evaluate": data}))

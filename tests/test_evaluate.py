@@ -1,20 +1,25 @@
 """Evaluation metrics against hand-computed values; the speed protocol's shape (timings are benchmarks,
-not asserted); the baseline ratios; agreement intervals and the serving reference (serving/fidelity.py)."""
+not asserted); the baseline ratios; agreement intervals and the serving reference (serving/fidelity.py);
+label-free agreement with the teacher on unlabelled sets."""
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_stage
 from tiny import make_reviews, make_tiny_model
 
 from distilops import stats
-from distilops.config import EvaluateConfig
+from distilops.config import EvaluateConfig, UnlabeledSet
+from distilops.errors import DataError
 from distilops.pipeline.evaluate import (
     classification_metrics,
+    flat_metrics,
     measure_speed,
     model_folders,
     ratios_to_baseline,
     reference_of,
     run,
+    unlabeled_summary_line,
     windows_per_text,
 )
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
@@ -153,3 +158,49 @@ def test_run_gives_every_onnx_student_a_reference_from_its_own_answers(onnx_stud
 def test_the_teacher_export_is_no_student_variant():
     folders = model_folders({"onnx_int8": {}, "onnx_fp16": {}, "teacher_onnx": {}})
     assert list(folders) == ["teacher", "student", "student_onnx_int8", "student_onnx_fp16"]
+
+
+def test_agreement_with_the_teacher_on_an_unlabelled_file_needs_no_labels(onnx_student, tmp_path):
+    """A file of logged requests: each model's agreement with the teacher, with paired draws; the teacher is 1.0."""
+    student, onnx = onnx_student
+    teacher = save_model_folder(load_classifier(str(make_tiny_model(tmp_path / "t", seed=1))),
+                                load_tokenizer(str(tmp_path / "t")), tmp_path / "teacher", max_length=16)
+    requests = make_reviews(n_movies=8, per_movie=5)["text"].tolist()
+    (tmp_path / "requests.txt").write_text("\n".join(requests) + "\n")
+    stage = load_stage("evaluate")
+    found = stage.load_unlabeled(UnlabeledSet(name="requests", source=str(tmp_path / "requests.txt")), seed=0)
+    assert (found.source, found.texts) == (str(tmp_path / "requests.txt"), requests)
+    frame = make_reviews(n_movies=4, per_movie=4)
+    test = frame[frame["category"] != "plot"].assign(label=lambda f: (f["category"] == "fresh").astype(int))
+    cfg = EvaluateConfig(speed_texts=8, latency_samples=2, repeats=1, bootstrap_resamples=100, threads=1,
+                         window_overlap=4, max_windows=3)
+    folders = {"teacher": teacher, "student": student, "student_onnx_fp32": onnx}
+    report = run(cfg, folders, test, {}, ["rotten", "fresh"], {"requests": found}).report
+    entry = report["unlabeled_sets"]["requests"]
+    assert (entry["texts"], entry["source"]) == (len(requests), found.source)
+    assert entry["models"]["teacher"] == {"agreement_with_teacher": 1.0, "agreement_with_teacher_ci": [1.0, 1.0]}
+    def answers(folder):  # read as evaluate reads them: 16-token windows sharing 4, at most 3
+        return open_classifier(folder, window_overlap=4, max_windows=3).predict_logits_batched(requests).argmax(-1)
+
+    teacher_says = answers(teacher)
+    indices = stats.bootstrap_indices(len(requests), 100, cfg.seed + 1)  # the first set after no extra sets
+    for name in ("student", "student_onnx_fp32"):
+        agrees = answers(folders[name]) == teacher_says
+        m = entry["models"][name]
+        assert m["agreement_with_teacher"] == pytest.approx(agrees.mean())
+        assert m["agreement_with_teacher_ci"] == pytest.approx(list(stats.accuracy_interval(agrees, indices)))
+    flat = flat_metrics(report)
+    assert flat["requests.student.agreement_with_teacher"] == entry["models"]["student"]["agreement_with_teacher"]
+    assert (flat["requests.teacher.agreement_with_teacher_low"], flat["requests.teacher.agreement_with_teacher_high"]
+            ) == (1.0, 1.0)
+    line = unlabeled_summary_line("requests", entry)
+    assert line.startswith(f"requests: {len(requests)} unlabelled texts (") and "student_onnx_fp32 " in line
+
+
+def test_an_unlabelled_set_that_is_missing_or_empty_names_its_params_key(tmp_path):
+    stage = load_stage("evaluate")
+    with pytest.raises(DataError, match=r"evaluate.unlabeled_sets 'logs': text source 'nope.txt' is neither a file"):
+        stage.load_unlabeled(UnlabeledSet(name="logs", source="nope.txt"), seed=0)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match=r"evaluate.unlabeled_sets 'logs': '.*empty.txt' holds no texts"):
+        stage.load_unlabeled(UnlabeledSet(name="logs", source=str(tmp_path / "empty.txt")), seed=0)

@@ -292,6 +292,43 @@ def test_the_teacher_carries_its_own_metrics_and_every_model_its_agreement_inter
             of_student["agreement_with_teacher_high"]) == (0.91, 0.89, 0.93)
 
 
+def test_versions_carry_and_list_the_label_free_agreement_of_every_unlabelled_set(store, tmp_path):
+    """eval.<set>.agreement_with_teacher[_low|_high] for every unlabelled set; `versions` shows them beside the
+    test split's accuracy and agreement, in lines under 120 columns."""
+    from typer.testing import CliRunner
+
+    from distilops.cli import app
+
+    student = {"accuracy": 0.85, "latency_p95_ms": 3.0, "size_mb": 22.1, "accuracy_ci": [0.83, 0.87],
+               "retention_ci": [0.97, 1.01], "mcnemar_vs_teacher": {"p_value": 0.4}, "agreement_with_teacher": 0.894,
+               "agreement_with_teacher_ci": [0.877, 0.911]}
+    general = {"agreement_with_teacher": 0.87, "agreement_with_teacher_ci": [0.85, 0.89]}
+    long_set = {"accuracy": 0.9, "accuracy_ci": [0.8, 0.96], "agreement_with_teacher": 0.95}
+    evaluation = {"models": {"student_onnx_int8": student, "teacher": {"accuracy": 0.86}},
+                  "sets": {"long_reviews": {"models": {"student_onnx_int8": long_set}}},
+                  "unlabeled_sets": {"general_text": {"texts": 2000, "source": "general_english",
+                                                      "models": {"student_onnx_int8": general}}}}
+    metrics = metrics_from_report(evaluation, "student_onnx_int8")
+    assert (metrics["general_text.agreement_with_teacher"], metrics["general_text.agreement_with_teacher_low"],
+            metrics["general_text.agreement_with_teacher_high"]) == (0.87, 0.85, 0.89)
+    assert "long_reviews.agreement_with_teacher_low" not in metrics  # labelled sets: accuracy carries the interval
+    with stage_run("register"):
+        mv = register_version(store, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
+                              metrics=metrics)
+    assert client().get_model_version(NAME, mv.version).tags["eval.general_text.agreement_with_teacher_low"] == "0.85"
+
+    (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\npromote: {{}}\n")
+    listed = CliRunner().invoke(app, ["versions"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert lines[0].startswith(f"v{mv.version} ") and "onnx_int8" in lines[0] and "p95  3.00 ms" in lines[0]
+    assert lines[1].split() == ["test", "acc", "0.850", "[0.830,", "0.870]", "retention", "98.8%", "[97.0%,",
+                                "101.0%]", "agree", "0.894", "[0.877,", "0.911]"]
+    assert lines[2].split() == ["long_reviews", "acc", "0.900", "[0.800,", "0.960]",
+                                "general_text", "agree", "0.870", "[0.850,", "0.890]"]
+    assert all(len(line) <= 120 for line in lines)
+
+
 @pytest.mark.slow
 def test_the_register_stage_stores_references_and_names_the_release_shadow(store, tmp_path):
     """The register stage on tiny real folders and a real evaluation report: the served folders carry their

@@ -1,12 +1,21 @@
 """Transfer texts: read from files or the offline general-English corpora, deduplicated, with the
-labelled texts removed; the teacher_outputs stage caches them and distillation trains on them."""
+labelled texts removed; the teacher_outputs stage caches them and distillation trains on them. A fixed
+slice of the general-English sentences is held apart: evaluate's unlabelled set, never a transfer text."""
 
 import pandas as pd
 import pytest
 
 from distilops.errors import DataError
 from distilops.pipeline.assets import fetch
-from distilops.pipeline.transfer import general_english, load_transfer_texts, read_texts, sentences
+from distilops.pipeline.transfer import (
+    HELD_APART,
+    general_english,
+    general_english_split,
+    load_transfer_texts,
+    read_texts,
+    sentences,
+    unlabeled_texts,
+)
 
 
 def test_sentences_are_split_and_kept_at_snippet_size():
@@ -37,3 +46,23 @@ def test_general_english_ships_offline_and_holds_no_reviews():
     assert any("America" in t for t in texts) and any("Hamlet" in t or "lord" in t for t in texts)
     rotten_tomatoes = set(pd.read_csv(fetch("rotten_tomatoes"))["text"])
     assert not rotten_tomatoes & set(texts)
+
+
+def test_the_held_apart_general_text_is_fixed_and_never_a_transfer_text():
+    held, rest = general_english_split()
+    assert len(held) == HELD_APART == len(set(held)) and (held, rest) == general_english_split()  # deterministic
+    assert set(held) | set(rest) == set(general_english()) and not set(held) & set(rest)
+    # whatever the seed and the limit, transfer training never sees one; evaluation gets exactly them
+    for seed in (0, 42):
+        transfer = load_transfer_texts(["general_english"], limit=10**6, seed=seed)
+        assert not set(transfer) & set(held) and set(transfer) == set(rest)
+    assert unlabeled_texts("general_english", 0, seed=42) == held
+    sample = unlabeled_texts("general_english", 100, seed=42)
+    assert len(sample) == 100 and set(sample) <= set(held) and sample == unlabeled_texts("general_english", 100, 42)
+
+
+def test_an_unlabelled_file_keeps_its_repeats_and_is_sampled_with_the_seed(tmp_path):
+    (tmp_path / "requests.txt").write_text("a good film\na good film\n\nsome dull film\n")
+    path = str(tmp_path / "requests.txt")
+    assert unlabeled_texts(path, 0, seed=0) == ["a good film", "a good film", "some dull film"]  # traffic's weights
+    assert len(unlabeled_texts(path, 2, seed=0)) == 2 and unlabeled_texts(path, 5, seed=0) == read_texts(path)

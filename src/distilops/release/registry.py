@@ -49,7 +49,7 @@ VARIANT, ROLE, DEVICE = "variant", "role", "device"  # onnx_int8 ...; serving | 
 TEACHER_ROLE = "teacher"  # the release's teacher as ONNX: the shadow model its pods may compare against
 RELEASE_PREFIX = "release."  # release.<device>: the version serving that device in this version's release
 SHADOW_TAG = f"{RELEASE_PREFIX}shadow"  # the release's teacher version, on every version of the release
-METRIC_PREFIX = "eval."  # eval.<metric> on the test split, eval.<set>.<metric> on each extra set
+METRIC_PREFIX = "eval."  # eval.<metric> on the test split, eval.<set>.<metric> on each extra and unlabelled set
 CORRECT_TAG = "test_correct"  # which test texts the version got right (stats.pack_correct), for paired gates
 TEST_EXAMPLES = "test_examples"  # how many: with data_hash, says two versions were tested on the same texts
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
@@ -70,8 +70,9 @@ def client() -> mlflow.MlflowClient:
 def metrics_from_report(report: dict, key: str) -> dict[str, float]:
     """Model `key`'s metrics from the evaluate stage's report (metrics/evaluate.json), as its version carries
     them: on the test split with 95% intervals and its teacher's accuracy (what the gates read) and,
-    prefixed by the set's name, on every extra set. `key` "teacher" (the shadow version) has no retention
-    interval or McNemar test: it is the baseline."""
+    prefixed by the set's name, on every extra set, and its agreement with the teacher (interval) on every
+    unlabelled set. `key` "teacher" (the shadow version) has no retention interval or McNemar test: it is the
+    baseline."""
     entry = report["models"][key]
     metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
     metrics["teacher_accuracy"] = float(report["models"]["teacher"]["accuracy"])
@@ -88,6 +89,11 @@ def metrics_from_report(report: dict, key: str) -> dict[str, float]:
         metrics.update({f"{set_name}.accuracy": m["accuracy"], f"{set_name}.accuracy_low": m["accuracy_ci"][0],
                         f"{set_name}.accuracy_high": m["accuracy_ci"][1],
                         f"{set_name}.agreement_with_teacher": m["agreement_with_teacher"]})
+    for set_name, found in report.get("unlabeled_sets", {}).items():
+        m = found["models"][key]
+        metrics[f"{set_name}.agreement_with_teacher"] = m["agreement_with_teacher"]
+        metrics[f"{set_name}.agreement_with_teacher_low"], metrics[f"{set_name}.agreement_with_teacher_high"] = m[
+            "agreement_with_teacher_ci"]
     return metrics
 
 
