@@ -8,7 +8,9 @@ and what does shadowing cost?
   settings (1 worker, 2 ONNX Runtime threads; the shadow session 1 thread).
 - Agreement: every test text is sent once (16 per request) to a server shadowing at rate 1.0; once the shadow
   has scored them all, its counters (distilops_shadow_agreed_total / _compared_total) against the evaluate
-  stage's agreement_with_teacher of the same variant.
+  stage's agreement_with_teacher of the same variant, and against the same two model folders run offline
+  (serving/inference.py) in batches of 1, 16, 32 and 64: ONNX Runtime's dynamic int8 computes each
+  activation's scale over the whole batch, padding included, so a text's label can depend on its neighbours.
 - Cost: wrk at 32 clients (and 1), one real test text per request, against shadow rate 0, 0.1 and 1.0 (three
   servers, one loaded at a time, arms interleaved in every repeat, medians); between runs the loaded server's
   shadow queue is drained, so no arm pays for another's backlog. Memory: resident set of each server's
@@ -41,6 +43,10 @@ from serving_benchmark import run_wrk, wrk_script  # noqa: E402
 
 from distilops.pipeline.evaluate import hardware  # noqa: E402
 from distilops.release.package import package  # noqa: E402
+from distilops.serving.folder import MODEL_SUBDIR, SHADOW_SUBDIR  # noqa: E402
+from distilops.serving.inference import TextClassifier  # noqa: E402
+
+PER_REQUEST = 16  # texts per request in the agreement replay
 
 
 def counter(metrics_text: str, name: str) -> float:
@@ -75,7 +81,15 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def replay_agreement(server: Server, texts: list[str], per_request: int = 16) -> dict:
+def offline_agreement(bento_model: Path, texts: list[str], batch_sizes: tuple[int, ...] = (1, 16, 32, 64)) -> dict:
+    """The served folder's agreement with the shadow folder, run offline in batches of each size."""
+    served = TextClassifier(bento_model / MODEL_SUBDIR, device="cpu")
+    teacher = TextClassifier(bento_model / SHADOW_SUBDIR, device="cpu").predict_logits_batched(texts, 64).argmax(-1)
+    return {str(size): float((served.predict_logits_batched(texts, size).argmax(-1) == teacher).mean())
+            for size in batch_sizes}
+
+
+def replay_agreement(server: Server, texts: list[str], per_request: int = PER_REQUEST) -> dict:
     before = drained(server)
     for i in range(0, len(texts), per_request):
         reply = httpx.post(server.url + "/classify", json={"texts": texts[i: i + per_request]}, timeout=60)
@@ -126,9 +140,10 @@ def main() -> None:
             server.wait_ready()
         model_info = httpx.get(servers[rates[-1]].url + "/model", timeout=10).json()
         agreement = replay_agreement(servers[max(rates, key=float)], texts)
+        offline = offline_agreement(Path(packaged.path), texts)
         print(f"live agreement {agreement['live_agreement']:.4f} ({agreement['agreed']:.0f}/"
               f"{agreement['compared']:.0f}, dropped {agreement['dropped']:.0f}) vs evaluated "
-              f"{evaluated['agreement_with_teacher']:.4f}", flush=True)
+              f"{evaluated['agreement_with_teacher']:.4f}; offline by batch size {offline}", flush=True)
         script = wrk_script(texts[:500], work / "short.lua")
         for rate in rates:  # warm-up: first requests load kernels and train the batcher
             run_wrk(servers[rate].url, script, 3, 32)
@@ -171,7 +186,10 @@ def main() -> None:
         "shadow": model_info.get("shadow"),
         "agreement": {**agreement, "evaluated": evaluated["agreement_with_teacher"],
                       "evaluated_ci": evaluated.get("agreement_with_teacher_ci"),
-                      "difference_points": difference, "within_half_a_point": abs(difference) <= 0.5},
+                      "difference_points": difference, "within_half_a_point": abs(difference) <= 0.5,
+                      "offline_by_batch_size": offline, "replay_texts_per_request": PER_REQUEST,
+                      "difference_vs_offline_same_batches_points":
+                          100 * (agreement["live_agreement"] - offline[str(PER_REQUEST)])},
         "summary": summary,
         "ratios": ratios,
         "memory_rss_mb": memory,
