@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_mo
 from distilops.pipeline.quantize import build
 from distilops.release.deploy import render_overlay
 from distilops.serving import fidelity
-from distilops.serving.folder import MODEL_SUBDIR, write_meta
+from distilops.serving.folder import MODEL_SUBDIR, SHADOW_SUBDIR, write_meta
 from distilops.serving.inference import TextClassifier
 
 pytestmark = pytest.mark.slow
@@ -55,14 +57,25 @@ def with_reference(folder: Path, teacher: Path, texts: list[str]) -> None:
         agreement=float(agreed), agreement_ci=(float(agreed), float(agreed)), split="fixture"))
 
 
-def bento_model(folder: Path, teacher: Path, tag: str, version: str) -> str:
-    """A Bento model as `distilops package` makes one: the served folder in model/, the teacher in shadow/."""
-    import bentoml
+BENTO_MODEL = """
+import shutil, sys
+from pathlib import Path
+import bentoml
+folder, teacher, tag, version, model_subdir, shadow_subdir = sys.argv[1:]
+with bentoml.models.create(tag, labels={"registry_name": "tiny-sentiment", "registry_version": version},
+                           metadata={}) as stored:
+    shutil.copytree(folder, Path(stored.path) / model_subdir)
+    shutil.copytree(teacher, Path(stored.path) / shadow_subdir)
+"""
 
-    with bentoml.models.create(tag, labels={"registry_name": "tiny-sentiment", "registry_version": version},
-                               metadata={}) as stored:
-        shutil.copytree(folder, Path(stored.path) / MODEL_SUBDIR)
-        shutil.copytree(teacher, Path(stored.path) / "shadow")
+
+def bento_model(folder: Path, teacher: Path, tag: str, version: str, home: Path) -> str:
+    """A Bento model as `distilops package` makes one (the served folder in model/, the teacher in shadow/), in
+    the store at `home`. In a process of its own: BentoML reads BENTOML_HOME once per process, and the other
+    tests' stores must not be this one."""
+    subprocess.run([sys.executable, "-c", BENTO_MODEL, str(folder), str(teacher), tag, version, MODEL_SUBDIR,
+                    SHADOW_SUBDIR], check=True,
+                   env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}, timeout=120)
     return tag
 
 
@@ -110,28 +123,21 @@ def analysis_template() -> dict:
 @pytest.fixture(scope="module")
 def canary_pods(tmp_path_factory):
     root = tmp_path_factory.mktemp("canary")
-    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true",
            "DISTILOPS_SHADOW_RATE": "1.0", "DISTILOPS_DRIFT_WINDOW": "200", "DISTILOPS_MAX_LATENCY_MS": "2000"}
-    saved = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     texts = make_reviews(n_movies=30, seed=3)["text"].tolist()
-    try:
-        raw = make_tiny_model(root / "raw", layers=2, seed=1)
-        pytorch = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "teacher-pt",
-                                    max_length=16, teacher="tiny")
-        teacher = build("onnx_fp32", pytorch, root / "teacher")
-        good = Path(shutil.copytree(teacher, root / "good"))
-        bad = with_labels_reversed(teacher, root / "bad")
-        for folder in (good, bad):
-            with_reference(folder, teacher, texts)
-        tags = {"stable": bento_model(good, teacher, "tiny-sentiment:v1", "1"),
-                "good": bento_model(good, teacher, "tiny-sentiment:v2", "2"),
-                "bad": bento_model(bad, teacher, "tiny-sentiment:v3", "3")}
-    finally:
-        if saved is None:
-            os.environ.pop("BENTOML_HOME", None)
-        else:
-            os.environ["BENTOML_HOME"] = saved
+    raw = make_tiny_model(root / "raw", layers=2, seed=1)
+    pytorch = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "teacher-pt",
+                                max_length=16, teacher="tiny")
+    teacher = build("onnx_fp32", pytorch, root / "teacher")
+    good = Path(shutil.copytree(teacher, root / "good"))
+    bad = with_labels_reversed(teacher, root / "bad")
+    for folder in (good, bad):
+        with_reference(folder, teacher, texts)
+    store = root / "bentoml"
+    tags = {"stable": bento_model(good, teacher, "tiny-sentiment:v1", "1", store),
+            "good": bento_model(good, teacher, "tiny-sentiment:v2", "2", store),
+            "bad": bento_model(bad, teacher, "tiny-sentiment:v3", "3", store)}
     # One BENTOML_HOME per server: BentoML keeps its Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir,
     # so servers sharing a home would each report all of their metrics (pods never share one).
     servers = {name: bentoml_serve(free_port(), {**env, "DISTILOPS_BENTO_MODEL": tag,

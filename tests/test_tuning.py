@@ -36,7 +36,6 @@ from distilops.tracking import stage_run
 PINNED_DEFAULT_STUDY = PINNED_PARAMS_STUDY = "distill-240020f5e611"
 PINNED_TRIAL_PARAMS = {"temperature": 3.621780831931537, "alpha": 0.8655000144869414,
                        "learning_rate": 0.00018559745019538265}
-PINNED_WEIGHTS = "e25524bd64d763abadcb9c417d4465aa69f10ab1f86c7b0d2a322bb7aa618e70"  # fp32 on an x86-64 CPU
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +225,10 @@ def test_the_default_path_is_what_it_was_before_the_layer_losses(setup, tmp_path
         seed_everything(cfg.seed)
         finals.append(student())
         train(finals[-1], data, data, tokenizer.pad_token_id, settings, loss_fn)
-    assert weights_sha256(finals[0]) == weights_sha256(finals[1])  # on any hardware
-    if device().type == "cpu":  # pinned on the CPU (CUDA trains under bf16 autocast)
-        assert weights_sha256(finals[0]) == PINNED_WEIGHTS
+    # Bit-identical to the original loss on this machine. (Not pinned to a hash: float kernels differ between
+    # CPUs, AVX2 or AVX-512, and an earlier layer-wise test may have switched the shared teacher to eager
+    # attention, so the weights themselves vary by machine and test order; the comparison does not.)
+    assert weights_sha256(finals[0]) == weights_sha256(finals[1])
 
 
 def original_distill_loss_fn(p: TrialParams):
