@@ -20,7 +20,6 @@ and what does shadowing cost?
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,13 +31,12 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ort_spinning import measured_run  # noqa: E402
-from serving import Server, bentoml_serve, free_port  # noqa: E402
+from ort_spinning import measured_run, tree_sum  # noqa: E402
+from serving import Server, bentoml_serve, free_port, sample, scrape  # noqa: E402
 from serving_benchmark import run_wrk, wrk_script  # noqa: E402
 
 from distilops.pipeline.evaluate import hardware  # noqa: E402
@@ -49,15 +47,10 @@ from distilops.serving.inference import TextClassifier  # noqa: E402
 PER_REQUEST = 16  # texts per request in the agreement replay
 
 
-def counter(metrics_text: str, name: str) -> float:
-    """The sum of a counter's samples on one /metrics page."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
-
-
 def shadow_counts(server: Server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    return {k: counter(text, f"distilops_shadow_{k}_total") for k in ("compared", "agreed", "dropped")}
+    scraped = scrape(httpx.get(server.url + "/metrics", timeout=10).text)
+    return {k: sample(scraped, f"distilops_shadow_{k}", f"distilops_shadow_{k}_total") or 0.0
+            for k in ("compared", "agreed", "dropped")}
 
 
 def drained(server: Server, timeout: float = 120) -> dict[str, float]:
@@ -73,12 +66,8 @@ def drained(server: Server, timeout: float = 120) -> dict[str, float]:
 
 
 def rss_mb(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total / 2**20
+    """Resident memory of a server's process tree, in MiB."""
+    return tree_sum(pid, lambda process: process.memory_info().rss) / 2**20
 
 
 def offline_agreement(bento_model: Path, texts: list[str], batch_sizes: tuple[int, ...] = (1, 16, 32, 64)) -> dict:

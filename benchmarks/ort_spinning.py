@@ -16,6 +16,7 @@ and the CPU the pod really uses; then a pod's capacity in long texts (what a CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,17 +41,20 @@ from distilops.release.package import import_model_folder  # noqa: E402
 CPU_REQUEST = 2  # k8s/overlays/cpu: requests.cpu
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its children (BentoML's workers)."""
+def tree_sum(pid: int, measure) -> float:  # noqa: ANN001 (a psutil.Process -> number)
+    """`measure` summed over a process and all its children (BentoML's workers); one that exits meanwhile
+    counts nothing."""
     root = psutil.Process(pid)
     total = 0.0
     for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += measure(process)
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its children."""
+    return tree_sum(pid, lambda process: sum(process.cpu_times()[:2]))
 
 
 def measured_run(server: Server, script: Path, seconds: int, clients: int) -> dict:
