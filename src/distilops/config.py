@@ -133,13 +133,35 @@ class SearchSpace(Section):
     attention_weight: bounds(ge=0) = Field([0.0, 0.0], description="[low, high] weight of MiniLM's attention-"
                                                                    "distribution KL per mapped layer (teacher run "
                                                                    "online; equal head counts); [0, 0] = off.")
+    student_layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2),
+                              AfterValidator(_low_high)] = Field(
+        [0, 0], description="[low, high] student depths searched with the rest (students built from the teacher; "
+                            "high < the teacher's layers): a multi-objective study of fidelity against the served "
+                            "variant's latency, chosen by distill.choose; [0, 0] = depth fixed at "
+                            "distill.student_layers (one objective, pruned).")
+
+
+class ChooseRule(Section):
+    """How the distill stage picks one point of the depth frontier (used while search.student_layers spans >1)."""
+
+    SECTION: ClassVar[str] = "distill.choose"
+    min_speedup: float = Field(1.5, ge=0, description="The served variant's batch-1 latency must be at most the "
+                                                      "PyTorch teacher's / this (0 = no limit).")
+    max_latency_ms: float = Field(0.0, ge=0, description="...and at most this many ms on the tuning machine "
+                                                         "(0 = no limit).")
+    min_agreement: float = Field(0.0, ge=0, le=1, description="...and fidelity (mean of validation and general-"
+                                                              "text agreement with the teacher) at least this.")
+    tolerance: float = Field(0.005, ge=0, le=1, description="Among the points meeting the limits, those within "
+                                                            "this of the most faithful count as equal: the "
+                                                            "fastest of them is chosen.")
 
 
 class DistillConfig(Trained):
     SECTION: ClassVar[str] = "distill"
     student_model: str = Field("", description="'' = the teacher with fewer layers; or a pretrained model with "
                                                "the teacher's tokenizer.")
-    student_layers: int = Field(0, ge=0, description="Layers of a student built from the teacher (0 = half).")
+    student_layers: int = Field(0, ge=0, description="Layers of a student built from the teacher (0 = half), "
+                                                     "while search.student_layers is [0, 0].")
     n_trials: int = Field(6, ge=1, description="Optuna trials in the study (a resumed study runs the rest).")
     trial_train_examples: int = Field(2500, ge=0, description="Train examples per trial (0 = all).")
     trial_epochs: int = Field(1, ge=1, description="Epochs per trial.")
@@ -152,6 +174,13 @@ class DistillConfig(Trained):
     heartbeat_seconds: int = Field(30, ge=1, description="A worker's trials signal life this often; one silent "
                                                          "for 3 intervals is failed and retried once.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="Ranges Optuna searches.")
+    choose: ChooseRule = Field(default_factory=ChooseRule, description="Which frontier point becomes the "
+                                                                       "student when depth is searched.")
+    latency_calls: int = Field(300, ge=10, description="Batch-1 calls timed per depth (and the teacher) for the "
+                                                       "frontier's latency: medians of interleaved rounds.")
+    general_texts: int = Field(1000, ge=50, description="Held-apart general_english sentences (never transfer or "
+                                                        "evaluation texts) whose agreement with the teacher is an "
+                                                        "objective when depth is searched.")
 
 
 class QuantizeConfig(LongTextWindows):
