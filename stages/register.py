@@ -6,7 +6,8 @@ ONNX export (quantize, if it agreed with the PyTorch teacher) is registered too,
 model, named on every version of the release by `release.shadow`, that `distilops package` carries beside
 the served model. Each served folder records the windows it was evaluated with and, from evaluate, the
 reference its live predictions are compared with. Nothing here moves the `production` alias: that is
-`distilops promote`, behind its gates."""
+`distilops promote`, behind its gates. The student and the served versions also record which depth the distill
+stage chose and why (`distill.*` tags); the whole depth frontier is an artifact of this stage's run."""
 
 import logging
 import shutil
@@ -23,6 +24,8 @@ from distilops.pipeline.evaluate import BASELINE, model_key
 from distilops.pipeline.quantize import TEACHER_CHECK, TEACHER_VARIANT
 from distilops.release.registry import (
     TEACHER_ROLE,
+    choice_tags,
+    frontier_csv,
     link_release,
     link_shadow,
     metrics_from_report,
@@ -71,6 +74,28 @@ def summary(m: dict[str, float]) -> str:
     return f"{text}, p95 {m['latency_p95_ms']:.2f} ms"
 
 
+def distill_report() -> dict:
+    """metrics/distill.json; {} where it is missing (a registry fed by hand, or tests): no choice is recorded."""
+    found = paths.metrics_file("distill")
+    if not found.exists():
+        log.warning("%s is missing: the versions record no choice of student depth", found)
+        return {}
+    return read_json(found)
+
+
+def log_frontier(distill: dict, scratch: Path) -> None:
+    """The depth frontier (every complete trial) as frontier/frontier.csv of the active run, with its plot."""
+    rows = distill.get("frontier") or []
+    if not rows:  # depth not searched: nothing to compare the student with
+        return
+    table = scratch / "frontier.csv"
+    table.write_text(frontier_csv(rows))
+    mlflow.log_artifact(str(table), artifact_path="frontier")
+    plot = paths.plots_dir("distill") / "frontier.png"
+    if plot.exists():
+        mlflow.log_artifact(str(plot), artifact_path="frontier")
+
+
 def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
     """{device: variant}: the configured ONNX variant per device, onnx_fp32 where quantize rejected it."""
     plan = {}
@@ -96,6 +121,8 @@ def main() -> None:
     checks = read_json(paths.metrics_file("quantize"))
     devices = serving_variants(cfg, checks)
     params_text = Path("params.yaml").read_text()
+    distill = distill_report()
+    chosen = choice_tags(distill)  # on the student and the served versions: the teacher's depth was not chosen
     # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling), then
     # the teacher's export (the shadow model) when quantize accepted it.
     plan = [("student", paths.STUDENT, "reference", "", model_key("student"))]
@@ -106,13 +133,17 @@ def main() -> None:
     registered, release, shadow = {}, {}, ""
     with stage_run("register", as_flat_dict(cfg)), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_text(params_text, "params.yaml")
+        log_frontier(distill, Path(scratch))
+        if distill.get("choice", {}).get("reason"):
+            log.info("student depth: %s", distill["choice"]["reason"])
         for variant, folder, role, device, key in plan:
             evaluated = evaluation["models"][key]
             m = metrics_from_report(evaluation, key)
             mv = register_version(
                 with_windows(folder, cfg, Path(scratch), evaluated.get("reference")), model_name=cfg.model_name,
                 metrics=m, variant=variant, role=role, device=device, test_correct=evaluated["test_correct"],
-                test_examples=evaluation["test_examples"], tags={"params_sha256": sha256(params_text)},
+                test_examples=evaluation["test_examples"],
+                tags={"params_sha256": sha256(params_text), **({} if role == TEACHER_ROLE else chosen)},
                 description=description(variant, role, device, folder))
             registered[f"{variant}@{device}" if device else variant] = {
                 "version": int(mv.version), "role": role, "device": device, "evaluated_as": key}

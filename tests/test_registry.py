@@ -9,8 +9,12 @@ from distilops.config import PromoteConfig
 from distilops.errors import GateError, RegistryError
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.release.registry import (
+    TAG_VALUE_LIMIT,
     alias_version,
+    choice_line,
+    choice_tags,
     client,
+    frontier_csv,
     history,
     metrics_from_report,
     promote,
@@ -292,6 +296,94 @@ def test_the_teacher_carries_its_own_metrics_and_every_model_its_agreement_inter
             of_student["agreement_with_teacher_high"]) == (0.91, 0.89, 0.93)
 
 
+def searched_report(n_points: int = 4) -> dict:
+    """metrics/distill.json's choice and frontier as the distill stage writes them (frontier.choose and
+    frontier_rows on hand-made points: trial 3, 4 layers, 2.4x a 7.5 ms teacher, is chosen within the tolerance)."""
+    from distilops.config import ChooseRule
+    from distilops.pipeline.frontier import Point, choose, frontier_rows
+
+    def point(trial: int, layers: int, val: float, general: float, latency: float) -> Point:
+        return Point(trial, layers, {"temperature": 3.1, "alpha": 0.81, "learning_rate": 1.2e-4}, val, general,
+                     latency, 7.5 / latency, val - 0.05)
+
+    points = [point(0, 2, 0.80, 0.78, 1.5), point(1, 3, 0.84, 0.82, 2.5), point(3, 4, 0.885, 0.863, 3.1),
+              point(4, 5, 0.88, 0.874, 3.7)]
+    points += [point(10 + i, 5, 0.87, 0.86, 3.8 + i) for i in range(n_points - 4)]  # dominated: off the front
+    rule = ChooseRule(min_speedup=1.5, tolerance=0.005)
+    chosen, reason = choose(points, rule)
+    return {"student_layers": chosen.student_layers, "teacher_latency_ms": 7.5,
+            "choice": {"searched": True, "rule": rule.model_dump(), "reason": reason, "trial": chosen.trial,
+                       "student_layers": chosen.student_layers, "latency_ms": chosen.latency_ms,
+                       "speedup": chosen.speedup, "val_agreement": chosen.val_agreement,
+                       "general_agreement": chosen.general_agreement, "fidelity": chosen.fidelity},
+            "frontier": frontier_rows(points, chosen)}
+
+
+def test_the_choice_of_depth_becomes_tags():
+    import json
+
+    report = searched_report(n_points=6)
+    tags = choice_tags(report)
+    assert set(tags) == {"distill.student_layers", "distill.choice", "distill.trial", "distill.rule",
+                         "distill.frontier"}
+    assert (tags["distill.student_layers"], tags["distill.trial"]) == ("4", "3")
+    assert tags["distill.choice"] == report["choice"]["reason"] and tags["distill.choice"].startswith("trial 3: 4 ")
+    assert json.loads(tags["distill.rule"]) == {"min_speedup": 1.5, "max_latency_ms": 0.0, "min_agreement": 0.0,
+                                                "tolerance": 0.005}
+    assert " " not in tags["distill.rule"]  # compact
+    front = json.loads(tags["distill.frontier"])  # the Pareto points only, fastest first, rounded
+    assert [p["trial"] for p in front] == [0, 1, 3, 4]
+    assert front[2] == {"trial": 3, "layers": 4, "latency_ms": 3.1, "speedup": 2.4194, "val_agreement": 0.885,
+                        "general_agreement": 0.863}
+    assert choice_line(tags) == ("chosen: 4 layers (trial 3) of the frontier, 2.4x the teacher; rule min_speedup 1.5, "
+                                 "tolerance 0.005")
+
+
+def test_choice_tags_stay_under_mlflows_limit_and_older_reports_still_register():
+    import json
+
+    report = searched_report()
+    report["choice"]["reason"] = "x" * 6000
+    report["frontier"] = [{**row, "trial": 100 + i, "pareto": True, "latency_ms": 1 + i / 100}
+                          for i, row in enumerate(report["frontier"] * 30)]
+    report["frontier"][-1]["trial"] = report["choice"]["trial"] = 7  # the chosen point is the slowest: kept
+    tags = choice_tags(report)
+    assert all(len(v) <= TAG_VALUE_LIMIT for v in tags.values()) and tags["distill.choice"].endswith("...")
+    front = json.loads(tags["distill.frontier"])
+    assert 10 < len(front) < 120 and front[-1]["trial"] == 7 and front[0]["trial"] == 100
+
+    fixed = {"student_layers": 3, "choice": {"searched": False, "student_layers": 3, "trial": 2,
+                                             "reason": "depth fixed at 3 layers by distill.student_layers"},
+             "frontier": []}
+    assert choice_tags(fixed) == {"distill.student_layers": "3", "distill.trial": "2",
+                                  "distill.choice": "depth fixed at 3 layers by distill.student_layers"}
+    assert choice_line(choice_tags(fixed)) == "chosen: depth fixed at 3 layers by distill.student_layers"
+    assert choice_tags({"student_layers": 3, "best_trial": 0}) == {"distill.student_layers": "3"}  # before "choice"
+    assert choice_tags({}) == {} and choice_line({}) == ""
+
+
+def test_choice_line_fits_the_versions_listing_with_every_limit_set():
+    tags = choice_tags(searched_report())
+    tags["distill.rule"] = '{"min_speedup":1.5,"max_latency_ms":4.25,"min_agreement":0.875,"tolerance":0.005}'
+    line = choice_line(tags)
+    assert line == ("chosen: 4 layers (trial 3), 2.4x the teacher; rule speedup>=1.5 latency<=4.25ms fidelity>=0.875 "
+                    "tol 0.005")
+    assert len(choice_line(tags, width=60)) == 60 and choice_line(tags, width=60).endswith("...")
+    tags["distill.rule"] = '{"min_speedup":1.5,"max_latency_ms":4.25,"min_agreement":0,"tolerance":0.005}'
+    assert choice_line(tags) == ("chosen: 4 layers (trial 3), 2.4x the teacher; rule min_speedup 1.5, "
+                                 "max_latency_ms 4.25, tolerance 0.005")  # only "of the frontier" had to go
+
+
+def test_the_frontier_csv_has_every_column_of_every_row():
+    rows = searched_report()["frontier"]
+    text = frontier_csv([*rows, {**rows[0], "trial": 9, "cosine_weight": 0.5}])
+    lines = text.splitlines()
+    assert lines[0] == ("trial,student_layers,latency_ms,speedup,val_agreement,general_agreement,fidelity,"
+                        "val_accuracy,pareto,chosen,temperature,alpha,learning_rate,cosine_weight")
+    assert len(lines) == 6 and lines[3].startswith("3,4,3.1,") and ",True,True," in lines[3]
+    assert lines[1].endswith(",") and lines[5].endswith(",0.5")
+
+
 def test_versions_carry_and_list_the_label_free_agreement_of_every_unlabelled_set(store, tmp_path):
     """eval.<set>.agreement_with_teacher[_low|_high] for every unlabelled set; `versions` shows them beside the
     test split's accuracy and agreement, in lines under 120 columns."""
@@ -314,7 +406,7 @@ def test_versions_carry_and_list_the_label_free_agreement_of_every_unlabelled_se
     assert "long_reviews.agreement_with_teacher_low" not in metrics  # labelled sets: accuracy carries the interval
     with stage_run("register"):
         mv = register_version(store, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
-                              metrics=metrics)
+                              metrics=metrics, tags=choice_tags(searched_report()))
     assert client().get_model_version(NAME, mv.version).tags["eval.general_text.agreement_with_teacher_low"] == "0.85"
 
     (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\npromote: {{}}\n")
@@ -326,6 +418,8 @@ def test_versions_carry_and_list_the_label_free_agreement_of_every_unlabelled_se
                                 "101.0%]", "agree", "0.894", "[0.877,", "0.911]"]
     assert lines[2].split() == ["long_reviews", "acc", "0.900", "[0.800,", "0.960]",
                                 "general_text", "agree", "0.870", "[0.850,", "0.890]"]
+    assert lines[3] == ("      chosen: 4 layers (trial 3) of the frontier, 2.4x the teacher; rule min_speedup 1.5, "
+                        "tolerance 0.005")
     assert all(len(line) <= 120 for line in lines)
 
 
@@ -335,6 +429,7 @@ def test_the_register_stage_stores_references_and_names_the_release_shadow(store
     reference, the teacher's ONNX export is a version of its own (role teacher), every version names it."""
     import json
     import shutil
+    from pathlib import Path
 
     import pandas as pd
     from conftest import load_stage
@@ -365,6 +460,10 @@ def test_the_register_stage_stores_references_and_names_the_release_shadow(store
     write_json(paths.metrics_file("quantize"), {name: {"accepted": True, "reason": "ok"}
                                                 for name in ("onnx_int8", "onnx_fp16", "teacher_onnx")})
     (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\nmax_windows: 4\nregister: {{}}\npromote: {{}}\n")
+    distill = searched_report()
+    write_json(paths.metrics_file("distill"), distill)
+    paths.plots_dir("distill").mkdir(parents=True)
+    (paths.plots_dir("distill") / "frontier.png").write_bytes(b"\x89PNG\r\n\x1a\n")
 
     load_stage("register").main()
     registered = json.loads(paths.metrics_file("register").read_text())
@@ -377,6 +476,16 @@ def test_the_register_stage_stores_references_and_names_the_release_shadow(store
     c = client()
     tags = {key: c.get_model_version(NAME, v).tags for key, v in versions.items()}
     assert all(t[SHADOW_TAG] == shadow for t in tags.values())  # every version of the release names its teacher
+    # the student and the served versions say which depth was chosen and why; the teacher's was not chosen
+    assert all(tags[k]["distill.choice"] == distill["choice"]["reason"] and tags[k]["distill.student_layers"] == "4"
+               for k in ("student", "onnx_int8@cpu", "onnx_fp16@gpu"))
+    assert not any(key.startswith("distill.") for key in tags["teacher_onnx_fp32"])
+    run_id = c.get_model_version(NAME, versions["student"]).run_id
+    assert sorted(a.path for a in c.list_artifacts(run_id, "frontier")) == ["frontier/frontier.csv",
+                                                                            "frontier/frontier.png"]
+    logged = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="frontier/frontier.csv",
+                                                 dst_path=str(tmp_path / "logged"))
+    assert Path(logged).read_text().count("\n") == 1 + len(distill["frontier"])
     teacher_tags = tags["teacher_onnx_fp32"]
     assert (teacher_tags["role"], teacher_tags["variant"], teacher_tags["format"]) == ("teacher", "teacher_onnx_fp32",
                                                                                        "onnx")

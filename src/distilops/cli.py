@@ -154,8 +154,18 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
     """List the registered versions with their variant, role (serving, reference: the fp32 student, teacher: the
     release's shadow model), size, p95 latency, aliases and the shadow version their release carries; then their
     test metrics (agreement with the teacher included) and, on each other set, accuracy (labelled sets) or
-    agreement with the teacher (unlabelled sets, e.g. general_text)."""
-    from distilops.release.registry import DEVICE, ROLE, SHADOW_TAG, VARIANT, client, list_versions, version_metrics
+    agreement with the teacher (unlabelled sets, e.g. general_text); and, where the distill stage chose the
+    student's depth, which point of the frontier and under which rule."""
+    from distilops.release.registry import (
+        DEVICE,
+        ROLE,
+        SHADOW_TAG,
+        VARIANT,
+        choice_line,
+        client,
+        list_versions,
+        version_metrics,
+    )
 
     _, name = promote_config(params, model_name)
     c = client()
@@ -173,7 +183,7 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
             return value
         return f"{value} [{format(m[f'{key}_low'], fmt)}, {format(m[f'{key}_high'], fmt)}]"
 
-    for mv in found:  # up to three lines a version, each under 120 columns: what it is, the test split, other sets
+    for mv in found:  # up to four lines, each under 120 columns: what it is, the test split, other sets, its depth
         m = version_metrics(mv)
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
         typer.echo(f"v{mv.version:<4} {mv.tags.get(VARIANT, '?'):17s} {mv.tags.get(ROLE, '?'):9s} "
@@ -191,6 +201,9 @@ def versions_cmd(model_name: str = MODEL, params: Path = PARAMS) -> None:
                       and f"{key}_low" in m]  # unlabelled sets, e.g. general_text (extra sets tag no interval)
         if labelled or unlabelled:
             typer.echo("      " + "  ".join(labelled + unlabelled))
+        chosen = choice_line(mv.tags, width=113)
+        if chosen:
+            typer.echo(f"      {chosen}")
 
 
 @app.command("tune")

@@ -3,6 +3,8 @@
 - Every version carries tags: its lineage (git commit, data hash, teacher, Optuna study, params
   hash, source run), what it is (variant, format, role) and its test metrics (`eval.*`), so the
   gates read the numbers from the registry itself and the UI shows them beside the version.
+- The student and its serving versions also carry the distill stage's choice of depth (`distill.*`:
+  the layers, the reason in words, the rule, the Pareto points), shown by `distilops versions`.
 - `promote` moves an alias (default `production`) to a version only when its gates pass:
   accuracy retention versus its teacher (the lower end of its 95% interval), no significant
   regression versus the current production version (exact McNemar test on the same test texts,
@@ -23,7 +25,9 @@
 
 from __future__ import annotations
 
+import csv
 import getpass
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -124,6 +128,102 @@ def register_version(folder: Path, *, model_name: str, metrics: dict[str, float]
     if description:
         c.update_model_version(model_name, version, description=description)
     return c.get_model_version(model_name, version)
+
+
+# --- the student's depth: what the distill stage chose and why (metrics/distill.json's "choice", "frontier") ---
+
+DISTILL_PREFIX = "distill."
+LAYERS_TAG = f"{DISTILL_PREFIX}student_layers"
+CHOICE_TAG = f"{DISTILL_PREFIX}choice"  # the distill stage's reason, in words
+TRIAL_TAG = f"{DISTILL_PREFIX}trial"  # the Optuna trial the student's parameters come from
+RULE_TAG = f"{DISTILL_PREFIX}rule"  # distill.choose as compact JSON (searched depth only)
+FRONTIER_TAG = f"{DISTILL_PREFIX}frontier"  # the Pareto points as compact JSON (searched depth only)
+TAG_VALUE_LIMIT = 5000  # MLflow refuses a longer model version tag value
+FRONTIER_FIELDS = {"trial": "trial", "layers": "student_layers", "latency_ms": "latency_ms", "speedup": "speedup",
+                   "val_agreement": "val_agreement", "general_agreement": "general_agreement"}
+
+
+def clip(text: str, limit: int = TAG_VALUE_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def pareto_tag(rows: list[dict], chosen: int | None) -> str:
+    """The Pareto rows, fastest first, as compact JSON under the tag limit. Should they not fit, the slowest are
+    dropped first, never the chosen point: the list stays valid JSON (a cut string would not parse)."""
+    def entry(row: dict) -> dict:
+        return {key: round(float(row[field]), 4) if isinstance(row[field], float) else row[field]
+                for key, field in FRONTIER_FIELDS.items() if field in row}
+
+    front = [entry(r) for r in sorted((r for r in rows if r.get("pareto")), key=lambda r: r.get("latency_ms", 0))]
+    while len(compact(front)) > TAG_VALUE_LIMIT:
+        droppable = [i for i, e in enumerate(front) if e.get("trial") != chosen]
+        if not droppable:
+            break
+        front.pop(droppable[-1])
+    return compact(front) if front else ""
+
+
+def choice_tags(distill: dict) -> dict[str, str]:
+    """The tags that say which depth the student has and why, from the distill stage's report. A report written
+    before depth was searched has no "choice": only its depth (if it records one) is tagged."""
+    choice = distill.get("choice") or {}
+    layers = choice.get("student_layers", distill.get("student_layers"))
+    tags = {LAYERS_TAG: str(layers)} if layers is not None else {}
+    if not choice:
+        return tags
+    tags[CHOICE_TAG] = clip(str(choice.get("reason", "")))
+    if choice.get("trial") is not None:
+        tags[TRIAL_TAG] = str(choice["trial"])
+    if choice.get("rule"):
+        tags[RULE_TAG] = clip(compact(choice["rule"]))
+    front = pareto_tag(distill.get("frontier") or [], choice.get("trial"))
+    if front:
+        tags[FRONTIER_TAG] = front
+    return {k: v for k, v in tags.items() if v}  # an empty value is no tag (register_version skips them too)
+
+
+def frontier_csv(rows: list[dict]) -> str:
+    """The distill stage's frontier rows as CSV: every column any row has, in the order they first appear."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def choice_line(tags: dict[str, str], width: int = 113) -> str:
+    """One line for `distilops versions`: the depth chosen, how much faster than the teacher, under which rule;
+    '' when the version records no choice. At most `width` characters."""
+    reason = tags.get(CHOICE_TAG, "")
+    if not reason:
+        return ""
+    try:
+        rule, front = json.loads(tags.get(RULE_TAG) or "{}"), json.loads(tags.get(FRONTIER_TAG) or "[]")
+    except json.JSONDecodeError:
+        rule, front = {}, []
+    if not rule:  # depth not searched: the reason says how it was fixed
+        return clip(f"chosen: {reason}", width)
+    trial = tags.get(TRIAL_TAG, "?")
+    speedup = next((p["speedup"] for p in front if str(p.get("trial")) == trial and "speedup" in p), None)
+    faster = f", {speedup:.1f}x the teacher" if speedup is not None else ""
+    limits = {k: v for k, v in rule.items() if k != "tolerance" and isinstance(v, int | float) and v}
+    tolerance = rule.get("tolerance")
+    named = [f"{k} {v:g}" for k, v in limits.items()] + ([f"tolerance {tolerance:g}"] if tolerance is not None else [])
+    layers = tags.get(LAYERS_TAG, "?")
+    line = f"chosen: {layers} layers (trial {trial}) of the frontier{faster}; rule {', '.join(named)}"
+    if len(line) > width:  # every limit set: the words the line can spare, then the rule as comparisons
+        line = line.replace(" of the frontier", "")
+    if len(line) > width:
+        signs = {"min_speedup": "speedup>={:g}", "max_latency_ms": "latency<={:g}ms", "min_agreement": "fidelity>={:g}"}
+        short = [signs[k].format(v) if k in signs else f"{k} {v:g}" for k, v in limits.items()]
+        short += [f"tol {tolerance:g}"] if tolerance is not None else []
+        line = line.split("; rule ")[0] + "; rule " + " ".join(short)
+    return clip(line, width)
 
 
 def version_metrics(mv: ModelVersion) -> dict[str, float]:
