@@ -25,13 +25,17 @@ TINY = {
     "distill.batch_size": 16,
     "distill.trial_train_examples": 0,
     "distill.search.learning_rate": [1.0e-3, 5.0e-3],
+    "distill.search.student_layers": [1, 2],  # a depth search on the 3-layer tiny teacher: one trial per depth
+    "distill.choose.min_speedup": 0,  # no timing decides a test
+    "distill.latency_calls": 10,
+    "distill.general_texts": 50,
     "long_texts.min_words": 12,  # the fixture reviews are 4-8 words: documents of 2-3 of them
 }
 
 
 def tiny_pipeline(repo_copy):
     make_reviews(n_movies=60).to_csv(repo_copy.path / "reviews.csv", index=False)
-    make_tiny_model(repo_copy.path / "tiny-teacher", layers=2)
+    make_tiny_model(repo_copy.path / "tiny-teacher", layers=3)
     repo_copy.set_params({**TINY, "teacher.model": "tiny-teacher"})
 
 
@@ -43,8 +47,16 @@ def test_training_stages_run_cache_and_resume(repo_copy):
 
     teacher = json.loads((repo_copy.path / "metrics/teacher.json").read_text())
     distill = json.loads((repo_copy.path / "metrics/distill.json").read_text())
-    assert teacher["val_accuracy"] > 0.8 and teacher["layers"] == 2
-    assert distill["student_layers"] == 1 and distill["student_parameters"] < teacher["parameters"]
+    assert teacher["val_accuracy"] > 0.8 and teacher["layers"] == 3
+    # the depth was chosen from a frontier of both depths, and the stage says why
+    choice, rows = distill["choice"], distill["frontier"]
+    assert choice["searched"] and sorted(r["student_layers"] for r in rows) == [1, 2]
+    assert [r["trial"] for r in rows if r["chosen"]] == [choice["trial"]] and choice["reason"]
+    assert distill["student_layers"] == choice["student_layers"] in (1, 2)
+    assert distill["student_parameters"] < teacher["parameters"] and distill["teacher_latency_ms"] > 0
+    assert "why: " in first.stdout + first.stderr
+    frontier_csv = pd.read_csv(repo_copy.path / "plots/distill/frontier.csv")
+    assert len(frontier_csv) == 2 and (repo_copy.path / "plots/distill/frontier.png").stat().st_size > 0
     assert distill["trials"] == 2 and set(distill["best_params"]) >= {"temperature", "alpha", "learning_rate"}
     assert distill["val_accuracy"] > 0.7
     student = repo_copy.path / "models/student"

