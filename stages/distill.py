@@ -48,13 +48,13 @@ from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
 
 log = logging.getLogger("distill")
+matplotlib.use("Agg")  # optuna and the frontier draw with pyplot: no display here
 PLOTS = paths.plots_dir("distill")
 
 
 def log_study_plots(study: optuna.Study) -> None:
     """Optimisation history and parameter importances, as files and MLflow artifacts (a depth search's:
     of fidelity, the mean of its two agreements)."""
-    matplotlib.use("Agg")  # optuna draws with pyplot: no display here
     PLOTS.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
@@ -77,6 +77,17 @@ def log_study_plots(study: optuna.Study) -> None:
     mlflow.log_text(study.trials_dataframe().to_csv(index=False), "study/trials.csv")
 
 
+def write_no_frontier(reason: str) -> None:
+    """The frontier outputs DVC expects, saying there is none: an empty table and a figure with the reason."""
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(columns=["trial", "student_layers", "latency_ms", "fidelity"]).to_csv(PLOTS / "frontier.csv",
+                                                                                     index=False)
+    figure = plt.figure(figsize=(6, 1.5))
+    figure.text(0.5, 0.5, f"no depth frontier: {reason}", ha="center", va="center", wrap=True, fontsize=8)
+    figure.savefig(PLOTS / "frontier.png", dpi=110)
+    plt.close(figure)
+
+
 def choose_point(study: optuna.Study, cfg: DistillConfig) -> tuple[optuna.trial.FrozenTrial, dict, list[dict]]:
     """The trial the final student copies, why, and the frontier's rows ([] while depth is fixed)."""
     if not searches_depth(cfg):
@@ -84,6 +95,7 @@ def choose_point(study: optuna.Study, cfg: DistillConfig) -> tuple[optuna.trial.
         layers = params_of(top, cfg).student_layers
         reason = (f"depth fixed ({layers or 'the configured'} layers: distill.search.student_layers is "
                   f"{cfg.search.student_layers}); trial {top.number} has the best validation accuracy, {top.value:.4f}")
+        write_no_frontier(reason)
         return top, {"searched": False, "reason": reason, "trial": top.number}, []
     points = [frontier.Point(trial=t.number, student_layers=t.params["student_layers"],
                              params={k: v for k, v in t.params.items() if k != "student_layers"},
