@@ -76,12 +76,9 @@ def main() -> None:
               "seeds": {}}
     for seed in args.seeds:
         folder = train_teacher(cfg, seed)
-        entry = {}
-        for name, texts in sets.items():
-            labels = labels_of(folder, texts, cfg.max_length)
-            entry[f"{name}_agreement"] = with_interval(labels == reference[name])
-        entry["test_accuracy"] = round(float((labels_of(folder, sets["test"], cfg.max_length)
-                                              == test["label"].to_numpy()).mean()), 4)
+        labels = {name: labels_of(folder, texts, cfg.max_length) for name, texts in sets.items()}
+        entry = {f"{name}_agreement": with_interval(labels[name] == reference[name]) for name in sets}
+        entry["test_accuracy"] = round(float((labels["test"] == test["label"].to_numpy()).mean()), 4)
         result["seeds"][str(seed)] = entry
         print(seed, json.dumps(entry))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
