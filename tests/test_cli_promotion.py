@@ -27,9 +27,8 @@ def registry(tmp_path_factory):
     """v1 good, v2 better, v3 too slow, v4 worse (significantly), all on the same 400 test texts."""
     root = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "DISTILOPS_USER": "bob"}
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the caller's MLFLOW_TRACKING_URI comes back on the way out
+        patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
         raw = make_tiny_model(root / "raw")
         folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student",
                                    max_length=16, teacher="tiny-teacher")
@@ -46,11 +45,6 @@ def registry(tmp_path_factory):
                              "accuracy_low": accuracy - 0.03, "accuracy_high": accuracy + 0.03,
                              "accuracy_retention_low": accuracy / 0.9 - 0.03,
                              "accuracy_retention_high": accuracy / 0.9 + 0.03})
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     params = root / "params.yaml"
     params.write_text(f"model_name: {NAME}\npromote:\n  alias: production\n  max_latency_p95_ms: 25.0\n")
     return root, env, params

@@ -78,17 +78,14 @@ def built(tmp_path_factory):
                                 max_length=16, teacher="tiny-teacher")
     variant = build("onnx_int8", student, root / "quantized")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the caller's MLFLOW_TRACKING_URI comes back on the way out
+        patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
         with stage_run("register"):
             for _ in range(2):
                 mv = register_version(variant, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
                                       metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
                 link_release(NAME, {"cpu": mv.version})
         promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
     distilops = str(Path(sys.executable).parent / "distilops")
     started = time.monotonic()
     # A repository of its own: the test must not replace (then delete) an image a user built for their version 2.

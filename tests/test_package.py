@@ -30,9 +30,8 @@ def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "BENTOML_HOME": str(root / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true"}
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the caller's MLFLOW_TRACKING_URI comes back on the way out
+        patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
         raw = make_tiny_model(root / "raw")
         student = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "student",
                                     max_length=16, teacher="tiny-teacher")
@@ -51,11 +50,6 @@ def registry(tmp_path_factory):
             alone = register_version(served, model_name=NAME, metrics=METRICS, variant="onnx_int8", role="serving",
                                      device="cpu").version
             link_release(NAME, {"cpu": str(alone)})
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     params = root / "params.yaml"
     params.write_text(f"model_name: {NAME}\npromote:\n  alias: production\n")
     return root, env, params
