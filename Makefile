@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast lint ui serve bento image benchmark test-tools checkov clean-env
+.PHONY: run test test-fast lint ui serve bento image benchmark test-tools checkov clean-env cluster-build cluster
 
 # The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
 # (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
@@ -71,7 +71,17 @@ $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
 
 checkov: $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-test: $(VENV)/.installed test-tools checkov  ## the whole test suite (what CI runs: about 25 min on 2 cores)
+# The control plane the cluster tests run (tests/cluster): upstream's kube-apiserver, controller-manager, scheduler,
+# etcd, kwok, Argo Rollouts and prometheus-operator built from their Go modules at the versions
+# tests/cluster/*/go.mod pin (Go >= 1.26 and the Go module proxy). Cached under ~/.cache/distilops/cluster, keyed by
+# those pins: about 16 min cold on 2 cores, nothing once built.
+cluster-build:
+	@bash tests/cluster/build.sh >/dev/null
+
+cluster: $(VENV)/.installed cluster-build  ## a real control plane on 127.0.0.1 (prints the KUBECONFIG line), to try `distilops deploy --apply` by hand
+	. $(VENV)/bin/activate && python tests/cluster/controlplane.py
+
+test: $(VENV)/.installed test-tools checkov cluster-build  ## the whole test suite (what CI runs: about 25 min on 2 cores)
 	. $(VENV)/bin/activate && pytest
 
 # The inner loop: everything but the tests marked slow (real services, real `dvc repro`, containers): it

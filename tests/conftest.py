@@ -87,3 +87,19 @@ def postgres():
     server = Postgres().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """A real control plane for the session (tests/cluster/controlplane.py): upstream's etcd, kube-apiserver,
+    kube-controller-manager, kube-scheduler, and kwok's simulated nodes. `make test` builds it first."""
+    from cluster.controlplane import ControlPlane, built
+
+    binaries = built()
+    if binaries is None:
+        pytest.fail("the test control plane is not built: `make cluster-build` (Go; about 25 min cold, cached after)")
+    plane = ControlPlane(binaries, tmp_path_factory.mktemp("control-plane"))
+    try:
+        yield plane.start()
+    finally:
+        plane.stop()

@@ -1,8 +1,9 @@
 """release/cluster.py: how a rollout is judged done, and what the Kubernetes client sends an API server.
 
-No Kubernetes API server can run here (docs/stack.md), so the requests go over real HTTP to a small
-stand-in that answers API discovery and records what it is sent (and holds one Job): the real `kubernetes`
-client, its discovery and its serialisation run; what a real server would do with the requests is not tested.
+The pure judgements (rollout and canary states) are unit-tested here. What a real API server does with the
+requests (server-side apply, conflicts, Job starts, refusals, RBAC) is tested on a real control plane in
+test_control_plane.py; the stand-in API server below remains for reading an Argo Rollout's stable revision,
+until the canary tests run Argo's controller there.
 """
 
 from __future__ import annotations
@@ -119,42 +120,6 @@ def api():
         configuration = k8s.Configuration()
         configuration.host = url
         yield k8s.ApiClient(configuration)
-
-
-def test_apply_is_server_side_with_distilops_as_field_manager(api):
-    documents = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "distilops-config", "namespace": "distilops"},
-         "data": {"A": "1"}},
-        {"apiVersion": "apps/v1", "kind": "Deployment",
-         "metadata": {"name": "distilops-classifier", "namespace": "distilops"}, "spec": {"template": {}}},
-    ]
-    assert cluster.apply(documents, client=api) == ["ConfigMap/distilops-config", "Deployment/distilops-classifier"]
-    paths = [w["path"] for w in StandIn.writes]
-    assert paths[0].startswith("/api/v1/namespaces/distilops/configmaps/distilops-config?")
-    assert paths[1].startswith("/apis/apps/v1/namespaces/distilops/deployments/distilops-classifier?")
-    for write, doc in zip(StandIn.writes, documents, strict=True):
-        assert write["content_type"] == "application/apply-patch+yaml" and write["body"] == doc
-        assert "fieldManager=distilops" in write["path"] and "force=true" in write["path"]
-
-
-def test_an_unknown_kind_is_a_clear_error(api):
-    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "r", "namespace": "x"}}
-    with pytest.raises(DeployError, match="does not know example.com/v1 Widget"):
-        cluster.apply([widget], client=api)
-    assert StandIn.writes == []
-
-
-def test_start_job_un_suspends_once(api):
-    assert cluster.start_job("distilops", "distilops-tune", client=api) is True
-    (write,) = StandIn.writes
-    assert write["body"] == {"spec": {"suspend": False}} and "fieldManager=distilops" in write["path"]
-    assert cluster.start_job("distilops", "distilops-tune", client=api) is False  # already running: no write
-    assert len(StandIn.writes) == 1
-
-
-def test_a_refusal_names_the_server_reason_not_a_traceback(api):
-    with pytest.raises(DeployError, match="starting job distilops/missing: 404 .*not found"):
-        cluster.start_job("distilops", "missing", client=api)
 
 
 def status(generation=2, observed=2, replicas=2, updated=2, available=2, total=None, conditions=()) -> dict:

@@ -2,64 +2,26 @@
 rendered by kubectl and validated against the Kubernetes schemas. Images are recorded as `distilops image`
 records them (test_container.py builds and pushes one for real). Pinning asks a real image registry
 (Debian's docker-registry on 127.0.0.1) in the tests marked slow; the others render with the digest
-recorded at the push (--skip-registry-check). No cluster runs here, so `--apply` is not exercised."""
+recorded at the push (--skip-registry-check). `--apply` runs on a real control plane: test_control_plane.py."""
 
 import kubernetes_validate
 import pytest
 import yaml
-from tiny import make_tiny_model
+from releases import GATES, METRICS, NAME, PUSHED_TO, make_releases
 from typer.testing import CliRunner
 
 from distilops.cli import app
-from distilops.config import PromoteConfig
 from distilops.errors import DeployError, RegistryError
-from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.release.deploy import LABEL, job_containers, pin, render, render_jobs, render_overlay, validate
 from distilops.release.package import resolve
-from distilops.release.registry import client, latest_serving_version, link_release, promote, register_version
+from distilops.release.registry import client, latest_serving_version, promote, register_version
 from distilops.tracking import stage_run
-
-NAME = "tiny-sentiment"
-PUSHED_TO = "registry.example.com/ml"
-GATES = PromoteConfig(model_name=NAME, max_latency_p95_ms=20.0)
-METRICS = {"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 2.0}
 
 
 @pytest.fixture()
 def registry(tmp_path, monkeypatch):
     """Two releases, each a CPU version and its GPU sibling, each with an image recorded; release 1 promoted."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("DISTILOPS_USER", "alice")
-    raw = make_tiny_model(tmp_path / "raw")
-    folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
-                               max_length=16, teacher="tiny-teacher")
-    releases = []
-    c = client()  # points MLflow at this test's store (a client made before would keep the last test's)
-    with stage_run("register"):
-        for _ in range(2):
-            versions = {}
-            for device, variant in (("cpu", "onnx_int8"), ("gpu", "onnx_fp16")):
-                mv = register_version(folder, model_name=NAME, metrics=METRICS,
-                                      variant=variant, role="serving", device=device)
-                versions[device] = str(mv.version)
-                record_image(c, mv.version, device)
-            link_release(NAME, versions)
-            releases.append(versions)
-    promote(NAME, GATES, version=releases[0]["cpu"])
-    return releases
-
-
-def record_image(c, version: str, device: str, *, registry: str = PUSHED_TO, image_id: str = "") -> str:
-    """What `distilops image --push REGISTRY` records on a version; returns the digest it "pushed"."""
-    tag = f"v{version}-{device}"
-    image_id = image_id or f"{int(version):064x}"
-    digest = "sha256:" + f"{int(version) + 100:064x}"
-    tags = {"image.ref": f"localhost/distilops-classifier:{tag}", "image.id": image_id,
-            "image.pushed": f"{registry}/distilops-classifier:{tag}", "image.pushed_digest": digest,
-            "image.pushed_id": image_id}
-    for key, value in tags.items():
-        c.set_model_version_tag(NAME, version, key, value)
-    return digest
+    return make_releases(tmp_path, monkeypatch)
 
 
 def offline(overlay: str, **kwargs):

@@ -378,7 +378,7 @@ def schedulable(spec: dict, labels: dict[str, str]) -> bool:
 
 def gfd_node(driver: int, compute: str) -> dict[str, str]:
     major, minor = compute.split(".")
-    return {"nvidia.com/gpu.present": "true", "nvidia.com/cuda.driver.major": str(driver),
+    return {"nvidia.com/cuda.driver-version.major": str(driver),  # standalone GFD: no gpu.present
             "nvidia.com/gpu.compute.major": major, "nvidia.com/gpu.compute.minor": minor}
 
 
@@ -402,6 +402,7 @@ def test_replicas_spread_over_nodes_and_zones(rendered):
         assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
         for constraint in constraints.values():
             assert constraint["maxSkew"] == 1 and constraint["matchLabelKeys"] == ["pod-template-hash"]
+            assert constraint["nodeTaintsPolicy"] == "Honor"  # tainted nodes are no empty domains
             selector = constraint["labelSelector"]["matchLabels"]
             assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 

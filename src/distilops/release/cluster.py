@@ -57,6 +57,15 @@ def api_error(exc: Exception, what: str) -> DeployError:
     return DeployError(f"{what}: {status or ''} {reason}".strip())
 
 
+def missing_namespace(exc: Exception) -> str | None:
+    """The namespace a 404 says is missing (the Status's details name it), else None."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        details = json.loads(getattr(exc, "body", None) or "").get("details") or {}
+        if details.get("kind") == "namespaces":
+            return details.get("name")
+    return None
+
+
 def apply(documents: list[dict], *, dry_run: bool = False, client: Any = None) -> list[str]:
     """Server-side apply of each document, in order, as field manager `distilops` (conflicts forced: the
     rendered overlay is the source of truth). Returns "Kind/name" for each."""
@@ -76,6 +85,10 @@ def apply(documents: list[dict], *, dry_run: bool = False, client: Any = None) -
                                   field_manager=FIELD_MANAGER, force_conflicts=True,
                                   **({"dry_run": "All"} if dry_run else {}))
         except ApiException as exc:
+            namespace = doc["metadata"].get("namespace")
+            if exc.status == 404 and namespace and missing_namespace(exc) == namespace:
+                raise DeployError(f"namespace {namespace} does not exist: apply k8s/namespace first (once, with "
+                                  "rights over namespaces: `kubectl apply --server-side -k k8s/namespace`)") from None
             raise api_error(exc, f"applying {kind}/{name}") from None
         except dynamic.exceptions.ResourceNotFoundError:
             raise DeployError(f"the cluster does not know {doc['apiVersion']} {kind} (a CRD not installed?)") from None
