@@ -19,9 +19,9 @@ GATES = PromoteConfig(model_name=NAME, max_latency_p95_ms=20.0)
 METRICS = {"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 2.0}
 
 
-def make_releases(tmp_path: Path, monkeypatch) -> list[dict[str, str]]:  # noqa: ANN001 (pytest's MonkeyPatch)
-    """Two releases, each a CPU version and its GPU sibling, each with an image recorded; release 1 promoted.
-    Returns [{device: version}] per release."""
+def make_releases(tmp_path: Path, monkeypatch, count: int = 2) -> list[dict[str, str]]:  # noqa: ANN001 (MonkeyPatch)
+    """`count` releases, each a CPU version and its GPU sibling, each with an image recorded; release 1
+    promoted. Returns [{device: version}] per release."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("DISTILOPS_USER", "alice")
     raw = make_tiny_model(tmp_path / "raw")
@@ -30,7 +30,7 @@ def make_releases(tmp_path: Path, monkeypatch) -> list[dict[str, str]]:  # noqa:
     releases = []
     c = client()  # points MLflow at this test's store (a client made before would keep the last test's)
     with stage_run("register"):
-        for _ in range(2):
+        for _ in range(count):
             versions = {}
             for device, variant in (("cpu", "onnx_int8"), ("gpu", "onnx_fp16")):
                 mv = register_version(folder, model_name=NAME, metrics=METRICS,

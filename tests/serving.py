@@ -39,8 +39,8 @@ def wait_ready(url: str, timeout: float = 90, *, exited=None, detail=lambda: "")
 
 class Server:
     def __init__(self, args: list[str], env: dict, port: int, log: Path, cwd: Path = SRC,
-                 ready_path: str = "/readyz") -> None:
-        self.url = f"http://127.0.0.1:{port}"
+                 ready_path: str = "/readyz", host: str = "127.0.0.1") -> None:
+        self.url = f"http://{host}:{port}"
         self.ready_path = ready_path  # answers 200 once the server can take requests
         self.env = env
         self.log = log
@@ -67,10 +67,10 @@ class Server:
         self._log_file.close()
 
 
-def bentoml_serve(port: int, env: dict, log: Path) -> Server:
+def bentoml_serve(port: int, env: dict, log: Path, host: str = "127.0.0.1") -> Server:
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    return Server([bentoml, "serve", "distilops.serving.service:Classifier", "--host", "127.0.0.1",
-                   "--port", str(port)], env, port, log)
+    return Server([bentoml, "serve", "distilops.serving.service:Classifier", "--host", host,
+                   "--port", str(port)], env, port, log, host=host)
 
 
 def batch_histogram(metrics_text: str) -> tuple[int, float]:

@@ -38,6 +38,7 @@ def api(control_plane):
     """An admin client of the test cluster, with the distilops namespace (k8s/namespace) applied."""
     api_client = k8s_config.new_client_from_config(config_file=str(control_plane.kubeconfig))
     cluster.apply(kustomize(ROOT / "k8s" / "namespace"), client=api_client)
+    control_plane.empty_namespace(NAMESPACE)  # whatever another module left
     return api_client
 
 
@@ -49,15 +50,10 @@ def kubeconfig(control_plane, monkeypatch):
 
 
 @pytest.fixture()
-def clean(api):
-    """Each test starts from an empty distilops namespace (objects of earlier tests deleted, their pods gone)."""
+def clean(control_plane, api):
+    """Each test leaves an empty distilops namespace behind (its workloads deleted, their pods gone)."""
     yield
-    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
-    for delete in (apps.delete_collection_namespaced_deployment, k8s.BatchV1Api(api).delete_collection_namespaced_job,
-                   k8s.AutoscalingV2Api(api).delete_collection_namespaced_horizontal_pod_autoscaler):
-        delete(NAMESPACE, propagation_policy="Foreground")
-    core.delete_collection_namespaced_pod(NAMESPACE, grace_period_seconds=0)
-    wait_until("the namespace's pods to go", lambda: not core.list_namespaced_pod(NAMESPACE).items, timeout_s=60)
+    control_plane.empty_namespace(NAMESPACE)
 
 
 def wait_until(what: str, done: Callable[[], object], timeout_s: float = 90, poll_s: float = 0.5):

@@ -451,6 +451,15 @@ def test_the_adapter_rule_keeps_the_classify_filter():
                      'endpoint="/classify"}) by (pod)')
 
 
+def test_the_adapter_asks_the_prometheus_the_canary_analysis_asks(rendered):
+    """The chart's default URL (prometheus.default.svc) names no Prometheus here: the in-flight metric would never
+    exist and the GPU HPA never scale on it."""
+    values = yaml.safe_load((ROOT / "k8s/monitoring/prometheus-adapter-values.yaml").read_text())
+    template = one(rendered["overlays/cpu-canary"], "AnalysisTemplate")
+    address = next(a["value"] for a in template["spec"]["args"] if a["name"] == "prometheus-address")
+    assert f"{values['prometheus']['url']}:{values['prometheus']['port']}" == address
+
+
 def test_the_platform_admits_only_its_clients(rendered):
     platform, jobs = rendered["platform"], rendered["jobs"]
     postgres, mlflow = one(platform, "NetworkPolicy", "postgres"), one(platform, "NetworkPolicy", "mlflow")
@@ -544,22 +553,35 @@ def test_the_rollout_passes_every_arg_the_analysis_needs(rendered, overlay):
     assert used == set(declared)
 
 
-def test_every_analysis_metric_reads_contract_series_and_a_simple_condition(rendered):
+def test_every_analysis_metric_reads_contract_series_and_has_three_outcomes(rendered):
+    """Each metric: contract series of the canary's revision; a success and a failure condition, so that the
+    NaN a query returns for too little data is neither (Inconclusive: Argo pauses after inconclusiveLimit),
+    never a pass; the first measurement after the pods were scraped (initialDelay); aborted within minutes."""
     template = one(rendered["overlays/cpu-canary"], "AnalysisTemplate")
     metrics = {m["name"]: m for m in template["spec"]["metrics"]}
-    assert set(metrics) == {"error-ratio", "latency-p95-ratio", "agreement-vs-stable", "agreement-vs-evaluated",
-                            "label-mix-shift"}
+    assert set(metrics) == {"scraped", "error-ratio", "latency-p95-ratio", "agreement-vs-stable",
+                            "agreement-vs-evaluated", "label-mix-shift"}
     for name, metric in metrics.items():
         query = metric["provider"]["prometheus"]["query"]
-        assert series_in(query) and series_in(query) <= CONTRACT_SERIES, (name, series_in(query) - CONTRACT_SERIES)
+        assert series_in(query) and series_in(query) <= CONTRACT_SERIES | {"up"}, (name, series_in(query))
         assert "{{args.canary-hash}}" in query and 'namespace="{{args.namespace}}"' in query
         for selector in re.findall(r"\{([^{}]*(?:\{\{[^}]*\}\}[^{}]*)*)\}\[?", query):
             if "rollouts_pod_template_hash" not in selector and "args." in selector:
                 raise AssertionError(f"{name}: a selector without the revision: {selector}")
         assert SIMPLE_CONDITION.match(metric["successCondition"]), metric["successCondition"]
-        assert "failureCondition" not in metric or SIMPLE_CONDITION.match(metric["failureCondition"])
-        assert query.rstrip().endswith(("or vector(0)", "or vector(1)"))  # a value, even with no traffic
+        assert SIMPLE_CONDITION.match(metric["failureCondition"]), metric["failureCondition"]
+        fallback = "or on() vector(0)" if name == "scraped" else "or on() vector(0/0)"  # not scraped fails
+        assert query.rstrip().endswith(fallback), name
         assert metric["interval"] == "1m" and int(metric["failureLimit"]) <= 2  # aborted within minutes
+        assert metric["initialDelay"] == "1m" and int(metric["consecutiveErrorLimit"]) <= 2
+
+
+@pytest.mark.parametrize("overlay", CANARIES)
+def test_agreement_with_the_evaluated_interval_informs_and_never_judges(rendered, overlay):
+    """The evaluated interval comes from the test split, not live traffic (general English agrees less): as a
+    gate it would abort good canaries, so the Rollout runs it as a dry run."""
+    analysis = one(rendered[overlay], "Rollout")["spec"]["strategy"]["canary"]["analysis"]
+    assert analysis["dryRun"] == [{"metricName": "agreement-vs-evaluated"}]
 
 
 def test_the_canary_crds_refuse_a_typo(rendered):

@@ -1,7 +1,9 @@
 """PromQL run for real by promtool (Debian's prometheus package): the PrometheusRule's groups checked and unit
 tested (tests/prometheus/*_test.yaml: input series -> alerts firing or not, recorded values), and the canary
-AnalysisTemplate's queries evaluated on made-up canary and stable series, each verdict read through its
-successCondition as Argo reads it (`result[0] <= 0.02`: one comparison of the query's first value)."""
+AnalysisTemplate's queries evaluated on made-up canary and stable series, each read through its success and
+failure conditions as Argo reads them (one comparison each of the query's first value; neither holding, as for
+NaN, is Inconclusive). A fast check of the PromQL alone: test_canary_release.py runs the same template in
+Argo's controller against real scraped series.)"""
 
 from __future__ import annotations
 
@@ -56,15 +58,19 @@ ARGS = {"namespace": "distilops", "canary-hash": "c1", "stable-hash": "s1"}
 CONDITION = re.compile(r"^result\[0\] (<=|>=|<|>) (-?\d+(?:\.\d+)?)$")
 
 
-def as_bool_promql(query: str, condition: str) -> str:
-    """The query with its successCondition applied in PromQL: 1 where Argo would count a success, 0 a failure."""
-    match = CONDITION.match(condition)
-    assert match, f"not the simple form `result[0] OP NUMBER`: {condition}"
-    return f"({query}) {match.group(1)} bool {match.group(2)}"
+def verdict_promql(query: str, success: str, failure: str) -> str:
+    """The query read through both conditions, in PromQL: 1 where Argo records Successful, -1 Failed, 0
+    Inconclusive (neither holds: NaN compares false with everything)."""
+    def holds(condition: str) -> str:
+        match = CONDITION.match(condition)
+        assert match, f"not the simple form `result[0] OP NUMBER`: {condition}"
+        return f"(({query}) {match.group(1)} bool {match.group(2)})"
+
+    return f"{holds(success)} - {holds(failure)}"
 
 
 def analysis_rules() -> dict[str, str]:
-    """Each AnalysisTemplate metric as `canary:<metric>:success` = its verdict, with the args filled in."""
+    """Each AnalysisTemplate metric as `canary:<metric>:verdict`, with the args filled in."""
     template = one(render("overlays/cpu-canary"), "AnalysisTemplate")
     rules = {}
     for metric in template["spec"]["metrics"]:
@@ -72,13 +78,16 @@ def analysis_rules() -> dict[str, str]:
         for name, value in ARGS.items():
             query = query.replace(f"{{{{args.{name}}}}}", value)
         assert "{{" not in query
-        rules[f"canary:{metric['name'].replace('-', '_')}:success"] = as_bool_promql(query, metric["successCondition"])
+        rules[f"canary:{metric['name'].replace('-', '_')}:verdict"] = verdict_promql(
+            query, metric["successCondition"], metric["failureCondition"])
     return rules
 
 
 def revision(hash_: str, *, ok: int = 0, errors: int = 0, fast: int = 0, slow: int = 0, compared: int = 0,
-             agreed: int | None = None, low: float | None = None, labels: dict[str, int] | None = None) -> list[dict]:
-    """One revision's series, one pod, counters growing by the given amount a minute for 20 minutes."""
+             agreed: int | None = None, low: float | None = None, labels: dict[str, int] | None = None,
+             up: int | None = 1) -> list[dict]:
+    """One revision's series, one pod, counters growing by the given amount a minute for 20 minutes; `up` its
+    target's scrape health (None: no target discovered)."""
     def counter(name: str, per_minute: int, **extra: str) -> dict:
         selector = ",".join(f'{k}="{v}"' for k, v in {"namespace": "distilops", "pod": f"pod-{hash_}",
                                                      "rollouts_pod_template_hash": hash_, **extra}.items())
@@ -86,6 +95,9 @@ def revision(hash_: str, *, ok: int = 0, errors: int = 0, fast: int = 0, slow: i
 
     request = {"endpoint": "/classify"}
     series = []
+    if up is not None:
+        target = counter("up", 0)
+        series.append({"series": target["series"], "values": f"{up}x20"})
     if ok:
         series.append(counter("bentoml_service_request_total", ok, http_response_code="200", **request))
     if errors:
@@ -108,27 +120,32 @@ def revision(hash_: str, *, ok: int = 0, errors: int = 0, fast: int = 0, slow: i
 
 STABLE = revision("s1", ok=99, errors=1, fast=100, compared=100, agreed=92, low=0.88,
                   labels={"fresh": 60, "rotten": 40})
+METRICS = ("scraped", "error_ratio", "latency_p95_ratio", "agreement_vs_stable", "agreement_vs_evaluated",
+           "label_mix_shift")
+PASS, FAIL, NO_VERDICT = 1, -1, 0
 SCENARIOS = {
-    # nothing scraped yet: every metric passes (no verdict), none errors on an empty result
-    "no traffic": ([], dict.fromkeys(("error_ratio", "latency_p95_ratio", "agreement_vs_stable",
-                                      "agreement_vs_evaluated", "label_mix_shift"), 1)),
+    # no canary pod discovered: `scraped` fails; no series at all, the others have no verdict (never a pass)
+    "nothing scraped": (STABLE, {"scraped": FAIL, **dict.fromkeys(METRICS[1:], NO_VERDICT)}),
+    # discovered, every scrape failing (up 0): fails, whatever else
+    "scrapes fail": (STABLE + revision("c1", up=0), {"scraped": FAIL, "error_ratio": NO_VERDICT}),
     # a canary like its stable
     "good canary": (STABLE + revision("c1", ok=100, fast=95, slow=5, compared=100, agreed=91, low=0.88,
-                                      labels={"fresh": 58, "rotten": 42}),
-                    dict.fromkeys(("error_ratio", "latency_p95_ratio", "agreement_vs_stable",
-                                   "agreement_vs_evaluated", "label_mix_shift"), 1)),
+                                      labels={"fresh": 58, "rotten": 42}), dict.fromkeys(METRICS, PASS)),
     # 20% errors, p95 near 1 s, agreement 0.70, only ever "fresh": every metric fails
     "bad canary": (STABLE + revision("c1", ok=80, errors=20, fast=10, slow=90, compared=100, agreed=70, low=0.88,
-                                     labels={"fresh": 100}),
-                   dict.fromkeys(("error_ratio", "latency_p95_ratio", "agreement_vs_stable",
-                                  "agreement_vs_evaluated", "label_mix_shift"), 0)),
+                                     labels={"fresh": 100}), {"scraped": PASS, **dict.fromkeys(METRICS[1:], FAIL)}),
     # as bad, on a handful of requests and texts: no verdict from so little
     "too few samples": (STABLE + revision("c1", errors=1, slow=1, compared=2, agreed=0, low=0.88, labels={"fresh": 3}),
-                        dict.fromkeys(("error_ratio", "latency_p95_ratio", "agreement_vs_stable",
-                                       "agreement_vs_evaluated", "label_mix_shift"), 1)),
+                        {"scraped": PASS, **dict.fromkeys(METRICS[1:], NO_VERDICT)}),
+    # general-English traffic: stable and a good canary both agree 0.89, below the 0.925 the test split showed;
+    # the gate (against the stable) passes, the evaluated bound fails, which is why it is only a dry run
+    "good canary on general English": (
+        revision("s1", ok=100, fast=100, compared=100, agreed=89, low=0.925, labels={"fresh": 60, "rotten": 40})
+        + revision("c1", ok=100, fast=100, compared=100, agreed=89, low=0.925, labels={"fresh": 59, "rotten": 41}),
+        {"agreement_vs_stable": PASS, "label_mix_shift": PASS, "agreement_vs_evaluated": FAIL}),
     # compared plenty, and no agreed series at all (it never agreed): that is 0 agreement, not no data
     "never agrees": (STABLE + revision("c1", compared=100, low=0.88),
-                     {"agreement_vs_stable": 0, "agreement_vs_evaluated": 0, "error_ratio": 1}),
+                     {"agreement_vs_stable": FAIL, "agreement_vs_evaluated": FAIL, "error_ratio": NO_VERDICT}),
 }
 
 
@@ -141,8 +158,8 @@ def test_the_canary_analysis_judges_canaries_as_intended(tmp_path):
     tests = []
     for scenario, (series, verdicts) in SCENARIOS.items():
         tests.append({"name": scenario, "interval": "1m", "input_series": series, "promql_expr_test": [
-            {"expr": f"canary:{metric}:success", "eval_time": "15m",
-             "exp_samples": [{"labels": f"canary:{metric}:success", "value": verdict}]}
+            {"expr": f"canary:{metric}:verdict", "eval_time": "15m",
+             "exp_samples": [{"labels": f"canary:{metric}:verdict", "value": verdict}]}
             for metric, verdict in verdicts.items()]})
     (tmp_path / "analysis_test.yaml").write_text(yaml.safe_dump({"rule_files": ["analysis.yaml"],
                                                                  "evaluation_interval": "1m", "tests": tests}))

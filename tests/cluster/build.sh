@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test control plane from upstream's Go modules at the versions the go.mod files here pin:
 #   controlplane/  kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes), etcd's server,
-#                  kwok (simulated nodes), prometheus-operator
+#                  kwok (simulated nodes), prometheus-operator, and Prometheus at the version the operator
+#                  defaults to (Debian's is built without Kubernetes service discovery)
 #   argo/          Argo Rollouts' controller (its own module: it pins Kubernetes 1.34's libraries)
 # and copies beside them what they need from the same modules: kwok's stage definitions and both projects'
 # CRDs. Everything lands in a folder keyed by what the go.mod/go.sum files pin (and this script), so a change

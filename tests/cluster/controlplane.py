@@ -250,6 +250,46 @@ class ControlPlane:
                       lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0)
         return self
 
+    def empty_namespace(self, namespace: str, timeout_s: float = 90) -> None:
+        """Delete every workload in `namespace` (Rollouts too where Argo's CRDs are installed) and wait until no
+        pod is left: each test module starts from an empty namespace."""
+        kinds = "deployments,replicasets,statefulsets,jobs,horizontalpodautoscalers,pods"
+        if self.kubectl("get", "crd", "rollouts.argoproj.io", check=False).returncode == 0:
+            kinds = "rollouts.argoproj.io,analysisruns.argoproj.io," + kinds
+        self.kubectl("delete", kinds, "--all", "-n", namespace, "--grace-period=0", "--force", "--wait=false",
+                     check=False)
+        self.wait_for(f"no pod left in {namespace}", lambda: not self.kubectl(
+            "get", "pods", "-n", namespace, "-o", "name").stdout.strip(), timeout_s=timeout_s)
+
+    # --- add-ons: the controllers the canary path needs, at the versions tests/cluster/*/go.mod pin ---------
+
+    def install_crds(self, project: str) -> None:
+        """Apply the CRDs build.sh copied from `project`'s module (argo, prometheus-operator), wait until served."""
+        folder = self.binaries / "crds" / project
+        self.kubectl("apply", "--server-side", "-f", str(folder))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(folder))
+
+    def start_argo_rollouts(self) -> None:
+        """Argo Rollouts' controller (cluster-wide, as its install manifest runs it)."""
+        if "argo-rollouts" in self.processes:
+            return
+        self.install_crds("argo")
+        self.spawn("argo-rollouts", [self.bin("rollouts-controller"), f"--kubeconfig={self.kubeconfig}",
+                                     "--leader-elect=false", f"--metricsport={free_port()}",
+                                     f"--healthzPort={free_port()}", "--loglevel=info"])
+
+    def start_prometheus_operator(self) -> None:
+        """prometheus-operator: turns Prometheus, PodMonitor and PrometheusRule objects into Prometheus's
+        configuration (a Secret) and rule files (ConfigMaps); monitoring.OperatedPrometheus runs them."""
+        if "prometheus-operator" in self.processes:
+            return
+        self.install_crds("prometheus-operator")
+        pki = self.pki
+        self.spawn("prometheus-operator", [
+            self.bin("prometheus-operator"), f"--apiserver={self.server}", f"--ca-file={pki / 'ca.crt'}",
+            f"--cert-file={pki / 'admin.crt'}", f"--key-file={pki / 'admin.key'}",
+            f"--web.listen-address=127.0.0.1:{free_port()}", "--log-level=info"])
+
     def stop(self) -> None:
         for name in reversed(list(self.processes)):
             process = self.processes[name]

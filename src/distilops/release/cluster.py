@@ -226,6 +226,53 @@ def stable_template(namespace: str, name: str, *, client: Any = None) -> dict | 
     return deployment["spec"]["template"].get("metadata") or {}
 
 
+def restore_stable_template(namespace: str, rollout_name: str, workload: str, *, client: Any = None) -> bool:
+    """Put the Rollout's stable revision's pod template back on the Deployment it takes its template from
+    (workloadRef), after an aborted canary. Argo leaves the Rollout Degraded on the bad template, and a retry
+    would run the bad canary again; with the stable template back, the Rollout is Healthy on the stable pods.
+    False where there is no stable revision to restore (a first release)."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    client = client or api_client()
+    rollout = read_rollout(namespace, rollout_name, client=client) or {}
+    stable = (rollout.get("status") or {}).get("stableRS")
+    if not stable:
+        return False
+    apps = k8s.AppsV1Api(client)
+    try:
+        found = apps.list_namespaced_replica_set(namespace, label_selector=f"{POD_HASH}={stable}").items
+        if not found:
+            return False
+        template = apps.api_client.sanitize_for_serialization(found[0])["spec"]["template"]
+        template.get("metadata", {}).get("labels", {}).pop(POD_HASH, None)  # Argo's, added to its ReplicaSets
+        apps.patch_namespaced_deployment(workload, namespace, [{"op": "replace", "path": "/spec/template",
+                                                                "value": template}],
+                                         field_manager=FIELD_MANAGER)
+    except ApiException as exc:
+        raise api_error(exc, f"restoring the stable template of {namespace}/{workload}") from None
+    return True
+
+
+def wait_scaled_down(namespace: str, name: str, *, timeout_s: float = 120, poll_s: float = 2,
+                     client: Any = None) -> None:
+    """Wait until the Deployment a Rollout took over is at 0 replicas. With scaleDown: progressively Argo scales
+    it down only as the Rollout's own pods become available: a first revision that never does leaves the
+    Deployment running, rolling any new template by itself, unanalysed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deployment = read_deployment(namespace, name, client=client) or {}
+        replicas = (deployment.get("spec") or {}).get("replicas")
+        if replicas == 0:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"deployment {namespace}/{name} still has {replicas} replicas {timeout_s:.0f} s after "
+                              "its Rollout became healthy: Argo Rollouts has not taken it over, and it would roll "
+                              f"new templates unanalysed. Look with `kubectl argo rollouts get rollout {name} -n "
+                              f"{namespace}`")
+        time.sleep(poll_s)
+
+
 PROMOTED, ABORTED, DEGRADED, PAUSED, PROGRESSING = "promoted", "aborted", "degraded", "paused", "progressing"
 
 

@@ -327,11 +327,13 @@ def apply_canary(rendered: Rendered, *, alias: str = "production", timeout_s: fl
     2. Server-side apply; the Deployment's new template starts a canary in the Rollout.
     3. Follow the Rollout (cluster.wait_canary) until promoted (Healthy, the new revision stable), aborted (the
        analysis failed, or the canary never got ready) or degraded.
-    4. Promoted: `canary-promoted` recorded. Aborted: `canary-aborted` recorded and the alias moved back to the
-       stable release, so it never names a version the cluster no longer serves. With no stable release (a
-       first release: Argo runs it unanalysed, so an abort is rare) the alias is left, the event says so and
-       the caller fails loudly. Degraded without an abort (e.g. a spec the controller refuses): nothing is
-       recorded, DeployError. A timeout: nothing recorded or moved, DeployError saying how to look.
+    4. Promoted: `canary-promoted` recorded (a first release: the Deployment checked to be at 0, Argo's pods
+       having taken over). Aborted: `canary-aborted` recorded, the alias moved back to the stable release, so it
+       never names a version the cluster no longer serves, and the stable pod template put back on the
+       Deployment, so the Rollout is Healthy on the stable pods and nothing retries the bad canary. With no
+       stable release (a first release: Argo runs it unanalysed, so an abort is rare) the alias is left, the
+       event says so and the caller fails loudly. Degraded without an abort (e.g. a spec the controller
+       refuses): nothing is recorded, DeployError. A timeout: nothing recorded or moved, DeployError saying how to look.
     """
     rollout = next((d for d in rendered.documents if d["kind"] == "Rollout"), None)
     if rollout is None:
@@ -351,4 +353,15 @@ def apply_canary(rendered: Rendered, *, alias: str = "production", timeout_s: fl
     promoted = state == cluster.PROMOTED
     event, moved = record_canary(rendered.registry_name, alias, canary=rendered.release, stable=stable,
                                  promoted=promoted, message=message)
+    if promoted and stable is None:  # the first revision: Argo must have taken the Deployment's pods over
+        cluster.wait_scaled_down(namespace, workload, timeout_s=min(timeout_s, 300), poll_s=poll_s, client=client)
+    if not promoted and cluster.restore_stable_template(namespace, name, workload, client=client):
+        generation = int((cluster.read_deployment(namespace, workload, client=client) or {})
+                         .get("metadata", {}).get("generation", 0))
+        after, _ = cluster.wait_canary(namespace, name, workload_generation=generation,
+                                       timeout_s=min(timeout_s, 300), poll_s=poll_s, client=client)
+        if after != cluster.PROMOTED:
+            raise DeployError(f"the canary of {namespace}/{name} was aborted ({message}) and the stable template "
+                              f"restored, but the Rollout reads {after}: look with `kubectl argo rollouts get "
+                              f"rollout {name} -n {namespace}`")
     return CanaryOutcome(promoted, message, stable, event, moved)
