@@ -1,0 +1,52 @@
+"""Every benchmark in benchmarks/ runs, in a tiny configuration (tiny models from tests/tiny.py, a few seconds of
+load), and writes the result file its docs read: a benchmark the tests never run rots unseen (issue 27)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import make_reviews, make_trained_student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
+    """What `make run` leaves for the benchmarks, tiny: prepared splits with their report, and a trained student."""
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "data"
+    data.mkdir()
+    reviews = make_reviews(n_movies=30, per_movie=6, seed=5)
+    reviews = reviews[reviews["category"] != "plot"]
+    reviews = reviews.assign(label=(reviews["category"] == "fresh").astype(int))
+    reviews.iloc[:100].to_parquet(data / "train.parquet")
+    reviews.iloc[100:].to_parquet(data / "test.parquet")
+    long = [" ".join(reviews["text"].iloc[i: i + 6]) for i in range(0, 60, 6)]
+    pd_long = reviews.iloc[:10].assign(text=long)
+    pd_long.to_parquet(data / "test_long.parquet")
+    (data / "report.json").write_text(json.dumps({"labels": ["rotten", "fresh"]}))
+    return {"data": data, "student": make_trained_student(root, max_length=16), "root": root}
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_int8_schemes(tiny_pipeline):
+    out = tiny_pipeline["root"] / "int8_schemes.json"
+    run_benchmark("int8_schemes.py", "--student", str(tiny_pipeline["student"]), "--teacher", "",
+                  "--data", str(tiny_pipeline["data"]), "--general-texts", "0", "--calibration-texts", "50",
+                  "--latency-samples", "5", "--repeats", "1", "--bootstrap", "100", "--window-overlap", "4",
+                  "--max-windows", "4", "--out", str(out))
+    result = json.loads(out.read_text())
+    static, dynamic = result["summary"]["onnx_int8_static"], result["summary"]["onnx_int8"]
+    assert static["test_labels_changed_batch1_vs_batch64"] == 0.0  # the property the scheme exists for
+    for scheme in (static, dynamic):
+        low, high = scheme["test_accuracy_ci"]
+        assert low <= scheme["test_accuracy"] <= high and scheme["latency_p50_ms"] > 0 and scheme["size_mb"] > 0
+    assert result["calibration"] == {"texts": 50, "method": "minmax", "from": "train split"}
