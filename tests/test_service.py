@@ -275,6 +275,37 @@ def test_a_503_tells_the_client_when_to_retry(served):
     assert "retry-after" not in httpx.get(server.url + "/readyz").headers
 
 
+def test_shed_requests_log_one_line_each_are_counted_and_every_request_is_answered(served):
+    """Overload: a 20 ms batching budget and 240 requests of 8 texts at once (under the 256 BentoML admits at a time;
+    beyond, 429). BentoML sheds what it cannot serve in time (503): each shed request is one log line, no traceback
+    (~20 lines each before: thousands a minute under load), the counter says how many, and every request gets an
+    answer: no connection dropped unanswered."""
+    texts = [" ".join(["a moving film and a dull plot"] * 6)] * MAX_TEXTS  # 3 windows each: costly batches
+
+    async def flood(server) -> list:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=400)) as client:
+            return await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": texts})
+                                          for _ in range(240)], return_exceptions=True)
+
+    with another_server(served, "overload", DISTILOPS_MAX_LATENCY_MS="20") as server:
+        server.wait_ready()
+        replies = asyncio.run(flood(server))
+        failed = [r for r in replies if isinstance(r, Exception)]
+        assert not failed, f"{len(failed)} requests got no response: {failed[:3]}"
+        statuses = [r.status_code for r in replies]
+        assert set(statuses) <= {200, 503} and 200 in statuses
+        shed = statuses.count(503)
+        assert shed > 0, "nothing was shed: the test did not overload the server"
+        assert all(r.headers["retry-after"] == "1" for r in replies if r.status_code == 503)
+        log = server.log.read_text()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert log.count("shed a request (POST /classify): process is overloaded; answered 503") == shed
+        counted = sample(scrape(httpx.get(server.url + "/metrics").text), "distilops_shed_requests",
+                         "distilops_shed_requests_total")
+        assert counted == shed
+        assert post(server, {"texts": ["still serving"]}).status_code == 200
+
+
 # Live fidelity: the shadow model, the metrics of every answered text, drift against the evaluated reference.
 OPENINGS = ["a great", "the dull", "a moving", "this bland"]
 SHADOW_TEXTS = [f"{OPENINGS[i % 4]} film m{i}" + " and the plot" * (i % 3) for i in range(36)]  # 4, 7 or 10 words
