@@ -141,18 +141,28 @@ Encode = Callable[[list[str]], dict[str, np.ndarray]]  # texts -> the model's in
 
 
 class CalibrationTexts(CalibrationDataReader):
-    """The calibration texts, `CALIBRATION_BATCH` at a time, as `encode` turns them into the model's inputs."""
+    """The calibration texts, `CALIBRATION_BATCH` at a time, as `encode` turns them into the model's inputs.
+    `row_by_row`: one window per call (the histogram methods stack every call's activations into one array,
+    so every call must have one shape: `encode` then pads to the full window)."""
 
-    def __init__(self, texts: list[str], encode: Encode, inputs: set[str]) -> None:
-        self.texts, self.encode, self.inputs = texts, encode, inputs
+    def __init__(self, texts: list[str], encode: Encode, inputs: set[str], *, row_by_row: bool = False) -> None:
+        self.texts, self.encode, self.inputs, self.row_by_row = texts, encode, inputs, row_by_row
         self.batches = iter(range(0, len(texts), CALIBRATION_BATCH))
+        self.pending: list[dict[str, np.ndarray]] = []
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pending:
+            return self.pending.pop(0)
         start = next(self.batches, None)
         if start is None:
             return None
         batch = self.encode(self.texts[start: start + CALIBRATION_BATCH])
-        return {name: values for name, values in batch.items() if name in self.inputs}
+        batch = {name: values for name, values in batch.items() if name in self.inputs}
+        if not self.row_by_row:
+            return batch
+        rows = len(next(iter(batch.values())))
+        self.pending = [{name: values[i: i + 1] for name, values in batch.items()} for i in range(rows)]
+        return self.get_next()
 
 
 def quantize_onnx_int8_static(onnx_fp32: Path, out: Path, texts: list[str], encode: Encode, *,
@@ -171,7 +181,8 @@ def quantize_onnx_int8_static(onnx_fp32: Path, out: Path, texts: list[str], enco
     source = onnx_fp32 / FORMAT_FILES["onnx"]
     inputs = {i.name for i in onnx.load(str(source), load_external_data=False).graph.input}
     with quiet_onnxruntime_root_logs():
-        quantize_static(str(source), str(out / FORMAT_FILES["onnx"]), CalibrationTexts(texts, encode, inputs),
+        reader = CalibrationTexts(texts, encode, inputs, row_by_row=method != "minmax")
+        quantize_static(str(source), str(out / FORMAT_FILES["onnx"]), reader,
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
                         calibrate_method=CALIBRATION_METHODS[method],
@@ -211,8 +222,20 @@ class Calibration:
 
     @classmethod
     def served_as(cls, model: Any, texts: list[str], method: str = "minmax") -> Calibration:
-        """Calibration on `texts` read as `model` (a TextClassifier) reads them: its tokenizer and windows."""
-        return cls(texts, lambda batch: model.encode(batch).batch, method)
+        """Calibration on `texts` read as `model` (a TextClassifier) reads them: its tokenizer and windows.
+        The histogram methods stack every batch's activations into one array, so there every batch is padded
+        to the full window (`max_length`); minmax takes each batch as served, padded to its longest text."""
+        pad_id = model.encode.tokenizer.padding["pad_id"]
+
+        def encode(batch: list[str]) -> dict[str, np.ndarray]:
+            arrays = model.encode(batch).batch
+            if method == "minmax":
+                return arrays
+            extra = model.max_length - next(iter(arrays.values())).shape[1]
+            return {name: np.pad(values, ((0, 0), (0, extra)), constant_values=pad_id if name == "input_ids" else 0)
+                    for name, values in arrays.items()}
+
+        return cls(texts, encode, method)
 
 
 def build(variant: str, student: Path, out_root: Path, *, opset: int = 17,
