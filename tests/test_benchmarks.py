@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from tiny import make_reviews, make_trained_student
 
+from distilops.pipeline.quantize import Calibration, build
+from distilops.pipeline.torch_model import open_classifier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +30,11 @@ def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
     pd_long = reviews.iloc[:10].assign(text=long)
     pd_long.to_parquet(data / "test_long.parquet")
     (data / "report.json").write_text(json.dumps({"labels": ["rotten", "fresh"]}))
-    return {"data": data, "student": make_trained_student(root, max_length=16), "root": root}
+    student = make_trained_student(root, max_length=16)
+    calibration = Calibration.served_as(open_classifier(student), reviews["text"].iloc[:100].tolist())
+    quantized = {variant: build(variant, student, root / "quantized", calibration=calibration)
+                 for variant in ("onnx_fp32", "onnx_int8_static")}
+    return {"data": data, "student": student, "root": root, **quantized}
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,3 +57,30 @@ def test_int8_schemes(tiny_pipeline):
         low, high = scheme["test_accuracy_ci"]
         assert low <= scheme["test_accuracy"] <= high and scheme["latency_p50_ms"] > 0 and scheme["size_mb"] > 0
     assert result["calibration"] == {"texts": 50, "method": "minmax", "from": "train split"}
+
+
+@pytest.mark.slow
+def test_serving_benchmark(tiny_pipeline):
+    """Four servers (two BentoML, two Flask) under wrk, one second a run: every arm answers, none with errors."""
+    out = tiny_pipeline["root"] / "serving.json"
+    data = tiny_pipeline["data"]
+    run_benchmark("serving_benchmark.py", "--student", str(tiny_pipeline["student"]),
+                  "--onnx-fp32", str(tiny_pipeline["onnx_fp32"]), "--onnx", str(tiny_pipeline["onnx_int8_static"]),
+                  "--data", str(data / "test.parquet"), "--long-data", str(data / "test_long.parquet"),
+                  "--connections", "4", "--seconds", "1", "--warmup-seconds", "1", "--repeats", "1", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"naive-pipeline-fp32", "bento-fp32", "naive-onnx-int8", "bento-onnx-int8",
+                            "bento-onnx-int8+long"}
+    assert all(arm["requests_per_second"] > 0 and arm["errors"] == 0 for arm in summary.values()), summary
+
+
+@pytest.mark.slow
+def test_lone_request(tiny_pipeline):
+    out = tiny_pipeline["root"] / "lone.json"
+    run_benchmark("lone_request.py", "--onnx", str(tiny_pipeline["onnx_int8_static"]),
+                  "--data", str(tiny_pipeline["data"] / "test.parquet"), "--lone", "20", "--connections", "4",
+                  "--seconds", "1", "--repeats", "1", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["model_batch1_p50_ms"] > 0
+    for arm in ("adaptive", "when-free", "naive"):
+        assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0
