@@ -5,7 +5,8 @@ the batching costs at 32 clients.
 
 Two `bentoml serve` processes on the same served ONNX folder, the CPU overlay's settings (1 worker, 2 threads):
   adaptive   DISTILOPS_ADAPTIVE_WAIT=1: BentoML's adaptive batching (a batch waits for a learned wait)
-  when-free  DISTILOPS_ADAPTIVE_WAIT=0: a batch leaves as soon as the model is free (what distilops ships)
+  no-lone-wait  DISTILOPS_ADAPTIVE_WAIT=0: the same, but no wait while the last model calls carried one request
+                each (what distilops ships)
   naive      benchmarks/naive_server.py on the same folder: Flask, one forward pass per request (HTTP's own floor)
 and the model itself in this process (TextClassifier.classify, tokenization included: what one model call of one
 text costs). In every repeat, interleaved: `--lone` short test texts one at a time through the model, then through
@@ -38,7 +39,7 @@ from distilops.pipeline.evaluate import hardware  # noqa: E402
 from distilops.release.package import import_model_folder  # noqa: E402
 from distilops.serving.inference import TextClassifier  # noqa: E402
 
-BENTO_ARMS = {"adaptive": "1", "when-free": "0"}  # DISTILOPS_ADAPTIVE_WAIT
+BENTO_ARMS = {"adaptive": "1", "no-lone-wait": "0"}  # DISTILOPS_ADAPTIVE_WAIT
 ARMS = (*BENTO_ARMS, "naive")
 
 
@@ -114,7 +115,7 @@ def main() -> None:
             for arm, server in servers.items():
                 timings = lone_requests(server.url, sample)
                 lone[arm].append(statistics.median(timings))
-                print(f"{arm:10s} lone p50 {lone[arm][-1]:6.2f} ms  p90 {percentile(timings, 0.9):6.2f} ms  "
+                print(f"{arm:12s} lone p50 {lone[arm][-1]:6.2f} ms  p90 {percentile(timings, 0.9):6.2f} ms  "
                       f"(model alone {lone['model'][-1]:5.2f} ms)", flush=True)
             for arm, server in servers.items():
                 before = batch_histogram(httpx.get(server.url + "/metrics").text) if arm != "naive" else None
@@ -124,7 +125,7 @@ def main() -> None:
                     calls, requests = batch_histogram(httpx.get(server.url + "/metrics").text)
                     result["mean_requests_per_model_call"] = (requests - before[1]) / max(calls - before[0], 1)
                 loaded[arm].append(result)
-                print(f"{arm:10s} {args.connections} clients {result['requests_per_second']:7.1f} req/s  p50 "
+                print(f"{arm:12s} {args.connections} clients {result['requests_per_second']:7.1f} req/s  p50 "
                       f"{result['latency_p50_ms']:6.1f} ms  p99 {result['latency_p99_ms']:6.1f} ms  batch "
                       f"{result['mean_requests_per_model_call']:.1f}  errors {result['errors']}", flush=True)
     finally:
@@ -148,13 +149,13 @@ def main() -> None:
                      "order": "model, then each server, interleaved in every repeat; medians of repeats"},
         "hardware": hardware(os.cpu_count() or 0),
         "summary": summary,
-        "ratios": {"when-free / adaptive throughput": summary["when-free"]["requests_per_second"]
+        "ratios": {"no-lone-wait / adaptive throughput": summary["no-lone-wait"]["requests_per_second"]
                    / summary["adaptive"]["requests_per_second"],
-                   "when-free / adaptive lone p50": summary["when-free"]["lone_p50_ms"]
+                   "no-lone-wait / adaptive lone p50": summary["no-lone-wait"]["lone_p50_ms"]
                    / summary["adaptive"]["lone_p50_ms"],
-                   "when-free / naive throughput": summary["when-free"]["requests_per_second"]
+                   "no-lone-wait / naive throughput": summary["no-lone-wait"]["requests_per_second"]
                    / summary["naive"]["requests_per_second"],
-                   "when-free / naive p99": summary["when-free"]["latency_p99_ms"]
+                   "no-lone-wait / naive p99": summary["no-lone-wait"]["latency_p99_ms"]
                    / summary["naive"]["latency_p99_ms"]},
         "runs": {"lone_p50_ms": lone, "loaded": loaded},
     }

@@ -82,5 +82,5 @@ def test_lone_request(tiny_pipeline):
                   "--seconds", "1", "--repeats", "1", "--out", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["model_batch1_p50_ms"] > 0
-    for arm in ("adaptive", "when-free", "naive"):
+    for arm in ("adaptive", "no-lone-wait", "naive"):
         assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0

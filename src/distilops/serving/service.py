@@ -4,13 +4,13 @@
     GET  /model     registry name and version served, lineage, metrics, limits
     GET  /livez, /readyz (ready once the model is loaded), /metrics (Prometheus)
 
-Requests are batched across clients: a batch goes to the model as soon as the model is free, holding whatever
-queued while the previous batch ran (DISTILOPS_ADAPTIVE_WAIT=1: BentoML's adaptive batching, which also holds a
-request for a learned wait, ~40 ms for a lone one). Each request BentoML sheds (503, over its latency budget) logs
-one line, not a traceback, and counts in distilops_shed_requests_total. Every response carries the headers
-X-Model-Name and X-Model-Version. Limits and batching come from the environment (a ConfigMap in
-Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up. A text longer
-than the model's window is read in overlapping windows, at most DISTILOPS_MAX_WINDOWS of them (default:
+Requests are batched across clients by BentoML's adaptive batching, except that a lone request (light traffic:
+the last model calls carried one request each) goes to the model at once instead of waiting for a wait learned
+under load, ~40 ms (DISTILOPS_ADAPTIVE_WAIT=1: BentoML's batching as it is). Each request BentoML sheds (503,
+over its latency budget) logs one line, not a traceback, and counts in distilops_shed_requests_total. Every
+response carries the headers X-Model-Name and X-Model-Version. Limits and batching come from the environment (a
+ConfigMap in Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up. A text
+longer than the model's window is read in overlapping windows, at most DISTILOPS_MAX_WINDOWS of them (default:
 the model's own setting), so one text costs at most that many short texts' worth of compute.
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
@@ -53,6 +53,7 @@ from fastapi import FastAPI
 from pydantic import AfterValidator, Field
 from starlette.responses import JSONResponse
 
+from distilops.serving.dispatch import ShedRequests, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
@@ -99,38 +100,6 @@ DRIFT_WINDOW = setting("DISTILOPS_DRIFT_WINDOW", os.environ.get("DISTILOPS_DRIFT
 RETRY_AFTER_SECONDS = "1"  # told to clients of a 503 (overloaded, or not ready): the batching budget is ~1 s
 log = logging.getLogger("distilops.service")
 ADAPTIVE_WAIT = os.environ.get("DISTILOPS_ADAPTIVE_WAIT", "0") == "1"  # BentoML's learned wait before a batch
-
-
-def dispatch_when_free() -> None:
-    """BentoML's batcher (CorkDispatcher) holds a queue that is shorter than the batch limit while `n * (age of the
-    newest request + 1 ms + per-text cost) <= 0.95 * Optimizer.wait`, and `wait` is the mean wait it observed: a
-    lone request waits for a wait learned from waits, ~40 ms for a ~2 ms model. Pinned to 0, a batch leaves as
-    soon as the model is free (one batch runs at a time), holding every request that queued meanwhile, so
-    batches still grow with load. Its latency budget and shedding (max_latency_ms) are untouched."""
-    from bentoml._internal.marshal.dispatcher import Optimizer
-
-    Optimizer.wait = property(lambda self: 0.0, lambda self, value: None)
-
-
-class ShedRequests(logging.Filter):
-    """BentoML logs each request its batcher sheds (its `fallback` raises ServiceUnavailable "process is
-    overloaded" from the CancelledError of the dropped queue entry) as ~20 lines of traceback: thousands a
-    minute under overload, drowning everything else. Each becomes one line, and is counted."""
-
-    def __init__(self, counter: Any) -> None:
-        super().__init__()
-        self.counter = counter
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from bentoml.exceptions import ServiceUnavailable
-
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, ServiceUnavailable):
-            self.counter.inc()
-            record.msg = "shed a request (%s %s): %s; answered 503, Retry-After %s s"
-            record.args = (*(record.args or ("?", "?"))[:2][::-1], error, RETRY_AFTER_SECONDS)
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
 
 
 def cpu_limit() -> int:
@@ -296,11 +265,12 @@ class Classifier:
             queue_size=SHADOW_QUEUE, threads=SHADOW_THREADS, window=DRIFT_WINDOW,
             device="cuda" if REQUIRE_GPU else "cpu")
         self.observe_failures = Throttled("live fidelity bookkeeping failed (the answers were sent)")
-        self.shed = ShedRequests(prom_counter("distilops_shed_requests", "Requests answered 503: over the batching "
-                                                                         "latency budget (DISTILOPS_MAX_LATENCY_MS)"))
+        shed = prom_counter("distilops_shed_requests", "Requests answered 503: over the batching latency budget "
+                                                       "(DISTILOPS_MAX_LATENCY_MS)")
+        self.shed = ShedRequests(RETRY_AFTER_SECONDS, shed)
         logging.getLogger("bentoml._internal.server.http_app").addFilter(self.shed)  # where BentoML logs them
         if not ADAPTIVE_WAIT:
-            dispatch_when_free()
+            wait_only_under_load()
         SERVED.update({
             "registry_name": labels.get("registry_name", stored.tag.name),
             "registry_version": version,
@@ -321,7 +291,7 @@ class Classifier:
             "auth": "bearer token" if API_TOKEN else "none",
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS,
                        "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
-                       "batch_wait": "adaptive" if ADAPTIVE_WAIT else "none: a batch leaves when the model is free",
+                       "batch_wait": "adaptive" if ADAPTIVE_WAIT else "adaptive under load, none for a lone request",
                        "max_windows": self.classifier.max_windows},
             "shadow": shadow_info,
             "reference": reference_summary(reference),
