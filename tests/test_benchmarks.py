@@ -27,8 +27,7 @@ def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
     reviews.iloc[:100].to_parquet(data / "train.parquet")
     reviews.iloc[100:].to_parquet(data / "test.parquet")
     long = [" ".join(reviews["text"].iloc[i: i + 6]) for i in range(0, 60, 6)]
-    pd_long = reviews.iloc[:10].assign(text=long)
-    pd_long.to_parquet(data / "test_long.parquet")
+    reviews.iloc[:10].assign(text=long, label=reviews["category"].iloc[:10]).to_parquet(data / "test_long.parquet")
     (data / "report.json").write_text(json.dumps({"labels": ["rotten", "fresh"]}))
     student = make_trained_student(root, max_length=16)
     calibration = Calibration.served_as(open_classifier(student), reviews["text"].iloc[:100].tolist())
@@ -57,6 +56,27 @@ def test_int8_schemes(tiny_pipeline):
         low, high = scheme["test_accuracy_ci"]
         assert low <= scheme["test_accuracy"] <= high and scheme["latency_p50_ms"] > 0 and scheme["size_mb"] > 0
     assert result["calibration"] == {"texts": 50, "method": "minmax", "from": "train split"}
+
+
+def test_long_text_aggregation(tiny_pipeline):
+    out = tiny_pipeline["root"] / "long.json"
+    run_benchmark("long_text_aggregation.py", "--models", str(tiny_pipeline["student"]),
+                  str(tiny_pipeline["onnx_int8_static"]), "--data", str(tiny_pipeline["data"]), "--out", str(out))
+    models = json.loads(out.read_text())["models"]
+    assert len(models) == 2
+    for entry in models.values():
+        assert entry["windows_per_text"] > 1  # the tiny long texts span several 16-token windows
+        low, high = entry["mean_logits"]["accuracy_ci"]
+        assert low <= entry["mean_logits"]["accuracy"] <= high
+
+
+def test_padding_benchmark(tiny_pipeline):
+    out = tiny_pipeline["root"] / "padding.json"
+    run_benchmark("padding_benchmark.py", "--model", str(tiny_pipeline["student"]), "--data",
+                  str(tiny_pipeline["data"]), "--batch-size", "8", "--max-length", "16", "--steps", "3",
+                  "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["padded_tokens_grouped"] <= result["padded_tokens_random"] and result["real_tokens"] > 0
 
 
 @pytest.mark.slow
