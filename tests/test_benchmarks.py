@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import make_reviews, make_trained_student
+from tiny import make_reviews, make_tiny_model, make_trained_student
 
 from distilops.pipeline.quantize import Calibration, build
 from distilops.pipeline.torch_model import open_classifier
@@ -25,6 +25,7 @@ def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
     reviews = reviews[reviews["category"] != "plot"]
     reviews = reviews.assign(label=(reviews["category"] == "fresh").astype(int))
     reviews.iloc[:100].to_parquet(data / "train.parquet")
+    reviews.iloc[100:130].to_parquet(data / "validation.parquet")
     reviews.iloc[100:].to_parquet(data / "test.parquet")
     long = [" ".join(reviews["text"].iloc[i: i + 6]) for i in range(0, 60, 6)]
     reviews.iloc[:10].assign(text=long, label=reviews["category"].iloc[:10]).to_parquet(data / "test_long.parquet")
@@ -77,6 +78,28 @@ def test_padding_benchmark(tiny_pipeline):
                   "--repeats", "1", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["padded_tokens_grouped"] <= result["padded_tokens_random"] and result["real_tokens"] > 0
+
+
+def test_gpu_pipeline_runs_on_the_cpu_too(tiny_pipeline):
+    """Teacher fine-tuning, its logits, the half-depth student distilled: the GPU path, here on the CPU."""
+    out = tiny_pipeline["root"] / "gpu_pipeline.json"
+    teacher = make_tiny_model(tiny_pipeline["root"] / "teacher", layers=2)
+    run_benchmark("gpu_pipeline.py", "--teacher", str(teacher), "--data", str(tiny_pipeline["data"]), "--epochs", "1",
+                  "--batch-size", "16", "--max-length", "16", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and (result["teacher"]["layers"], result["student"]["layers"]) == (2, 1)
+    assert 0 <= result["student"]["test_accuracy"] <= 1 and result["student_speedup_batch32"] > 0
+
+
+@pytest.mark.slow
+def test_ort_spinning(tiny_pipeline):
+    out = tiny_pipeline["root"] / "spinning.json"
+    data = tiny_pipeline["data"]
+    run_benchmark("ort_spinning.py", "--onnx", str(tiny_pipeline["onnx_int8_static"]), "--data",
+                  str(data / "test.parquet"), "--long-data", str(data / "test_long.parquet"), "--clients", "1,4",
+                  "--long-clients", "4", "--seconds", "1", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["summary"] and result["long_text_capacity_per_pod"]
 
 
 @pytest.mark.slow
