@@ -34,10 +34,11 @@ RULES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["models/teacher", "models/quantized/onnx_int8"])
+    parser.add_argument("--data", default="data/prepared", help="folder holding test.parquet and test_long.parquet")
     parser.add_argument("--out", default="benchmarks/results/long_text_aggregation.json")
     args = parser.parse_args()
-    long_set = pd.read_parquet("data/prepared/test_long.parquet")
-    short = pd.read_parquet("data/prepared/test.parquet")["text"].tolist()[:73]
+    long_set = pd.read_parquet(Path(args.data) / "test_long.parquet")
+    short = pd.read_parquet(Path(args.data) / "test.parquet")["text"].tolist()[:73]
     texts = long_set["text"].tolist()
     results: dict = {"texts": len(texts), "models": {}}
     for folder in args.models:

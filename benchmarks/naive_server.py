@@ -17,6 +17,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["pipeline", "distilops"], default="pipeline",
                         help="pipeline: transformers.pipeline (PyTorch); distilops: TextClassifier (ONNX too)")
     parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (distilops engine; 0 = all)")
     args = parser.parse_args()
 
     if args.engine == "pipeline":
@@ -29,7 +30,7 @@ def main() -> None:
     else:
         from distilops.serving.inference import TextClassifier
 
-        model = TextClassifier(args.model)
+        model = TextClassifier(args.model, threads=args.threads or None)
 
         def classify(texts: list[str]) -> list[dict]:
             return [{"label": r.label, "score": r.score} for r in model.classify(texts)]

@@ -5,9 +5,9 @@ forward pass per request, side by side, under 32 concurrent clients sending one 
 
 Four arms, so the gain can be attributed:
   naive-pipeline-fp32   Flask + transformers.pipeline on the fp32 student  (the usual deployment: the baseline)
-  bento-fp32            BentoML service on the same fp32 student           (batching alone)
-  naive-onnx-int8       Flask + the ONNX int8 student, per request         (quantization alone)
-  bento-onnx-int8       BentoML service on the ONNX int8 student           (what distilops ships)
+  bento-fp32            BentoML service on the student's ONNX fp32 export  (batching alone: the service runs ONNX only)
+  naive-onnx-int8       Flask + the served ONNX int8 student, per request  (quantization alone)
+  bento-onnx-int8       BentoML service on the served ONNX int8 student    (what distilops ships)
   bento-onnx-int8+long  the same server, with --long-fraction of requests a long document (read in windows)
 Load comes from wrk (C, one thread: it takes little of the CPU the servers share), with real test
 texts. Arms are interleaved in every repeat; medians are reported with each run's numbers.
@@ -71,7 +71,10 @@ def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="models/student", help="fp32 student folder")
-    parser.add_argument("--onnx", default="models/quantized/onnx_int8", help="ONNX int8 student folder")
+    parser.add_argument("--onnx-fp32", default="models/quantized/onnx_fp32",
+                        help="the student's ONNX fp32 export (the bento-fp32 arm: the service serves ONNX only)")
+    parser.add_argument("--onnx", default="models/quantized/onnx_int8_static", help="served ONNX int8 student folder")
+    parser.add_argument("--warmup-seconds", type=int, default=3, help="wrk warm-up per arm")
     parser.add_argument("--data", default="data/prepared/test.parquet", help="texts to send")
     parser.add_argument("--connections", type=int, default=32, help="concurrent clients")
     parser.add_argument("--seconds", type=int, default=15, help="duration of one timed run")
@@ -99,7 +102,7 @@ def main() -> None:
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     servers: dict[str, Server] = {}
     try:
-        for arm, folder in (("bento-fp32", args.student), ("bento-onnx-int8", args.onnx)):
+        for arm, folder in (("bento-fp32", args.onnx_fp32), ("bento-onnx-int8", args.onnx)):
             tag = import_model_folder(Path(folder), f"bench-{arm}:v1", labels={"registry_name": arm,
                                       "registry_version": "bench"}, metadata={})
             bento_env = {**env, "DISTILOPS_BENTO_MODEL": tag, "DISTILOPS_WORKERS": str(args.bento_workers),
@@ -119,7 +122,7 @@ def main() -> None:
             order.append("bento-onnx-int8+long")
             scripts["bento-onnx-int8+long"] = mixed
         for arm in order:  # warm-up: first requests load kernels and train the batcher
-            run_wrk(servers[arm].url, scripts[arm], 3, args.connections)
+            run_wrk(servers[arm].url, scripts[arm], args.warmup_seconds, args.connections)
         runs: dict[str, list[dict]] = {arm: [] for arm in order}
         for _ in range(args.repeats):
             for arm in order:
@@ -160,7 +163,8 @@ def main() -> None:
         "summary": summary,
         "ratios": {
             "bento_onnx_int8 / naive_pipeline_fp32": rps["bento-onnx-int8"] / rps["naive-pipeline-fp32"],
-            "bento_fp32 / naive_pipeline_fp32 (same model)": rps["bento-fp32"] / rps["naive-pipeline-fp32"],
+            "bento_fp32 / naive_pipeline_fp32 (same weights, ONNX vs PyTorch)":
+                rps["bento-fp32"] / rps["naive-pipeline-fp32"],
             "bento_onnx_int8 / naive_onnx_int8 (same model)": rps["bento-onnx-int8"] / rps["naive-onnx-int8"],
             **({f"bento_onnx_int8 with {args.long_fraction:.0%} long documents / short only":
                 rps["bento-onnx-int8+long"] / rps["bento-onnx-int8"]} if mixed else {}),

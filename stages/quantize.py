@@ -1,5 +1,6 @@
-"""DVC stage `quantize`: torch dynamic int8, ONNX fp32, ONNX Runtime int8 (CPU serving) and ONNX fp16
-(GPU serving) copies of the student, each checked against the fp32 student's test predictions, read in
+"""DVC stage `quantize`: torch dynamic int8, ONNX fp32, ONNX Runtime int8 dynamic and static (CPU serving; the
+static one calibrated on `quantize.calibration_texts` training texts) and ONNX fp16 (GPU serving) copies of the
+student, each checked against the fp32 student's test predictions, read in
 the same windows as evaluated and served; a variant that loses more accuracy than
 `quantize.max_accuracy_drop` is reported as rejected (and the register stage skips it).
 The teacher is exported to ONNX fp32 too (models/teacher_onnx: the shadow model a release carries) and
@@ -13,7 +14,15 @@ import numpy as np
 from distilops import paths
 from distilops.config import QuantizeConfig, load_section
 from distilops.pipeline.data import read_split
-from distilops.pipeline.quantize import TEACHER_CHECK, build, check, check_teacher, export_teacher, weights_size_mb
+from distilops.pipeline.quantize import (
+    TEACHER_CHECK,
+    Calibration,
+    build,
+    check,
+    check_teacher,
+    export_teacher,
+    weights_size_mb,
+)
 from distilops.pipeline.torch_model import open_classifier
 from distilops.stage import run_stage, write_json
 
@@ -29,11 +38,16 @@ def main() -> None:
     def predictions(folder: Path) -> np.ndarray:
         return open_classifier(folder, **windows).predict_logits_batched(texts, cfg.batch_size).argmax(-1)
 
-    student_preds = predictions(paths.STUDENT)
+    train = read_split("train")
+    # Calibration texts: a seeded sample of the training split, never a text the accuracy check scores.
+    sample = train["text"].sample(n=min(cfg.calibration_texts, len(train)), random_state=cfg.seed).tolist()
+    student = open_classifier(paths.STUDENT, **windows)
+    calibration = Calibration.served_as(student, sample, cfg.calibration_method)  # the served windows
+    student_preds = student.predict_logits_batched(texts, cfg.batch_size).argmax(-1)
     student_size = weights_size_mb(paths.STUDENT)
     results = {}
     for variant in cfg.variants:
-        folder = build(variant, paths.STUDENT, paths.QUANTIZED, opset=cfg.onnx_opset)
+        folder = build(variant, paths.STUDENT, paths.QUANTIZED, opset=cfg.onnx_opset, calibration=calibration)
         result = check(variant, predictions(folder), student_preds, labels, max_accuracy_drop=cfg.max_accuracy_drop,
                        size_mb=weights_size_mb(folder), student_size_mb=student_size)
         results[variant] = result.as_dict()

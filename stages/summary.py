@@ -13,8 +13,8 @@ log = logging.getLogger("summary")
 
 
 def served(register: dict) -> tuple[str, str]:
-    """(variant, its name in the evaluation report) of what the registry serves on CPU: onnx_int8, or
-    onnx_fp32 when quantize rejected int8."""
+    """(variant, its name in the evaluation report) of what the registry serves on CPU: register.serving.cpu
+    (onnx_int8_static by default), or onnx_fp32 when quantize rejected it."""
     for key, entry in register["versions"].items():
         if entry["role"] == "serving" and entry["device"] == "cpu":
             return key.split("@")[0], entry["evaluated_as"]

@@ -51,17 +51,18 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     (files,) = [entry["data"] for entry in shown.values()]
     assert list(files) == ["metrics/summary.json"]
     summary = files["metrics/summary.json"]["data"]
-    assert summary["serving_variant"] == "onnx_int8" and 0 <= summary["test_accuracy_low"] <= summary["test_accuracy"]
+    assert summary["serving_variant"] == "onnx_int8_static"  # batch-invariant: register.serving.cpu's default
+    assert 0 <= summary["test_accuracy_low"] <= summary["test_accuracy"]
     assert len(summary) < 20
 
     checks = json.loads((repo_copy.path / "metrics/quantize.json").read_text())
-    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16", "teacher_onnx"}
+    assert set(checks) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static", "onnx_fp16", "teacher_onnx"}
     assert checks["teacher_onnx"]["accepted"] and checks["teacher_onnx"]["agreement_with_teacher"] >= 0.999
     assert (repo_copy.path / "models/teacher_onnx/model.onnx").stat().st_size > 0  # a DVC out of quantize
     evaluation = json.loads((repo_copy.path / "metrics/evaluate.json").read_text())
     models = evaluation["models"]
     assert set(models) == {"teacher", "student", "student_torch_int8", "student_onnx_fp32", "student_onnx_int8",
-                           "student_onnx_fp16"}
+                           "student_onnx_int8_static", "student_onnx_fp16"}
     assert models["student"]["vs_teacher"]["parameter_fraction"] < 1
     assert all(m["size_mb"] > 0 and m["latency_p50_ms"] > 0 for m in models.values())
     assert evaluation["hardware"]["threads"] >= 1 and evaluation["hardware"]["cpu"]
@@ -76,14 +77,14 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
         assert 0 <= low <= entry["agreement_with_teacher"] <= high <= 1
     # what each ONNX student would serve is described on the test split, for the service's drift gauges
     assert {n for n, m in models.items() if "reference" in m} == {"student_onnx_fp32", "student_onnx_int8",
-                                                                 "student_onnx_fp16"}
-    reference = models["student_onnx_int8"]["reference"]
+                                                                 "student_onnx_int8_static", "student_onnx_fp16"}
+    reference = models["student_onnx_int8_static"]["reference"]
     assert reference["texts"] == evaluation["test_examples"]
     assert sum(reference["label"]["fractions"]) == pytest.approx(1)
     for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png", "sets.csv",
                  "set_accuracies.png"):
         assert (repo_copy.path / "plots/evaluate" / plot).stat().st_size > 0
-    assert "student_onnx_int8" in (repo_copy.path / "plots/evaluate/predictions.csv").read_text().splitlines()[0]
+    assert "student_onnx_int8_static" in (repo_copy.path / "plots/evaluate/predictions.csv").read_text().splitlines()[0]
 
     registered = json.loads((repo_copy.path / "metrics/register.json").read_text())
     assert registered["versions"]["student"]["role"] == "reference"
@@ -95,7 +96,7 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     uri = repo_copy.env["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     serving = client.get_model_version("tiny-sentiment", str(registered["serving_version"]))
-    assert serving.tags["variant"] == "onnx_int8" and serving.tags["role"] == "serving"
+    assert serving.tags["variant"] == "onnx_int8_static" and serving.tags["role"] == "serving"
     assert serving.tags["device"] == "cpu" and serving.tags["format"] == "onnx"
     gpu = client.get_model_version("tiny-sentiment", devices["gpu"])
     assert (gpu.tags["variant"], gpu.tags["device"]) == ("onnx_fp16", "gpu")  # never int8 on a GPU
@@ -106,19 +107,19 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     assert (teacher.tags["role"], teacher.tags["variant"], teacher.tags["release.shadow"]) == (
         "teacher", "teacher_onnx_fp32", shadow)
     assert float(serving.tags["eval.agreement_with_teacher_low"]) == pytest.approx(
-        models["student_onnx_int8"]["agreement_with_teacher_ci"][0])
+        models["student_onnx_int8_static"]["agreement_with_teacher_ci"][0])
     assert serving.tags["teacher"] == "tiny-teacher" and serving.tags["optuna_study"].startswith("distill-")
-    assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8"]["accuracy"])
+    assert float(serving.tags["eval.accuracy"]) == pytest.approx(models["student_onnx_int8_static"]["accuracy"])
     assert float(serving.tags["eval.accuracy_retention_low"]) == pytest.approx(
-        models["student_onnx_int8"]["retention_ci"][0])
+        models["student_onnx_int8_static"]["retention_ci"][0])
     assert float(serving.tags["eval.long_reviews.accuracy"]) == pytest.approx(
-        long_set["models"]["student_onnx_int8"]["accuracy"])
+        long_set["models"]["student_onnx_int8_static"]["accuracy"])
     assert len(serving.tags["test_correct"]) > 0 and serving.tags["test_examples"] == str(evaluation["test_examples"])
     assert len(serving.tags["data_hash"]) == 64 and serving.tags["git_commit"] == head  # not -dirty
     # stored through the server (proxied artifacts), not on this disk
     assert client.get_model_version_download_uri("tiny-sentiment", serving.version).startswith("mlflow-artifacts:")
     assert summary["serving_version"] == registered["serving_version"]
-    assert summary["test_accuracy"] == pytest.approx(models["student_onnx_int8"]["accuracy"], abs=1e-4)
+    assert summary["test_accuracy"] == pytest.approx(models["student_onnx_int8_static"]["accuracy"], abs=1e-4)
 
     # Every stage ran as an MLflow run tagged with its lineage.
     runs = client.search_runs([client.get_experiment_by_name("distilops").experiment_id],
@@ -156,7 +157,7 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
         assert [(r["windows"], r["truncated"]) for r in reply.json()] == [(1, False), (1, False), (4, True)]
         assert reply.headers["x-model-version"] == str(registered["serving_version"])
         info = httpx.get(server.url + "/model").json()
-        assert info["variant"] == "onnx_int8" and info["format"] == "onnx"
+        assert info["variant"] == "onnx_int8_static" and info["format"] == "onnx"
         assert info["lineage"]["data_hash"] == serving.tags["data_hash"]
         assert info["limits"]["max_windows"] == 4 and info["max_length"] == 32
     finally:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import make_reviews, make_tiny_model
+from tiny import make_calibration_texts, make_reviews, make_tiny_model, make_trained_student
 
-from distilops.pipeline.batching import tokenize
+from distilops.errors import QuantizeError
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.pipeline.quantize import (
     TEACHER_VARIANT,
+    Calibration,
     build,
     check,
     check_teacher,
@@ -21,23 +22,12 @@ from distilops.pipeline.quantize import (
     weights_size_mb,
 )
 from distilops.pipeline.torch_model import open_classifier
-from distilops.pipeline.training import TrainSettings, train
 from distilops.serving.folder import read_meta, write_meta
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A tiny student, briefly trained on the fixture task so its logits mean something (a random model's
-    are about +-0.03: any tolerance would pass a model returning zeros), saved as the distill stage saves it."""
-    root = tmp_path_factory.mktemp("student")
-    raw = make_tiny_model(root / "raw", layers=2, hidden=64)
-    model, tokenizer = load_classifier(str(raw)), load_tokenizer(str(raw))
-    df = make_reviews(n_movies=40, per_movie=6, seed=1)
-    df = df[df["category"] != "plot"]
-    data = tokenize(tokenizer, df["text"].tolist(), (df["category"] == "fresh").astype(int).to_numpy(), 32)
-    train(model, data, data, tokenizer.pad_token_id,
-          TrainSettings(epochs=8, batch_size=16, learning_rate=3e-3, progress=None))
-    return save_model_folder(model.cpu(), tokenizer, root / "student", max_length=32, role="student", teacher="tiny")
+    return make_trained_student(tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,9 @@ def texts():
 @pytest.fixture(scope="module")
 def variants(student, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized")
-    return {v: build(v, student, out) for v in ("torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16")}
+    calibration = Calibration.served_as(open_classifier(student), make_calibration_texts())
+    return {v: build(v, student, out, calibration=calibration)
+            for v in ("torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static", "onnx_fp16")}
 
 
 def test_onnx_fp32_matches_the_student(student, variants, texts):
@@ -66,7 +58,7 @@ def test_dynamic_batch_and_sequence_axes(variants, texts):
     assert model.predict_logits(long_batch).shape == (5, 2)
 
 
-@pytest.mark.parametrize("variant", ["torch_int8", "onnx_int8"])
+@pytest.mark.parametrize("variant", ["torch_int8", "onnx_int8", "onnx_int8_static"])
 def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
     reference = open_classifier(student).predict_logits_batched(texts, 16)
     quantized = open_classifier(variants[variant]).predict_logits_batched(texts, 16)
@@ -97,15 +89,56 @@ def test_onnx_fp16_for_gpus_keeps_fp32_logits_and_halves_the_weights(student, va
     assert read_meta(variants["onnx_fp16"])["variant"] == "onnx_fp16"
 
 
-def test_onnx_int8_also_quantizes_the_embeddings(student, variants):
+@pytest.mark.parametrize("variant", ["onnx_int8", "onnx_int8_static"])
+def test_onnx_int8_also_quantizes_the_embeddings(student, variants, variant):
     # MatMul weights alone would leave the (vocabulary x hidden) table in fp32: most of a small model's bytes.
     import onnx
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(student)
-    graph = onnx.load(str(variants["onnx_int8"] / "model.onnx")).graph
+    graph = onnx.load(str(variants[variant] / "model.onnx")).graph
     tables = [t for t in graph.initializer if list(t.dims) == [config.vocab_size, config.hidden_size]]
     assert tables and all(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in tables)
+
+
+def test_static_int8_fixes_its_activation_scales_and_records_its_calibration(variants):
+    """Static: every activation is quantized by a QuantizeLinear with a constant scale (no DynamicQuantizeLinear,
+    which derives one from each batch), every weight MatMul is fed int8 weights per output channel."""
+    import onnx
+
+    graph = onnx.load(str(variants["onnx_int8_static"] / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert "DynamicQuantizeLinear" not in ops and ops.count("QuantizeLinear") >= 8
+    constants = {t.name: t for t in graph.initializer}
+    assert all(node.input[1] in constants for node in graph.node if node.op_type == "QuantizeLinear")
+    int8_matrices = {name for name, t in constants.items() if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+    weight_scales = [constants[n.input[1]] for n in graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] in int8_matrices]
+    assert weight_scales and any(len(scale.dims) == 1 and scale.dims[0] > 1 for scale in weight_scales)
+    dynamic = onnx.load(str(variants["onnx_int8"] / "model.onnx")).graph
+    assert "DynamicQuantizeLinear" in [n.op_type for n in dynamic.node]
+    meta = read_meta(variants["onnx_int8_static"])
+    assert meta["variant"] == "onnx_int8_static" and meta["calibration"] == {"texts": len(make_calibration_texts()),
+                                                                            "method": "minmax"}
+
+
+def test_percentile_calibration_builds_a_static_variant_as_faithful(student, variants, texts, tmp_path):
+    """The histogram methods need one activation shape per calibration call (texts of mixed lengths and windows
+    give many): each window alone, padded to the full width. Built that way it stays as close as minmax's."""
+    calibration = Calibration.served_as(open_classifier(student), make_calibration_texts(), "percentile")
+    folder = build("onnx_int8_static", student, tmp_path, calibration=calibration)
+    assert read_meta(folder)["calibration"]["method"] == "percentile"
+    reference = open_classifier(student).predict_logits_batched(texts, 16)
+    logits = open_classifier(folder).predict_logits_batched(texts, 16)
+    assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+    assert np.abs(logits - reference).max() < 0.1 * (reference.max() - reference.min())
+
+
+def test_static_int8_without_calibration_texts_is_one_clear_error(student, tmp_path):
+    with pytest.raises(QuantizeError, match="onnx_int8_static needs calibration texts"):
+        build("onnx_int8_static", student, tmp_path)
+    with pytest.raises(QuantizeError, match="onnx_int8_static needs calibration texts"):
+        build("onnx_int8_static", student, tmp_path, calibration=Calibration([], lambda texts: {}))
 
 
 def test_mpnet_exports_without_token_type_ids(tmp_path, texts):
@@ -153,14 +186,16 @@ def test_register_serves_onnx_fp32_where_quantize_rejected_the_configured_varian
     from distilops.errors import RegistryError
 
     stage = load_stage("register")
-    checks = {"onnx_fp32": {"accepted": True}, "onnx_int8": {"accepted": False, "reason": "dropped 3 points"},
+    cpu = RegisterConfig().serving.cpu  # the default CPU variant, whichever int8 scheme that is
+    assert cpu in ("onnx_int8", "onnx_int8_static")
+    checks = {"onnx_fp32": {"accepted": True}, cpu: {"accepted": False, "reason": "dropped 3 points"},
               "onnx_fp16": {"accepted": True}}
     with caplog.at_level(logging.WARNING, logger="register"):
         plan = stage.serving_variants(RegisterConfig(), checks)
     assert plan == {"cpu": "onnx_fp32", "gpu": "onnx_fp16"}
-    assert "cpu variant onnx_int8 is not registered: dropped 3 points. onnx_fp32 serves instead" in caplog.text
+    assert f"cpu variant {cpu} is not registered: dropped 3 points. onnx_fp32 serves instead" in caplog.text
     with pytest.raises(RegistryError, match="add onnx_fp32 to quantize.variants"):
-        stage.serving_variants(RegisterConfig(), {"onnx_int8": {"accepted": False, "reason": "x"}})
+        stage.serving_variants(RegisterConfig(), {cpu: {"accepted": False, "reason": "x"}})
 
 
 def test_the_teacher_exports_to_onnx_and_agrees_with_itself_in_pytorch(student, texts, tmp_path):

@@ -275,6 +275,83 @@ def test_a_503_tells_the_client_when_to_retry(served):
     assert "retry-after" not in httpx.get(server.url + "/readyz").headers
 
 
+def test_shed_requests_log_one_line_each_are_counted_and_every_request_is_answered(served):
+    """Overload: a 20 ms batching budget and 240 requests of 8 texts at once (under the 256 BentoML admits at a time;
+    beyond, 429). BentoML sheds what it cannot serve in time (503): each shed request is one log line, no traceback
+    (~20 lines each before: thousands a minute under load), the counter says how many, and every request gets an
+    answer: no connection dropped unanswered."""
+    texts = [" ".join(["a moving film and a dull plot"] * 6)] * MAX_TEXTS  # 3 windows each: costly batches
+
+    async def flood(server) -> list:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=400)) as client:
+            return await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": texts})
+                                          for _ in range(240)], return_exceptions=True)
+
+    with another_server(served, "overload", DISTILOPS_MAX_LATENCY_MS="20") as server:
+        server.wait_ready()
+        replies = asyncio.run(flood(server))
+        failed = [r for r in replies if isinstance(r, Exception)]
+        assert not failed, f"{len(failed)} requests got no response: {failed[:3]}"
+        statuses = [r.status_code for r in replies]
+        assert set(statuses) <= {200, 503} and 200 in statuses
+        shed = statuses.count(503)
+        assert shed > 0, "nothing was shed: the test did not overload the server"
+        assert all(r.headers["retry-after"] == "1" for r in replies if r.status_code == 503)
+        log = server.log.read_text()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert log.count("shed a request (POST /classify): process is overloaded; answered 503") == shed
+        counted = sample(scrape(httpx.get(server.url + "/metrics").text), "distilops_shed_requests",
+                         "distilops_shed_requests_total")
+        assert counted == shed
+        assert post(server, {"texts": ["still serving"]}).status_code == 200
+
+
+def onnxruntime_gpu() -> Path:
+    """The GPU image's ONNX Runtime build (release/image.py's GPU_RUNTIME, without the CUDA and cuDNN extras: there is
+    no GPU here) at the CPU build's version, installed once into the cache as a folder to put first on PYTHONPATH."""
+    import onnxruntime
+
+    from distilops.paths import cache_dir
+
+    target = cache_dir() / "test-runtimes" / f"onnxruntime-gpu-{onnxruntime.__version__}"
+    if not (target / "onnxruntime" / "capi").is_dir():
+        uv = Path(sys.executable).parent / "uv"
+        installer = [str(uv), "pip", "install", "--python", sys.executable] if uv.exists() else [
+            sys.executable, "-m", "pip", "install", "--quiet"]
+        subprocess.run([*installer, "--target", str(target), "--no-deps",
+                        f"onnxruntime-gpu=={onnxruntime.__version__}"], check=True, capture_output=True)
+    return target
+
+
+def test_the_gpu_runtime_without_cuda_never_becomes_ready_and_says_why(served, tmp_path):
+    """What a GPU pod runs (onnxruntime-gpu, the GPU variant's fp16 folder, DISTILOPS_REQUIRE_GPU=1) on a node where
+    CUDA cannot load: ONNX Runtime lists its CUDA provider, fails to load it and falls back to the CPU; the service
+    then stays alive but never ready (no traffic reaches a GPU pod computing on its CPU) and its log says why."""
+    from distilops.pipeline.quantize import convert_onnx_fp16
+    from distilops.release.package import import_model_folder
+
+    server, folder, _ = served
+    fp16 = convert_onnx_fp16(folder.parent / "onnx_fp32", tmp_path / "onnx_fp16")  # the GPU variant
+    tag = import_model_folder(fp16, f"{NAME}:gpu-variant", labels={"registry_name": NAME, "registry_version": "3",
+                                                                   "variant": "onnx_fp16"}, metadata={})
+    runtime = onnxruntime_gpu()
+    pythonpath = os.pathsep.join([str(runtime), os.environ.get("PYTHONPATH", "")])
+    which = "import onnxruntime as o; print(o.__file__, o.get_available_providers())"
+    probe = subprocess.run([sys.executable, "-c", which], env={**server.env, "PYTHONPATH": pythonpath},
+                           capture_output=True, text=True, check=True)
+    assert str(runtime) in probe.stdout and "CUDAExecutionProvider" in probe.stdout  # the GPU build, not the CPU one
+    with another_server(served, "gpu-runtime", PYTHONPATH=pythonpath, DISTILOPS_REQUIRE_GPU="1",
+                        DISTILOPS_BENTO_MODEL=tag) as gpu_pod:
+        assert wait_for(lambda: probe_status(gpu_pod, "/livez") == 200, timeout=120)
+        info = httpx.get(gpu_pod.url + "/model").json()
+        assert (info["variant"], info["require_gpu"]) == ("onnx_fp16", True)
+        assert info["providers"] == ["CPUExecutionProvider"]
+        assert [probe_status(gpu_pod, "/readyz") for _ in range(3)] == [503] * 3
+        log = gpu_pod.log.read_text()
+        assert "Failed to create CUDAExecutionProvider" in log  # ONNX Runtime's own reason: no libcuda here
+        assert log.count("DISTILOPS_REQUIRE_GPU=1 but ONNX Runtime runs this model on ['CPUExecutionProvider']") == 1
+
+
 # Live fidelity: the shadow model, the metrics of every answered text, drift against the evaluated reference.
 OPENINGS = ["a great", "the dull", "a moving", "this bland"]
 SHADOW_TEXTS = [f"{OPENINGS[i % 4]} film m{i}" + " and the plot" * (i % 3) for i in range(36)]  # 4, 7 or 10 words

@@ -73,3 +73,28 @@ def make_reviews(n_movies: int = 40, per_movie: int = 6, seed: int = 0) -> pd.Da
                          "movie_name": f"m{m}"})
         rows.append({"category": "plot", "text": f"a plot summary of movie m{m}", "movie_name": f"m{m}"})
     return pd.DataFrame(rows)
+
+
+def make_trained_student(root: Path, *, max_length: int = 32) -> Path:
+    """A tiny student briefly trained on the fixture task, so its logits mean something (a random model's are
+    about +-0.03: any tolerance would pass a model returning zeros), saved as the distill stage saves it."""
+    from distilops.pipeline.batching import tokenize
+    from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
+    from distilops.pipeline.training import TrainSettings, train
+
+    raw = make_tiny_model(root / "raw", layers=2, hidden=64)
+    model, tokenizer = load_classifier(str(raw)), load_tokenizer(str(raw))
+    df = make_reviews(n_movies=40, per_movie=6, seed=1)
+    df = df[df["category"] != "plot"]
+    data = tokenize(tokenizer, df["text"].tolist(), (df["category"] == "fresh").astype(int).to_numpy(), 32)
+    train(model, data, data, tokenizer.pad_token_id,
+          TrainSettings(epochs=8, batch_size=16, learning_rate=3e-3, progress=None))
+    return save_model_folder(model.cpu(), tokenizer, root / "student", max_length=max_length, role="student",
+                             teacher="tiny")
+
+
+def make_calibration_texts() -> list[str]:
+    """Reviews of other movies than the fixture's checked texts (another seed): what onnx_int8_static calibrates
+    on in tests, as the quantize stage calibrates on training texts."""
+    df = make_reviews(n_movies=20, per_movie=5, seed=2)
+    return df[df["category"] != "plot"]["text"].tolist()

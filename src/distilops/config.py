@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from distilops.errors import ConfigError
 
 SHARED_KEYS = ("seed", "max_length", "model_name", "window_overlap", "max_windows")
-Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8", "onnx_fp16"]
+Variant = Literal["torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static", "onnx_fp16"]
 QUANTIZE_VARIANTS: tuple[str, ...] = get_args(Variant)
 S = TypeVar("S", bound="Section")
 
@@ -183,9 +183,13 @@ class DistillConfig(Trained):
                                "depth is searched.")
 
 
-class QuantizeConfig(LongTextWindows):
+class QuantizeConfig(Seeded, LongTextWindows):
     SECTION: ClassVar[str] = "quantize"
     variants: list[Variant] = Field(list(QUANTIZE_VARIANTS), description="Variants to build.")
+    calibration_texts: int = Field(512, ge=1, description="Training texts (sampled with the seed) onnx_int8_static "
+                                                          "calibrates its activation scales on.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="How onnx_int8_static turns the calibration activations into ranges.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Reject a variant whose test accuracy falls "
                                                                    "more than this below the fp32 student's.")
     onnx_opset: int = Field(17, ge=14, description="ONNX opset of the export.")
@@ -248,7 +252,9 @@ class EvaluateConfig(Seeded, LongTextWindows):
 
 class ServingVariants(Section):
     SECTION: ClassVar[str] = "register.serving"
-    cpu: Literal["onnx_int8", "onnx_fp32"] = Field("onnx_int8", description="ONNX variant served on CPU nodes.")
+    cpu: Literal["onnx_int8_static", "onnx_int8", "onnx_fp32"] = Field(
+        "onnx_int8_static", description="ONNX variant served on CPU nodes: onnx_int8_static answers a text the same "
+                                        "whatever shares its batch; onnx_int8's (dynamic) scales span the batch.")
     gpu: Literal["onnx_fp16", "onnx_fp32", ""] = Field("onnx_fp16", description="ONNX variant served on GPU nodes "
                                                        "(never int8: ONNX Runtime's CUDA provider lacks its kernels); "
                                                        "'' = none.")

@@ -1,7 +1,14 @@
-"""Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8 (what
-CPU nodes serve) and ONNX fp16 (what GPU nodes serve: ONNX Runtime's CUDA provider has no kernels for
-the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU). And the teacher
-as ONNX fp32 (`export_teacher`), the shadow model a pod may score a sample of its texts with.
+"""Smaller, faster copies of the fp32 student: torch dynamic int8, ONNX fp32, ONNX Runtime int8 in two
+schemes (what CPU nodes serve) and ONNX fp16 (what GPU nodes serve: ONNX Runtime's CUDA provider has no
+kernels for the dynamic int8 operators, so an int8 model on a GPU would compute mostly on the CPU). And the
+teacher as ONNX fp32 (`export_teacher`), the shadow model a pod may score a sample of its texts with.
+
+The two ONNX int8 schemes differ in where activation scales come from:
+- `onnx_int8` (dynamic): computed at run time over the whole input tensor, i.e. over every window of the
+  batch, padding included, so a text's logits (and at a near-tie its label) depend on its neighbours.
+- `onnx_int8_static` (static QDQ): fixed once, calibrated on training texts read as served; weights per output
+  channel. Every row is then scaled alike whatever shares its batch: a text gets the same answer at any
+  batch size and composition (tests/test_batch_invariance.py).
 
 Each variant is a model folder (serving/folder.py) holding the student's tokenizer, config and
 metadata beside its own weights, so every consumer loads it the same way. A variant is only
@@ -20,14 +27,22 @@ import inspect
 import logging
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -117,6 +132,67 @@ def quantize_onnx_int8(onnx_fp32: Path, out: Path) -> Path:
     return out
 
 
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}
+CALIBRATION_BATCH = 32  # texts per calibration batch: the ranges are gathered over all of them either way
+
+
+Encode = Callable[[list[str]], dict[str, np.ndarray]]  # texts -> the model's input arrays, one row per window
+
+
+class CalibrationTexts(CalibrationDataReader):
+    """The calibration texts, `CALIBRATION_BATCH` at a time, as `encode` turns them into the model's inputs.
+    `row_by_row`: one window per call (the histogram methods stack every call's activations into one array,
+    so every call must have one shape: `encode` then pads to the full window)."""
+
+    def __init__(self, texts: list[str], encode: Encode, inputs: set[str], *, row_by_row: bool = False) -> None:
+        self.texts, self.encode, self.inputs, self.row_by_row = texts, encode, inputs, row_by_row
+        self.batches = iter(range(0, len(texts), CALIBRATION_BATCH))
+        self.pending: list[dict[str, np.ndarray]] = []
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pending:
+            return self.pending.pop(0)
+        start = next(self.batches, None)
+        if start is None:
+            return None
+        batch = self.encode(self.texts[start: start + CALIBRATION_BATCH])
+        batch = {name: values for name, values in batch.items() if name in self.inputs}
+        if not self.row_by_row:
+            return batch
+        rows = len(next(iter(batch.values())))
+        self.pending = [{name: values[i: i + 1] for name, values in batch.items()} for i in range(rows)]
+        return self.get_next()
+
+
+def quantize_onnx_int8_static(onnx_fp32: Path, out: Path, texts: list[str], encode: Encode, *,
+                              method: str = "minmax") -> Path:
+    """ONNX Runtime static quantization in QDQ form: int8 MatMul weights per output channel and int8 embedding
+    tables (as the dynamic variant), uint8 activations with scales calibrated on `texts`, fed as `encode` makes
+    them (the served tokenizer and windows: so the ranges cover what serving feeds in), by `method`.
+
+    Only MatMuls with a weight operand are quantized (`MatMulConstBOnly`), the ones the dynamic variant
+    quantizes, so the two differ in the activation scales alone; the attention products stay fp32."""
+    if not texts:
+        raise QuantizeError("onnx_int8_static needs calibration texts (quantize.calibration_texts > 0)")
+    if method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"unknown calibration method '{method}'; known: {list(CALIBRATION_METHODS)}")
+    copy_model_files(onnx_fp32, out)
+    source = onnx_fp32 / FORMAT_FILES["onnx"]
+    inputs = {i.name for i in onnx.load(str(source), load_external_data=False).graph.input}
+    with quiet_onnxruntime_root_logs():
+        reader = CalibrationTexts(texts, encode, inputs, row_by_row=method != "minmax")
+        quantize_static(str(source), str(out / FORMAT_FILES["onnx"]), reader,
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                        calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True,
+                                       "ActivationSymmetric": False})
+    write_meta(out, format="onnx", variant="onnx_int8_static", quantized_from=str(onnx_fp32),
+               calibration={"texts": len(texts), "method": method})
+    return out
+
+
 def convert_onnx_fp16(onnx_fp32: Path, out: Path) -> Path:
     """fp16 weights and activations for the GPU; int64 token ids in and fp32 logits out, as the others."""
     copy_model_files(onnx_fp32, out)
@@ -134,17 +210,52 @@ def export_teacher(teacher: Path, out: Path, opset: int = 17) -> Path:
     return out
 
 
-def build(variant: str, student: Path, out_root: Path, *, opset: int = 17) -> Path:
-    """Build one variant under `out_root/variant` (onnx_int8 and onnx_fp16 build onnx_fp32 first if missing)."""
+@dataclass
+class Calibration:
+    """What onnx_int8_static calibrates its activation scales on (QuantizeConfig's keys), and how texts become
+    model inputs: the served tokenizer and windows, e.g. `open_classifier(student).encode` (handed in, so this
+    module, which the distill stage imports, needs no serving runtime: a serving edit reruns no training)."""
+
+    texts: list[str]
+    encode: Encode
+    method: str = "minmax"
+
+    @classmethod
+    def served_as(cls, model: Any, texts: list[str], method: str = "minmax") -> Calibration:
+        """Calibration on `texts` read as `model` (a TextClassifier) reads them: its tokenizer and windows.
+        The histogram methods stack every batch's activations into one array, so there every batch is padded
+        to the full window (`max_length`); minmax takes each batch as served, padded to its longest text."""
+        pad_id = model.encode.tokenizer.padding["pad_id"]
+
+        def encode(batch: list[str]) -> dict[str, np.ndarray]:
+            arrays = model.encode(batch).batch
+            if method == "minmax":
+                return arrays
+            extra = model.max_length - next(iter(arrays.values())).shape[1]
+            return {name: np.pad(values, ((0, 0), (0, extra)), constant_values=pad_id if name == "input_ids" else 0)
+                    for name, values in arrays.items()}
+
+        return cls(texts, encode, method)
+
+
+def build(variant: str, student: Path, out_root: Path, *, opset: int = 17,
+          calibration: Calibration | None = None) -> Path:
+    """Build one variant under `out_root/variant` (the ONNX int8 and fp16 variants build onnx_fp32 first if
+    missing; onnx_int8_static needs `calibration`)."""
     out = out_root / variant
     if variant == "torch_int8":
         return quantize_torch_int8(student, out)
     if variant == "onnx_fp32":
         return export_onnx(student, out, opset)
-    if variant in ("onnx_int8", "onnx_fp16"):
+    if variant in ("onnx_int8", "onnx_int8_static", "onnx_fp16"):
         fp32 = out_root / "onnx_fp32"
         if not (fp32 / FORMAT_FILES["onnx"]).exists():
             export_onnx(student, fp32, opset)
+        if variant == "onnx_int8_static":
+            if calibration is None:
+                raise QuantizeError("onnx_int8_static needs calibration texts (quantize.calibration_texts > 0)")
+            return quantize_onnx_int8_static(fp32, out, calibration.texts, calibration.encode,
+                                             method=calibration.method)
         return quantize_onnx_int8(fp32, out) if variant == "onnx_int8" else convert_onnx_fp16(fp32, out)
     raise QuantizeError(f"unknown variant '{variant}'; known: {list(VARIANTS)}")
 
