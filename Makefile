@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED := 1
 .PHONY: run test test-fast lint ui serve bento image benchmark test-tools checkov clean-env cluster-build cluster
 
 # The venv is rebuilt when the dependencies change; constraints.txt pins the versions seen working together
-# (torch the CPU build: docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
+# (torch 2.13.0: the CPU build where pip's find-links offer one, else PyPI's CUDA build, which runs on CPUs too:
+# docs/stack.md). uv installs in ~20 s where pip takes ~3 min: it is used when on the
 # PATH or installable into the venv, else pip. uv does not read pip's configuration, so pip's find-links
 # (where a machine may keep a CPU build of torch) are handed to it.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -44,6 +45,7 @@ test-tools:
 	command -v chromium >/dev/null || command -v google-chrome >/dev/null || missing="$$missing chromium"; \
 	command -v docker-registry >/dev/null || missing="$$missing docker-registry"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (Debian packages, for the container, PostgreSQL, registry, UI and rule tests)"; \

@@ -203,27 +203,33 @@ def stable_template(namespace: str, name: str, *, client: Any = None) -> dict | 
     exists, else the Deployment's template where its pods are available (a Deployment about to be migrated);
     None where neither serves (a first release). The Deployment's template is not the stable under a Rollout:
     after an aborted canary it still holds the canary's template."""
-    from kubernetes import client as k8s
-    from kubernetes.client.exceptions import ApiException
-
     client = client or api_client()
     rollout = read_rollout(namespace, name, client=client)
     if rollout is not None:
-        stable = (rollout.get("status") or {}).get("stableRS")
-        if not stable:
-            return None
-        apps = k8s.AppsV1Api(client)
-        try:
-            found = apps.list_namespaced_replica_set(namespace, label_selector=f"{POD_HASH}={stable}").items
-        except ApiException as exc:
-            raise api_error(exc, f"listing the replica sets of rollout {namespace}/{name}") from None
-        if not found:
-            return None
-        return apps.api_client.sanitize_for_serialization(found[0])["spec"]["template"].get("metadata") or {}
+        template = stable_revision_template(namespace, rollout, client=client)
+        return None if template is None else template.get("metadata") or {}
     deployment = read_deployment(namespace, name, client=client)
     if deployment is None or not (deployment.get("status") or {}).get("availableReplicas"):
         return None
     return deployment["spec"]["template"].get("metadata") or {}
+
+
+def stable_revision_template(namespace: str, rollout: dict, *, client: Any) -> dict | None:
+    """The pod template (metadata and spec) of the Rollout's stable ReplicaSet (status.stableRS names its
+    rollouts-pod-template-hash); None where there is none yet."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    stable = (rollout.get("status") or {}).get("stableRS")
+    if not stable:
+        return None
+    apps = k8s.AppsV1Api(client)
+    try:
+        found = apps.list_namespaced_replica_set(namespace, label_selector=f"{POD_HASH}={stable}").items
+    except ApiException as exc:
+        name = (rollout.get("metadata") or {}).get("name", "")
+        raise api_error(exc, f"listing the replica sets of rollout {namespace}/{name}") from None
+    return apps.api_client.sanitize_for_serialization(found[0])["spec"]["template"] if found else None
 
 
 def restore_stable_template(namespace: str, rollout_name: str, workload: str, *, client: Any = None) -> bool:
@@ -235,20 +241,15 @@ def restore_stable_template(namespace: str, rollout_name: str, workload: str, *,
     from kubernetes.client.exceptions import ApiException
 
     client = client or api_client()
-    rollout = read_rollout(namespace, rollout_name, client=client) or {}
-    stable = (rollout.get("status") or {}).get("stableRS")
-    if not stable:
+    template = stable_revision_template(namespace, read_rollout(namespace, rollout_name, client=client) or {},
+                                        client=client)
+    if template is None:
         return False
-    apps = k8s.AppsV1Api(client)
+    template.get("metadata", {}).get("labels", {}).pop(POD_HASH, None)  # Argo's, added to its ReplicaSets
     try:
-        found = apps.list_namespaced_replica_set(namespace, label_selector=f"{POD_HASH}={stable}").items
-        if not found:
-            return False
-        template = apps.api_client.sanitize_for_serialization(found[0])["spec"]["template"]
-        template.get("metadata", {}).get("labels", {}).pop(POD_HASH, None)  # Argo's, added to its ReplicaSets
-        apps.patch_namespaced_deployment(workload, namespace, [{"op": "replace", "path": "/spec/template",
-                                                                "value": template}],
-                                         field_manager=FIELD_MANAGER)
+        k8s.AppsV1Api(client).patch_namespaced_deployment(
+            workload, namespace, [{"op": "replace", "path": "/spec/template", "value": template}],
+            field_manager=FIELD_MANAGER)
     except ApiException as exc:
         raise api_error(exc, f"restoring the stable template of {namespace}/{workload}") from None
     return True
