@@ -12,7 +12,7 @@ from distilops import stats
 from distilops.config import EvaluateConfig, UnlabeledSet
 from distilops.errors import DataError
 from distilops.pipeline.evaluate import (
-    classification_metrics,
+    class_breakdown,
     flat_metrics,
     measure_speed,
     model_folders,
@@ -29,9 +29,12 @@ from distilops.serving import fidelity
 
 
 def test_classification_metrics_by_hand():
+    from distilops.pipeline.evaluate import paired_quality
+
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     preds = np.array([0, 0, 1, 1, 1, 1, 0, 0])
-    m = classification_metrics(labels, preds, ["rotten", "fresh"])
+    m = {**class_breakdown(labels, preds, ["rotten", "fresh"]),
+         **paired_quality(labels, {"teacher": preds}, ["rotten", "fresh"], resamples=10, seed=0)["teacher"]}
     assert m["accuracy"] == pytest.approx(5 / 8)
     # rotten: precision 2/4, recall 2/3; fresh: precision 3/4, recall 3/5
     assert m["per_class"]["rotten"]["precision"] == pytest.approx(0.5)
@@ -46,8 +49,8 @@ def test_classification_metrics_by_hand():
 
 
 def test_a_class_never_predicted_gets_zero_precision_not_an_error():
-    m = classification_metrics(np.array([0, 1, 1]), np.array([1, 1, 1]), ["a", "b"])
-    assert m["per_class"]["a"]["precision"] == 0.0 and m["accuracy"] == pytest.approx(2 / 3)
+    m = class_breakdown(np.array([0, 1, 1]), np.array([1, 1, 1]), ["a", "b"])
+    assert m["per_class"]["a"]["precision"] == 0.0 and m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
 
 
 def test_measure_speed_reports_every_model(tmp_path):

@@ -147,20 +147,23 @@ def test_quantizing_leaves_the_process_logging_alone(student, tmp_path, caplog):
 
 
 def test_register_serves_onnx_fp32_where_quantize_rejected_the_configured_variant(caplog):
-    from conftest import load_stage
-
     from distilops.config import RegisterConfig
     from distilops.errors import RegistryError
+    from distilops.release.registry import serving_variants
 
-    stage = load_stage("register")
+    wanted = RegisterConfig().serving.model_dump()
     checks = {"onnx_fp32": {"accepted": True}, "onnx_int8": {"accepted": False, "reason": "dropped 3 points"},
               "onnx_fp16": {"accepted": True}}
-    with caplog.at_level(logging.WARNING, logger="register"):
-        plan = stage.serving_variants(RegisterConfig(), checks)
+    with caplog.at_level(logging.WARNING, logger="distilops.release.registry"):
+        plan = serving_variants(wanted, checks)
     assert plan == {"cpu": "onnx_fp32", "gpu": "onnx_fp16"}
     assert "cpu variant onnx_int8 is not registered: dropped 3 points. onnx_fp32 serves instead" in caplog.text
+    assert serving_variants(wanted, {**checks, "onnx_int8": {"accepted": True}}) == {"cpu": "onnx_int8",
+                                                                                   "gpu": "onnx_fp16"}
     with pytest.raises(RegistryError, match="add onnx_fp32 to quantize.variants"):
-        stage.serving_variants(RegisterConfig(), {"onnx_int8": {"accepted": False, "reason": "x"}})
+        serving_variants(wanted, {"onnx_int8": {"accepted": False, "reason": "x"}})
+    with pytest.raises(RegistryError, match="register.serving.cpu must name a variant"):
+        serving_variants({"cpu": "", "gpu": "onnx_fp16"}, checks)
 
 
 def test_the_teacher_exports_to_onnx_and_agrees_with_itself_in_pytorch(student, texts, tmp_path):
@@ -195,13 +198,25 @@ def test_the_teacher_export_is_refused_below_0999_agreement():
 
 
 def test_register_skips_a_refused_teacher_export_with_its_reason(caplog):
-    from conftest import load_stage
+    from distilops.config import RegisterConfig
+    from distilops.pipeline.evaluate import model_key
+    from distilops.release.registry import Planned, release_plan
 
-    stage = load_stage("register")
-    with caplog.at_level(logging.WARNING, logger="register"):
-        assert stage.teacher_plan({"teacher_onnx": {"accepted": False, "reason": "agreement 0.9980"}}) == []
-        assert stage.teacher_plan({}) == []
+    served = {"onnx_int8": {"accepted": True}, "onnx_fp16": {"accepted": True}}
+    teacher = Planned(TEACHER_VARIANT, Path("models/teacher_onnx"), "teacher", "", "teacher")
+
+    def plan(checks: dict) -> list[tuple[str, str, str, str]]:
+        planned = release_plan(RegisterConfig().serving.model_dump(), {**served, **checks}, student=Path("s"),
+                               quantized=Path("q"), teacher=teacher, teacher_check="teacher_onnx",
+                               evaluated_as=model_key)
+        return [(p.variant, p.role, p.device, p.evaluated_as) for p in planned]
+
+    released = [("student", "reference", "", "student"), ("onnx_int8", "serving", "cpu", "student_onnx_int8"),
+                ("onnx_fp16", "serving", "gpu", "student_onnx_fp16")]
+    with caplog.at_level(logging.WARNING, logger="distilops.release.registry"):
+        assert plan({"teacher_onnx": {"accepted": False, "reason": "agreement 0.9980"}}) == released
+        assert plan({}) == released
     assert "teacher's ONNX export is not registered: agreement 0.9980. This release carries no shadow" in caplog.text
     assert "not built by the quantize stage" in caplog.text
-    (plan,) = stage.teacher_plan({"teacher_onnx": {"accepted": True, "reason": "ok"}})
-    assert plan[0] == TEACHER_VARIANT and plan[2:] == ("teacher", "", "teacher")
+    assert plan({"teacher_onnx": {"accepted": True, "reason": "ok"}}) == [
+        *released, (TEACHER_VARIANT, "teacher", "", "teacher")]
