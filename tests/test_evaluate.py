@@ -207,3 +207,38 @@ def test_an_unlabelled_set_that_is_missing_or_empty_names_its_params_key(tmp_pat
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match=r"evaluate.unlabeled_sets 'logs': '.*empty.txt' holds no texts"):
         stage.load_unlabeled(UnlabeledSet(name="logs", source=str(tmp_path / "empty.txt")), seed=0)
+
+
+def test_the_evaluation_plots_draw_each_models_numbers(tmp_path):
+    """What each PNG shows: every model's confusion matrix cell by cell, its accuracy against its latency with its
+    name and size, and every set's accuracy with its interval per model."""
+    from matplotlib.collections import PathCollection
+
+    from distilops.pipeline.evaluate import plot_accuracy_vs_latency, plot_confusion_matrices, plot_set_accuracies
+
+    results = {"teacher": {"confusion_matrix": [[40, 10], [5, 45]], "accuracy": 0.85, "latency_p50_ms": 8.0,
+                           "size_mb": 90.0},
+               "student_onnx_int8": {"confusion_matrix": [[38, 12], [7, 43]], "accuracy": 0.81, "latency_p50_ms": 2.0,
+                                     "size_mb": 23.0}}
+    confusion = plot_confusion_matrices(results, ["rotten", "fresh"], tmp_path / "confusion.png")
+    for ax, (name, entry) in zip(confusion.axes, results.items(), strict=True):
+        assert [int(t.get_text()) for t in ax.texts] == [v for row in entry["confusion_matrix"] for v in row]
+        assert ax.get_title() == f"{name}\nacc {entry['accuracy']:.3f}"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["rotten", "fresh"]
+
+    tradeoff = plot_accuracy_vs_latency(results, tmp_path / "tradeoff.png").axes[0]
+    dots = [c.get_offsets().tolist()[0] for c in tradeoff.collections if isinstance(c, PathCollection)]
+    assert dots == [[2.0, 0.81], [8.0, 0.85]]  # fastest first
+    assert [t.get_text() for t in tradeoff.texts] == ["student_onnx_int8\n23 MB, 2.00 ms", "teacher\n90 MB, 8.00 ms"]
+
+    rows = [{"set": s, "model": m, "accuracy": a, "accuracy_low": a - 0.02, "accuracy_high": a + 0.03}
+            for s, m, a in [("test", "teacher", 0.85), ("test", "student", 0.81), ("long", "teacher", 0.8),
+                            ("long", "student", 0.7)]]
+    sets = plot_set_accuracies(rows, tmp_path / "sets.png").axes[0]
+    bars = {c.get_label(): c for c in sets.containers}
+    assert set(bars) == {"teacher", "student"}
+    student_points = bars["student"].lines[0].get_ydata().tolist()
+    assert student_points == [0.81, 0.7]
+    assert [t.get_text() for t in sets.get_xticklabels()] == ["test", "long"]
+    for png in ("confusion.png", "tradeoff.png", "sets.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

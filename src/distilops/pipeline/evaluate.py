@@ -403,8 +403,8 @@ def measure_set_throughput(models: dict[str, TextClassifier], texts: list[str], 
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
-def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> None:
-    """One confusion matrix per model, side by side, as a PNG."""
+def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> Figure:
+    """One confusion matrix per model, side by side, as a PNG; returns the figure."""
     fig = Figure(figsize=(3.2 * len(results), 3.4))  # no pyplot: no global figure state, no GUI backend
     axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
@@ -420,10 +420,11 @@ def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str]
     axes[0][0].set_ylabel("actual")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
-    """Test accuracy against batch-1 median latency (log scale): the distillation trade-off."""
+def plot_accuracy_vs_latency(results: dict[str, dict], path) -> Figure:
+    """Test accuracy against batch-1 median latency (log scale): the distillation trade-off; returns the figure."""
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     ordered = sorted(results.items(), key=lambda item: item[1]["latency_p50_ms"])
@@ -444,10 +445,12 @@ def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_set_accuracies(rows: list[dict], path) -> None:
-    """Accuracy with its 95% interval per evaluation set and model: are differences inside the noise?"""
+def plot_set_accuracies(rows: list[dict], path) -> Figure:
+    """Accuracy with its 95% interval per evaluation set and model: are differences inside the noise? Returns the
+    figure."""
     sets = list(dict.fromkeys(r["set"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig = Figure(figsize=(2.2 + 1.6 * len(sets) * max(1, len(models) / 4), 4))
@@ -467,3 +470,4 @@ def plot_set_accuracies(rows: list[dict], path) -> None:
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
