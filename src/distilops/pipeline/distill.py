@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 import mlflow
 import optuna
+import torch
 from matplotlib.figure import Figure
 from optuna.visualization import matplotlib as optuna_plots
 
@@ -131,7 +132,7 @@ def close(figure: Figure) -> None:
 
 @dataclass
 class FinalStudent:
-    model: object  # the trained torch module
+    model: torch.nn.Module
     result: TrainResult
     settings: TrainSettings  # its checkpoints are cleared once the outputs are written
 
