@@ -12,8 +12,8 @@ the model's own setting), so one text costs at most that many short texts' worth
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
 Every setting is declared, typed, in serving/settings.py (docs/settings.md); a bad value stops the service
-at start with one line. With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider never becomes
-ready: the pod is not served on its CPU by mistake, and the log says why. At run time, model calls
+at start with one line. With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider
+never becomes ready: the pod is not served on its CPU by mistake, and the log says why. At run time, model calls
 that keep failing (DISTILOPS_UNREADY_AFTER_FAILURES in a row, e.g. a sticky CUDA error) make the pod
 unready; each readiness probe then tries one call of its own, and a pod still failing after
 DISTILOPS_DEAD_AFTER_SECONDS is no longer alive, so the kubelet restarts it. A 503 (load shed, or not
