@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from tiny import make_reviews, make_tiny_model
+from tiny import NEGATIVE, POSITIVE, make_reviews, make_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,10 @@ def test_transfer_texts_are_labelled_by_the_teacher_and_distilled(repo_copy):
     them is dropped), and the student trains on them beside the labelled data, on soft targets only."""
     tiny_pipeline(repo_copy)
     train_text = pd.read_csv(repo_copy.path / "reviews.csv")["text"].iloc[0]
-    texts = [f"an unlabelled sentence number {i} about nothing much" for i in range(30)] + [train_text]
+    # unlabelled, unlike any training text (the movie token), and telling the teacher different things: 15 fresh-
+    # sounding, 15 rotten-sounding, so their logits differ text by text
+    texts = [f"{('the', 'a')[i % 2]} {(POSITIVE if i < 15 else NEGATIVE)[i % 8]} movie m{i}" for i in range(30)]
+    texts += [train_text]
     (repo_copy.path / "transfer.txt").write_text("\n".join(texts) + "\n")
     repo_copy.set_params({"teacher_outputs.transfer_texts": ["transfer.txt"], "distill.n_trials": 1,
                           "distill.search.student_layers": [0, 0]})  # one trial: depth fixed
@@ -174,7 +177,7 @@ def test_transfer_texts_are_labelled_by_the_teacher_and_distilled(repo_copy):
 
     root = repo_copy.path
     soft = np.load(root / "data/teacher_outputs/transfer_logits.npy")
-    assert soft.shape == (30, 2)
+    assert soft.shape == (30, 2) and np.abs(soft - soft[::-1]).max() > 0.1  # rows in another order would show
     np.testing.assert_allclose(soft, open_classifier(root / "models/teacher").predict_logits_batched(cached), atol=1e-4)
     train = load_inputs(load_section(DistillConfig, root / "params.yaml"), root / "data/prepared",
                         root / "models/teacher", root / "data/teacher_outputs").data["train"]
