@@ -16,6 +16,7 @@ survive a crash; rerunning continues where it stopped.
 
 import logging
 
+import matplotlib
 import mlflow
 
 from distilops import paths
@@ -30,6 +31,7 @@ from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
 
 log = logging.getLogger("distill")
+matplotlib.use("Agg")  # optuna's study plots draw with pyplot: no display here (ours use Figure, no pyplot)
 PLOTS = paths.plots_dir("distill")
 
 

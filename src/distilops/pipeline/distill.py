@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import optuna
 import torch
@@ -41,7 +40,6 @@ from distilops.pipeline.tuning import (
 from distilops.stage import table_csv
 
 log = logging.getLogger(__name__)
-matplotlib.use("Agg")  # optuna's study plots draw with pyplot: no display here (ours use Figure directly)
 NO_FRONTIER_COLUMNS = ("trial", "student_layers", "latency_ms", "fidelity")  # the empty table's header
 
 
@@ -101,7 +99,8 @@ def choose_point(study: optuna.Study, cfg: DistillConfig, folder: Path) -> Choic
 
 def log_study_plots(study: optuna.Study, folder: Path) -> None:
     """Optimisation history and parameter importances, as files and MLflow artifacts (a depth search's: of
-    fidelity, the mean of its two agreements), and the trials as study/trials.csv."""
+    fidelity, the mean of its two agreements), and the trials as study/trials.csv. Optuna draws them with pyplot:
+    the caller picks a backend without a display (the stage: Agg)."""
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
