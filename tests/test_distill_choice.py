@@ -12,6 +12,7 @@ from distilops.config import DistillConfig
 from distilops.errors import TuningError
 from distilops.pipeline import distill, frontier
 from distilops.pipeline.tuning import DIRECTIONS
+from distilops.tracking import stage_run
 
 PARAMS = {"temperature": 3.1, "alpha": 0.81, "learning_rate": 1.2e-4}
 DISTRIBUTIONS = {"student_layers": optuna.distributions.IntDistribution(2, 5),
@@ -20,9 +21,10 @@ DISTRIBUTIONS = {"student_layers": optuna.distributions.IntDistribution(2, 5),
 
 @pytest.fixture()
 def run(tmp_path, monkeypatch):
+    """The distill stage's MLflow run, in a store of this test's own (stage_run points MLflow at it and sets the
+    experiment: what an earlier test left set applies to another store)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as active:
+    with stage_run("distill") as active:
         yield active
 
 
