@@ -12,27 +12,28 @@ stage chose and why (`distill.*` tags); the whole depth frontier is an artifact 
 import logging
 import shutil
 import tempfile
+from dataclasses import astuple
 from pathlib import Path
 
 import mlflow
 
 from distilops import paths
 from distilops.config import RegisterConfig, as_flat_dict, load_section
-from distilops.errors import RegistryError
 from distilops.hashing import sha256
 from distilops.pipeline.evaluate import BASELINE, model_key
 from distilops.pipeline.quantize import TEACHER_CHECK, TEACHER_VARIANT
 from distilops.release.registry import (
     TEACHER_ROLE,
+    Planned,
     choice_tags,
-    frontier_csv,
     link_release,
     link_shadow,
     metrics_from_report,
     register_version,
+    release_plan,
 )
 from distilops.serving.folder import read_meta, write_meta
-from distilops.stage import read_json, run_stage, write_json
+from distilops.stage import read_json, run_stage, table_csv, write_json
 from distilops.tracking import stage_run
 
 log = logging.getLogger("register")
@@ -45,16 +46,6 @@ def with_windows(folder: Path, cfg: RegisterConfig, into: Path, reference: dict 
     write_meta(copy, window_overlap=cfg.window_overlap, max_windows=cfg.max_windows,
                **({"reference": reference} if reference else {}))
     return copy
-
-
-def teacher_plan(checks: dict) -> list[tuple[str, Path, str, str, str]]:
-    """The teacher's ONNX export as the release's shadow version, when quantize accepted it; else none."""
-    found = checks.get(TEACHER_CHECK)
-    if not found or not found.get("accepted", False):
-        reason = found["reason"] if found else "not built by the quantize stage"
-        log.warning("the teacher's ONNX export is not registered: %s. This release carries no shadow model.", reason)
-        return []
-    return [(TEACHER_VARIANT, paths.TEACHER_ONNX, TEACHER_ROLE, "", BASELINE)]
 
 
 def description(variant: str, role: str, device: str, folder: Path) -> str:
@@ -89,46 +80,25 @@ def log_frontier(distill: dict, scratch: Path) -> None:
     if not rows:  # depth not searched: nothing to compare the student with
         return
     table = scratch / "frontier.csv"
-    table.write_text(frontier_csv(rows))
+    table.write_text(table_csv(rows))
     mlflow.log_artifact(str(table), artifact_path="frontier")
     plot = paths.plots_dir("distill") / "frontier.png"
     if plot.exists():
         mlflow.log_artifact(str(plot), artifact_path="frontier")
 
 
-def serving_variants(cfg: RegisterConfig, checks: dict) -> dict[str, str]:
-    """{device: variant}: the configured ONNX variant per device, onnx_fp32 where quantize rejected it."""
-    plan = {}
-    for device, wanted in cfg.serving.model_dump().items():
-        if not wanted:
-            continue
-        variant = wanted
-        if not checks.get(variant, {}).get("accepted", False):
-            reason = checks[variant]["reason"] if variant in checks else "not built by the quantize stage"
-            log.warning("%s variant %s is not registered: %s. onnx_fp32 serves instead.", device, variant, reason)
-            variant = "onnx_fp32"
-        if not checks.get(variant, {}).get("accepted", False):
-            raise RegistryError(f"no accepted ONNX variant to serve on {device}: add onnx_fp32 to quantize.variants")
-        plan[device] = variant
-    if "cpu" not in plan:
-        raise RegistryError("register.serving.cpu must name a variant: the CPU version is the one promoted")
-    return plan
-
-
 def main() -> None:
     cfg = load_section(RegisterConfig)
     evaluation = read_json(paths.metrics_file("evaluate"))
     checks = read_json(paths.metrics_file("quantize"))
-    devices = serving_variants(cfg, checks)
+    # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling), then
+    # the teacher's export (the shadow model) when quantize accepted it.
+    plan = release_plan(cfg.serving.model_dump(), checks, student=paths.STUDENT, quantized=paths.QUANTIZED,
+                        teacher=Planned(TEACHER_VARIANT, paths.TEACHER_ONNX, TEACHER_ROLE, "", BASELINE),
+                        teacher_check=TEACHER_CHECK, evaluated_as=model_key)
     params_text = Path("params.yaml").read_text()
     distill = distill_report()
     chosen = choice_tags(distill)  # on the student and the served versions: the teacher's depth was not chosen
-    # The student first, then the CPU serving version (the one promoted), then the GPU one (its sibling), then
-    # the teacher's export (the shadow model) when quantize accepted it.
-    plan = [("student", paths.STUDENT, "reference", "", model_key("student"))]
-    plan += [(variant, paths.QUANTIZED / variant, "serving", device, model_key(variant))
-             for device, variant in devices.items()]
-    plan += teacher_plan(checks)
 
     registered, release, shadow = {}, {}, ""
     with stage_run("register", as_flat_dict(cfg)), tempfile.TemporaryDirectory() as scratch:
@@ -136,7 +106,7 @@ def main() -> None:
         log_frontier(distill, Path(scratch))
         if distill.get("choice", {}).get("reason"):
             log.info("student depth: %s", distill["choice"]["reason"])
-        for variant, folder, role, device, key in plan:
+        for variant, folder, role, device, key in (astuple(p) for p in plan):
             evaluated = evaluation["models"][key]
             m = metrics_from_report(evaluation, key)
             mv = register_version(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,10 @@ from pathlib import Path
 
 import httpx
 
+from distilops.release.deploy import free_port  # noqa: F401 (the library's, which `deploy` port-forwards to)
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE_PATHS = ("/livez", "/readyz")  # what the Kubernetes probes call (tests/test_k8s.py checks the manifests)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 90, *, exited=None, detail=lambda: "") -> None:  # noqa: ANN001

@@ -1,7 +1,7 @@
 """The layout's rules (docs/architecture.md), checked on the code itself:
 
-- one-way edges: serving imports only `errors`; the shared core imports only the core; pipeline and
-  release import the core and serving, never each other (one named exception);
+- one-way edges: serving imports only `errors` and `settings` of the core; the shared core imports only
+  the core; pipeline and release import the core and serving, never each other (one named exception);
 - the Bento carries the serving package whole, and it runs without torch, transformers or MLflow;
 - every DVC stage depends on exactly the code it runs, so a serving edit reruns no training stage;
 - the contracts the code and dvc.yaml share (paths, report keys, window defaults) agree.
@@ -21,12 +21,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "distilops"
-CORE = {"errors", "config", "paths", "hashing", "logs", "stats", "tracking", "stage", "commands"}
+CORE = {"errors", "config", "paths", "hashing", "logs", "stats", "tracking", "stage", "commands", "settings"}
 ENTRY_POINTS = {"distilops.cli"}  # the `distilops` command: any command may need any part (imported lazily)
 # Files a module hands to a framework instead of importing: MLflow runs pyfunc_model.py from the path pyfunc.py logs.
 USED_WITHOUT_IMPORT = {"distilops.release.pyfunc": ["distilops.release.pyfunc_model"]}
 # MLflow loading a registered PyTorch version (the fp32 student) needs the pipeline's torch runtime.
 ALLOWED_EXCEPTIONS = {("distilops.release.pyfunc_model", "distilops.pipeline.torch_model")}
+# The core modules serving may import (and the Bento carries): its errors, and how settings are read.
+SERVING_CORE = {"distilops.errors", "distilops.settings"}
 TRAINING_STAGES = {"prepare", "long_texts", "teacher", "teacher_outputs", "distill"}
 
 
@@ -99,7 +101,7 @@ def test_imports_follow_the_one_way_edges():
             continue
         for imported in imported_modules(path):
             target = layer(imported)
-            if imported == "distilops.errors":  # the one core module serving imports: every layer may
+            if imported in SERVING_CORE:  # the core modules serving imports: every layer may
                 continue
             if target not in ALLOWED[layer(module)] and (module, imported) not in ALLOWED_EXCEPTIONS:
                 broken.append(f"{module} ({layer(module)}) imports {imported} ({target})")
@@ -152,7 +154,7 @@ def test_the_bento_carries_the_serving_package_as_a_folder():
     covered = {f"src/{p}" for p in included if not p.endswith("/")}
     folders = [f"src/{p}" for p in included if p.endswith("/")]
     assert all(path in covered or any(path.startswith(f) for f in folders) for path in needed)
-    assert covered == {"src/distilops/__init__.py", "src/distilops/errors.py"}  # nothing else rides along
+    assert covered == {"src/distilops/__init__.py", *(f"src/{m.replace('.', '/')}.py" for m in SERVING_CORE)}
 
 
 def test_every_stage_depends_on_all_the_code_it_runs():

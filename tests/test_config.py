@@ -1,5 +1,7 @@
 """params.yaml loading: shared keys, unknown keys, nested sections."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -51,11 +53,30 @@ def test_missing_section_and_file(tmp_path):
         load_section(TeacherConfig, tmp_path / "missing.yaml")
 
 
-def test_repository_params_load():
-    from distilops.config import PrepareConfig, TeacherOutputsConfig
+def written_in(written: object, loaded: object) -> list[str]:
+    """Where `loaded` differs from what params.yaml wrote (`written`): keys it lacks or values it changed."""
+    if isinstance(written, dict):
+        if not isinstance(loaded, dict):
+            return [f"{written!r} became {loaded!r}"]
+        return [f"{k}: {why}" for k, v in written.items()
+                for why in ([f"missing (got {sorted(loaded)})"] if k not in loaded else written_in(v, loaded[k]))]
+    if isinstance(written, list) and isinstance(loaded, list) and len(written) == len(loaded):
+        return [why for w, v in zip(written, loaded, strict=True) for why in written_in(w, v)]
+    return [] if written == loaded else [f"{written!r} became {loaded!r}"]
 
-    for cls in (PrepareConfig, TeacherConfig, TeacherOutputsConfig, DistillConfig):
-        load_section(cls)
+
+def test_repository_params_load_as_written():
+    """Every section of the repository's params.yaml loads, holding exactly the values written there (and the shared
+    top-level keys it declares)."""
+    from distilops.config import SECTIONS, SHARED_KEYS
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    for cls in SECTIONS:
+        loaded = load_section(cls).model_dump()
+        shared = {k: params[k] for k in SHARED_KEYS if k in cls.model_fields and k in params}
+        written = {**shared, **(params[cls.SECTION] or {})}
+        assert written and not written_in(written, loaded), (cls.SECTION, written_in(written, loaded))
+    assert written_in({"a": [1, {"b": 2}]}, {"a": [1, {"b": 3}]}) == ["a: b: 2 became 3"]  # the comparison sees one
 
 
 def test_unlabeled_sets_default_to_held_apart_general_text_and_are_validated(tmp_path):

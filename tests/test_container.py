@@ -24,7 +24,10 @@ from distilops.release.registry import link_release, promote, register_version
 from distilops.serving.inference import TextClassifier
 from distilops.tracking import stage_run
 
-pytestmark = pytest.mark.slow
+BUILD_S = 1500  # one `distilops image` run at most (a cold base image, the wheels downloaded)
+# pytest's global timeout (pyproject: 600 s) counts a test's fixtures too: the first test here builds the image in
+# the `built` fixture, and the deploy test builds twice more. Each test gets the builds it may wait for, plus 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_S + 600)]
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-sentiment"
 REPOSITORY = "localhost/distilops-test-classifier"
@@ -91,7 +94,7 @@ def built(tmp_path_factory):
     # A repository of its own: the test must not replace (then delete) an image a user built for their version 2.
     result = subprocess.run([distilops, "image", "--device", "cpu", "-m", NAME, "--repository", REPOSITORY],
                             cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=1500)
+                            capture_output=True, text=True, timeout=BUILD_S)
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"image built in {time.monotonic() - started:.0f} s: {result.stderr.strip().splitlines()[-1]}")
     ref = result.stdout.strip().splitlines()[-1]
@@ -224,6 +227,7 @@ def test_stopping_the_container_under_load_completes_every_request_in_flight(bui
         podman("rm", "-f", name, check=False)
 
 
+@pytest.mark.timeout(3 * BUILD_S + 600)  # the fixture's build (when run alone), then a build and a rebuild
 def test_deploy_pins_the_digest_of_the_push_and_follows_a_rebuild(built, tmp_path):
     """A real registry (Debian's docker-registry): an image never pushed is refused; `distilops image --push`
     pushes it and deploy pins the digest the registry reports; a rebuild pushed again pins its new digest."""
@@ -235,7 +239,7 @@ def test_deploy_pins_the_digest_of_the_push_and_follows_a_rebuild(built, tmp_pat
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([distilops, *args, "-m", NAME], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=1500)
+                              timeout=BUILD_S)
 
     never = cli("deploy", "--overlay", "cpu")
     assert never.returncode == 1 and "was never pushed, and no node can pull a local image" in never.stderr

@@ -8,10 +8,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from releases import GATES, METRICS, NAME, PUSHED_TO, make_releases
+from tiny import make_tiny_model
 from typer.testing import CliRunner
 
 from distilops.cli import app
 from distilops.errors import DeployError, RegistryError
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.release.deploy import LABEL, job_containers, pin, render, render_jobs, render_overlay, validate
 from distilops.release.package import resolve
 from distilops.release.registry import client, latest_serving_version, promote, register_version
@@ -132,11 +134,45 @@ def test_deploy_command_prints_valid_manifests(registry):
     assert bad.exit_code == 1 and "unknown overlay 'tpu'" in bad.output and "Traceback" not in bad.output
 
 
-def test_the_packaged_model_carries_no_tracking_credentials():
-    from distilops.tracking import redact_uri
+@pytest.mark.slow
+def test_the_packaged_model_carries_no_tracking_credentials(tmp_path, monkeypatch):
+    """Packaged from a tracking server whose URI holds a password: the password is nowhere in the Bento model
+    (its files, labels, metadata), which records the URI redacted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert redact_uri("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
-    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    from services import mlflow_server
+
+    server = mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts", tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout=120)
+        host = server.url.removeprefix("http://")
+        uri = f"http://alice:s3cret-pw@{host}"  # the server ignores it; the client sends it as basic auth
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        raw = make_tiny_model(tmp_path / "raw")
+        folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
+                                   max_length=16, teacher="tiny-teacher")
+        with stage_run("register"):
+            version = register_version(folder, model_name=NAME, metrics=METRICS, variant="onnx_int8",
+                                       role="serving", device="cpu").version
+        (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\npromote:\n  alias: production\n")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "BENTOML_HOME": str(tmp_path / "bentoml"),
+               "BENTOML_DO_NOT_TRACK": "true"}
+        done = subprocess.run([str(Path(sys.executable).parent / "distilops"), "package", "--version", str(version),
+                               "--params", str(tmp_path / "params.yaml")], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "s3cret-pw" not in done.stdout + done.stderr
+    name, tag = done.stdout.strip().splitlines()[-1].split(":")
+    bento_model = tmp_path / "bentoml" / "models" / name / tag
+    files = [p for p in bento_model.rglob("*") if p.is_file()]
+    assert len(files) > 5 and not [p for p in files if b"s3cret-pw" in p.read_bytes()]
+    metadata = yaml.safe_load((bento_model / "model.yaml").read_text())["metadata"]
+    assert metadata["tracking_uri"] == f"http://***@{host}"  # where it came from, without the secret
 
 
 @pytest.mark.slow

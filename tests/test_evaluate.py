@@ -12,7 +12,7 @@ from distilops import stats
 from distilops.config import EvaluateConfig, UnlabeledSet
 from distilops.errors import DataError
 from distilops.pipeline.evaluate import (
-    classification_metrics,
+    class_breakdown,
     flat_metrics,
     measure_speed,
     model_folders,
@@ -29,9 +29,12 @@ from distilops.serving import fidelity
 
 
 def test_classification_metrics_by_hand():
+    from distilops.pipeline.evaluate import paired_quality
+
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     preds = np.array([0, 0, 1, 1, 1, 1, 0, 0])
-    m = classification_metrics(labels, preds, ["rotten", "fresh"])
+    m = {**class_breakdown(labels, preds, ["rotten", "fresh"]),
+         **paired_quality(labels, {"teacher": preds}, ["rotten", "fresh"], resamples=10, seed=0)["teacher"]}
     assert m["accuracy"] == pytest.approx(5 / 8)
     # rotten: precision 2/4, recall 2/3; fresh: precision 3/4, recall 3/5
     assert m["per_class"]["rotten"]["precision"] == pytest.approx(0.5)
@@ -46,8 +49,8 @@ def test_classification_metrics_by_hand():
 
 
 def test_a_class_never_predicted_gets_zero_precision_not_an_error():
-    m = classification_metrics(np.array([0, 1, 1]), np.array([1, 1, 1]), ["a", "b"])
-    assert m["per_class"]["a"]["precision"] == 0.0 and m["accuracy"] == pytest.approx(2 / 3)
+    m = class_breakdown(np.array([0, 1, 1]), np.array([1, 1, 1]), ["a", "b"])
+    assert m["per_class"]["a"]["precision"] == 0.0 and m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
 
 
 def test_measure_speed_reports_every_model(tmp_path):
@@ -204,3 +207,38 @@ def test_an_unlabelled_set_that_is_missing_or_empty_names_its_params_key(tmp_pat
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match=r"evaluate.unlabeled_sets 'logs': '.*empty.txt' holds no texts"):
         stage.load_unlabeled(UnlabeledSet(name="logs", source=str(tmp_path / "empty.txt")), seed=0)
+
+
+def test_the_evaluation_plots_draw_each_models_numbers(tmp_path):
+    """What each PNG shows: every model's confusion matrix cell by cell, its accuracy against its latency with its
+    name and size, and every set's accuracy with its interval per model."""
+    from matplotlib.collections import PathCollection
+
+    from distilops.pipeline.evaluate import plot_accuracy_vs_latency, plot_confusion_matrices, plot_set_accuracies
+
+    results = {"teacher": {"confusion_matrix": [[40, 10], [5, 45]], "accuracy": 0.85, "latency_p50_ms": 8.0,
+                           "size_mb": 90.0},
+               "student_onnx_int8": {"confusion_matrix": [[38, 12], [7, 43]], "accuracy": 0.81, "latency_p50_ms": 2.0,
+                                     "size_mb": 23.0}}
+    confusion = plot_confusion_matrices(results, ["rotten", "fresh"], tmp_path / "confusion.png")
+    for ax, (name, entry) in zip(confusion.axes, results.items(), strict=True):
+        assert [int(t.get_text()) for t in ax.texts] == [v for row in entry["confusion_matrix"] for v in row]
+        assert ax.get_title() == f"{name}\nacc {entry['accuracy']:.3f}"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["rotten", "fresh"]
+
+    tradeoff = plot_accuracy_vs_latency(results, tmp_path / "tradeoff.png").axes[0]
+    dots = [c.get_offsets().tolist()[0] for c in tradeoff.collections if isinstance(c, PathCollection)]
+    assert dots == [[2.0, 0.81], [8.0, 0.85]]  # fastest first
+    assert [t.get_text() for t in tradeoff.texts] == ["student_onnx_int8\n23 MB, 2.00 ms", "teacher\n90 MB, 8.00 ms"]
+
+    rows = [{"set": s, "model": m, "accuracy": a, "accuracy_low": a - 0.02, "accuracy_high": a + 0.03}
+            for s, m, a in [("test", "teacher", 0.85), ("test", "student", 0.81), ("long", "teacher", 0.8),
+                            ("long", "student", 0.7)]]
+    sets = plot_set_accuracies(rows, tmp_path / "sets.png").axes[0]
+    bars = {c.get_label(): c for c in sets.containers}
+    assert set(bars) == {"teacher", "student"}
+    student_points = bars["student"].lines[0].get_ydata().tolist()
+    assert student_points == [0.81, 0.7]
+    assert [t.get_text() for t in sets.get_xticklabels()] == ["test", "long"]
+    for png in ("confusion.png", "tradeoff.png", "sets.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -131,11 +131,38 @@ def test_rows_flag_the_pareto_points_and_the_chosen_one():
     assert rows[3]["fidelity"] == pytest.approx(0.874) and rows[3]["speedup"] == pytest.approx(TEACHER_MS / 3.1)
 
 
-def test_the_plot_is_written_with_many_points_and_with_one(tmp_path):
-    chosen, _ = choose(POINTS, rule(min_speedup=1.5, max_latency_ms=3.5, tolerance=0.005))
-    plot_frontier(POINTS, chosen, tmp_path / "plots" / "frontier.png",
-                  rule=rule(min_speedup=1.5, max_latency_ms=3.5, tolerance=0.005))
+def drawn(ax) -> dict:
+    """What one panel shows: every scatter's points, the step line, the labels, the vertical limit lines."""
+    from matplotlib.collections import PathCollection
+
+    scatters = [[tuple(xy) for xy in c.get_offsets().tolist()] for c in ax.collections if isinstance(c, PathCollection)]
+    lines = [ln for ln in ax.get_lines()]
+    return {"scatters": scatters, "labels": [t.get_text() for t in ax.texts],
+            "step": [tuple(xy) for xy in lines[0].get_xydata().tolist()] if lines else [],
+            "vlines": {ln.get_label(): ln.get_xdata()[0] for ln in lines[1:]}, "ylabel": ax.get_ylabel()}
+
+
+def test_the_plot_shows_every_point_the_front_the_choice_and_the_rule(tmp_path):
+    limits = rule(min_speedup=1.5, max_latency_ms=3.5, tolerance=0.005)
+    chosen, _ = choose(POINTS, limits)
+    figure = plot_frontier(POINTS, chosen, tmp_path / "plots" / "frontier.png", rule=limits)
     assert (tmp_path / "plots" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    front = pareto(POINTS)
+    for ax, field in zip(figure.axes, ("val_agreement", "general_agreement"), strict=True):
+        shown = drawn(ax)
+        every, front_dots, ring = shown["scatters"]
+        assert every == [(p.latency_ms, getattr(p, field)) for p in POINTS]
+        assert front_dots == [(p.latency_ms, getattr(p, field)) for p in front]
+        assert ring == [(chosen.latency_ms, getattr(chosen, field))]
+        assert shown["step"] == front_dots and shown["labels"] == [f"{p.student_layers}L" for p in POINTS]
+        assert shown["vlines"] == {"min_speedup 1.5": pytest.approx(TEACHER_MS / 1.5), "max_latency_ms 3.5": 3.5}
+    assert [drawn(ax)["ylabel"] for ax in figure.axes] == ["validation agreement", "general-text agreement"]
+    assert figure.axes[1].get_xlabel() == f"served batch-1 latency, ms (teacher {TEACHER_MS:.2f} ms)"
+    assert figure._suptitle.get_text() == ("depth frontier: 6 trials, 4 on the front; chosen 4L (trial 3)\n"
+                                           "rule: min_speedup 1.5, max_latency_ms 3.5, tolerance 0.005")
+
     only = [POINTS[3]]
-    plot_frontier(only, only[0], tmp_path / "one.png")
-    assert (tmp_path / "one.png").stat().st_size > 1000
+    one = plot_frontier(only, only[0], tmp_path / "one.png")
+    assert drawn(one.axes[0])["scatters"] == [[(3.1, 0.885)]] * 3 and drawn(one.axes[0])["vlines"] == {}
+    assert one._suptitle.get_text().startswith("depth frontier: 1 trial, 1 on the front") and "distill.choose" in (
+        one._suptitle.get_text())

@@ -173,8 +173,9 @@ def test_probes_call_endpoints_the_service_has(rendered, overlay):
 
 
 def test_config_map_sets_every_setting_the_service_reads(rendered):
-    service_code = (ROOT / "src/distilops/serving/service.py").read_text()
-    read = set(re.findall(r'os\.environ\.get\("(DISTILOPS_[A-Z_]+)"', service_code))
+    from distilops.serving.settings import ALL
+
+    read = {setting.name for setting in ALL}  # what the service reads, declared once
     # The image fixes the model; logs stay default; the CPU limit comes from the downward API (below); the API
     # token from the optional distilops-serving Secret, never a ConfigMap.
     read -= {"DISTILOPS_BENTO_MODEL", "DISTILOPS_ACCESS_LOG", "DISTILOPS_CPU_LIMIT", "DISTILOPS_API_TOKEN"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 from conftest import run
 from services import mlflow_server
@@ -81,10 +82,23 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     reference = models["student_onnx_int8_static"]["reference"]
     assert reference["texts"] == evaluation["test_examples"]
     assert sum(reference["label"]["fractions"]) == pytest.approx(1)
-    for plot in ("predictions.csv", "tradeoff.csv", "confusion_matrices.png", "accuracy_vs_latency.png", "sets.csv",
-                 "set_accuracies.png"):
-        assert (repo_copy.path / "plots/evaluate" / plot).stat().st_size > 0
-    assert "student_onnx_int8_static" in (repo_copy.path / "plots/evaluate/predictions.csv").read_text().splitlines()[0]
+    # the tables beside the figures hold the report's numbers (test_evaluate.py checks what the figures draw)
+    plots = repo_copy.path / "plots/evaluate"
+    predictions = pd.read_csv(plots / "predictions.csv")
+    assert list(predictions.columns) == ["actual", *models] and len(predictions) == evaluation["test_examples"]
+    for name, entry in models.items():
+        assert (predictions[name] == predictions["actual"]).mean() == pytest.approx(entry["accuracy"])
+    tradeoff = pd.read_csv(plots / "tradeoff.csv").set_index("model")
+    assert list(tradeoff.index) == list(models)
+    assert tradeoff["accuracy"].to_dict() == pytest.approx({n: m["accuracy"] for n, m in models.items()})
+    assert tradeoff["latency_p50_ms"].to_dict() == pytest.approx({n: m["latency_p50_ms"] for n, m in models.items()})
+    sets = pd.read_csv(plots / "sets.csv")
+    assert set(sets["set"]) == {"test", *evaluation["sets"]}
+    assert len(sets) == len(models) * (1 + len(evaluation["sets"]))
+    long_rows = sets[sets["set"] == "long_reviews"].set_index("model")["accuracy"].to_dict()
+    assert long_rows == pytest.approx({n: m["accuracy"] for n, m in long_set["models"].items()})
+    for figure in ("confusion_matrices.png", "accuracy_vs_latency.png", "set_accuracies.png"):
+        assert (plots / figure).read_bytes()[:4] == b"\x89PNG"
 
     registered = json.loads((repo_copy.path / "metrics/register.json").read_text())
     assert registered["versions"]["student"]["role"] == "reference"

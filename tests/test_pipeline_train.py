@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from tiny import make_reviews, make_tiny_model
+from tiny import NEGATIVE, POSITIVE, make_reviews, make_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,10 @@ def test_training_stages_run_cache_and_resume(repo_copy):
     assert distill["student_layers"] == choice["student_layers"] in (1, 2)
     assert distill["student_parameters"] < teacher["parameters"] and distill["teacher_latency_ms"] > 0
     assert "why: " in first.stdout + first.stderr
+    # the table beside the frontier's figure is the frontier the report records, row for row
     frontier_csv = pd.read_csv(repo_copy.path / "plots/distill/frontier.csv")
-    assert len(frontier_csv) == 2 and (repo_copy.path / "plots/distill/frontier.png").stat().st_size > 0
+    assert frontier_csv.to_dict("records") == rows  # floats written as repr: they read back exactly
+    assert (repo_copy.path / "plots/distill/frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert distill["trials"] == 2 and set(distill["best_params"]) >= {"temperature", "alpha", "learning_rate"}
     assert distill["val_accuracy"] > 0.7
     student = repo_copy.path / "models/student"
@@ -150,7 +153,10 @@ def test_transfer_texts_are_labelled_by_the_teacher_and_distilled(repo_copy):
     them is dropped), and the student trains on them beside the labelled data, on soft targets only."""
     tiny_pipeline(repo_copy)
     train_text = pd.read_csv(repo_copy.path / "reviews.csv")["text"].iloc[0]
-    texts = [f"an unlabelled sentence number {i} about nothing much" for i in range(30)] + [train_text]
+    # unlabelled, unlike any training text (the movie token), and telling the teacher different things: 15 fresh-
+    # sounding, 15 rotten-sounding, so their logits differ text by text
+    texts = [f"{('the', 'a')[i % 2]} {(POSITIVE if i < 15 else NEGATIVE)[i % 8]} movie m{i}" for i in range(30)]
+    texts += [train_text]
     (repo_copy.path / "transfer.txt").write_text("\n".join(texts) + "\n")
     repo_copy.set_params({"teacher_outputs.transfer_texts": ["transfer.txt"], "distill.n_trials": 1,
                           "distill.search.student_layers": [0, 0]})  # one trial: depth fixed
@@ -161,3 +167,20 @@ def test_transfer_texts_are_labelled_by_the_teacher_and_distilled(repo_copy):
     assert meta["rows"]["transfer"] == 30 and meta["transfer_sha256"]
     distill = json.loads((repo_copy.path / "metrics/distill.json").read_text())
     assert distill["transfer_examples"] == 30 and distill["val_accuracy"] > 0.6
+
+    # The cached soft targets are the teacher's logits on those very texts (read here the way evaluate reads a
+    # model, not through the stage's code), and the student trains on them with no label.
+    from distilops.config import DistillConfig, load_section
+    from distilops.pipeline.losses import UNLABELLED
+    from distilops.pipeline.torch_model import open_classifier
+    from distilops.pipeline.tuning import load_inputs
+
+    root = repo_copy.path
+    soft = np.load(root / "data/teacher_outputs/transfer_logits.npy")
+    assert soft.shape == (30, 2) and np.abs(soft - soft[::-1]).max() > 0.1  # rows in another order would show
+    np.testing.assert_allclose(soft, open_classifier(root / "models/teacher").predict_logits_batched(cached), atol=1e-4)
+    train = load_inputs(load_section(DistillConfig, root / "params.yaml"), root / "data/prepared",
+                        root / "models/teacher", root / "data/teacher_outputs").data["train"]
+    unlabelled = train.labels == UNLABELLED
+    assert unlabelled.sum() == 30 and set(train.labels[~unlabelled].tolist()) <= {0, 1}
+    np.testing.assert_array_equal(train.teacher_logits[unlabelled], soft)

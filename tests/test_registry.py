@@ -14,13 +14,13 @@ from distilops.release.registry import (
     choice_line,
     choice_tags,
     client,
-    frontier_csv,
     history,
     metrics_from_report,
     promote,
     register_version,
     version_metrics,
 )
+from distilops.stage import table_csv
 from distilops.tracking import stage_run
 
 NAME = "tiny-sentiment"
@@ -300,7 +300,7 @@ def searched_report(n_points: int = 4) -> dict:
     """metrics/distill.json's choice and frontier as the distill stage writes them (frontier.choose and
     frontier_rows on hand-made points: trial 3, 4 layers, 2.4x a 7.5 ms teacher, is chosen within the tolerance)."""
     from distilops.config import ChooseRule
-    from distilops.pipeline.frontier import Point, choose, frontier_rows
+    from distilops.pipeline.frontier import Point, choice_report, choose, frontier_rows
 
     def point(trial: int, layers: int, val: float, general: float, latency: float) -> Point:
         return Point(trial, layers, {"temperature": 3.1, "alpha": 0.81, "learning_rate": 1.2e-4}, val, general,
@@ -312,11 +312,7 @@ def searched_report(n_points: int = 4) -> dict:
     rule = ChooseRule(min_speedup=1.5, tolerance=0.005)
     chosen, reason = choose(points, rule)
     return {"student_layers": chosen.student_layers, "teacher_latency_ms": 7.5,
-            "choice": {"searched": True, "rule": rule.model_dump(), "reason": reason, "trial": chosen.trial,
-                       "student_layers": chosen.student_layers, "latency_ms": chosen.latency_ms,
-                       "speedup": chosen.speedup, "val_agreement": chosen.val_agreement,
-                       "general_agreement": chosen.general_agreement, "fidelity": chosen.fidelity},
-            "frontier": frontier_rows(points, chosen)}
+            "choice": choice_report(chosen, reason, rule), "frontier": frontier_rows(points, chosen)}
 
 
 def test_the_choice_of_depth_becomes_tags():
@@ -376,12 +372,13 @@ def test_choice_line_fits_the_versions_listing_with_every_limit_set():
 
 def test_the_frontier_csv_has_every_column_of_every_row():
     rows = searched_report()["frontier"]
-    text = frontier_csv([*rows, {**rows[0], "trial": 9, "cosine_weight": 0.5}])
+    text = table_csv([*rows, {**rows[0], "trial": 9, "cosine_weight": 0.5}])
     lines = text.splitlines()
     assert lines[0] == ("trial,student_layers,latency_ms,speedup,val_agreement,general_agreement,fidelity,"
                         "val_accuracy,pareto,chosen,temperature,alpha,learning_rate,cosine_weight")
     assert len(lines) == 6 and lines[3].startswith("3,4,3.1,") and ",True,True," in lines[3]
     assert lines[1].endswith(",") and lines[5].endswith(",0.5")
+    assert table_csv([], ("trial", "fidelity")) == "trial,fidelity\n"  # no rows: the header says what is missing
 
 
 def test_versions_carry_and_list_the_label_free_agreement_of_every_unlabelled_set(store, tmp_path):

@@ -265,14 +265,32 @@ def test_a_bearer_token_guards_classify_and_leaves_probes_and_metrics_open(serve
 
 
 def test_a_503_tells_the_client_when_to_retry(served):
-    """An unready pod answers 503 (here: a GPU pod without CUDA); so does BentoML shedding load. Both carry
-    Retry-After."""
+    """An unready pod answers 503 (here: a GPU pod without CUDA); so does BentoML shedding load (here: a 1 ms
+    budget no batch can meet, under concurrent requests). Both carry Retry-After; a 200 does not."""
     with another_server(served, "no-gpu", DISTILOPS_REQUIRE_GPU="1") as server:
         assert wait_for(lambda: probe_status(server, "/livez") == 200, timeout=90)
         readyz = httpx.get(server.url + "/readyz")
         assert readyz.status_code == 503 and readyz.headers["retry-after"] == "1"
     server, _, _ = served
     assert "retry-after" not in httpx.get(server.url + "/readyz").headers
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"texts": ["a long and winding review of a film " * 8] * MAX_TEXTS}
+            return await asyncio.gather(*[client.post(url + "/classify", json=body) for _ in range(64)])
+
+    with another_server(served, "shedding", DISTILOPS_MAX_LATENCY_MS="1") as server:
+        server.wait_ready()
+        shed: list[httpx.Response] = []
+        for _ in range(10):  # the batcher learns its latency from the first calls, then sheds
+            replies = asyncio.run(burst(server.url))
+            assert {r.status_code for r in replies} <= {200, 503}
+            shed += [r for r in replies if r.status_code == 503]
+            if shed:
+                break
+        assert shed, "no request was shed under a 1 ms budget"
+        assert all(r.headers.get("retry-after") == "1" for r in shed)
+        assert all("retry-after" not in r.headers for r in replies if r.status_code == 200)
 
 
 def test_shed_requests_log_one_line_each_are_counted_and_every_request_is_answered(served):
@@ -470,11 +488,23 @@ def test_a_shadow_of_the_served_model_agrees_on_every_text_and_every_metric_is_e
         words_in_5 = sum(fidelity.word_count(t) <= 5 for t in SHADOW_TEXTS)
         assert sample(scraped, "distilops_text_words", "distilops_text_words_bucket", le="5.0") == words_in_5
 
-        # Drift: the last 20 texts against the reference (the first 20 texts' own description)
-        psi = {labels["feature"]: value for _, labels, value in scraped["distilops_drift_psi"]}
-        assert set(psi) == set(fidelity.FEATURES) and all(value >= 0 for value in psi.values())
         bounds = {labels["bound"]: value for _, labels, value in scraped["distilops_reference_agreement"]}
         assert bounds == {"point": 0.9, "low": 0.85, "high": 0.94}
+
+        # Drift: the window (20 texts) against the reference (the first 20 texts' own description). The last 20
+        # texts are sent again, one request after another, so the window holds exactly them, in order.
+        last = SHADOW_TEXTS[-20:]
+        again = [answer for i in range(0, len(last), MAX_TEXTS)
+                 for answer in post(server, {"texts": last[i: i + MAX_TEXTS]}).json()]
+        observed = {"label": fidelity.label_fractions([a["label"] for a in again], reference["label"]["labels"]),
+                    "confidence": fidelity.fractions([a["score"] for a in again], fidelity.CONFIDENCE_EDGES),
+                    "words": fidelity.fractions([fidelity.word_count(t) for t in last], fidelity.WORDS_EDGES),
+                    "windows": fidelity.fractions([a["windows"] for a in again], fidelity.WINDOWS_EDGES)}
+        expected = {f: fidelity.psi(reference[f]["fractions"], observed[f]) for f in fidelity.FEATURES}
+        assert expected["words"] > 0.01  # the window's mix of lengths is not the reference's: a PSI to get right
+        drift = metrics_when(server, lambda m: True)["distilops_drift_psi"]
+        psi = {labels["feature"]: value for _, labels, value in drift}
+        assert psi == pytest.approx(expected, abs=1e-9)
 
         info = httpx.get(server.url + "/model").json()
         assert info["shadow"]["enabled"] is True and info["shadow"]["rate"] == 1.0

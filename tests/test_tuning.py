@@ -401,9 +401,34 @@ def test_a_depth_range_the_teacher_cannot_give_is_a_clear_error(setup, tmp_path)
     check_depth_search(config(tmp_path, n_trials=4, search={**search, "student_layers": [2, 5]}), deep)
 
 
-def test_served_latency_times_each_depths_int8_student_beside_the_teacher(setup):
+def test_served_latency_times_each_depths_int8_student_beside_the_teacher(setup, monkeypatch):
+    """Each depth's timed graph is the int8 one (dynamic quantization's integer matmuls), the teacher runs in
+    PyTorch, and every model is called once to warm up, then `calls` times rounded up to whole rounds."""
+    import onnx
+
     root, _, tokenizer, data = setup
     teacher = load_classifier(str(root / "teacher"))
-    latency = served_latency.measure(teacher, tokenizer, [1], served_latency.median_text(data.input_ids), calls=6,
-                                     max_length=32)
-    assert set(latency) == {"1", "teacher"} and all(0 < v < 1000 for v in latency.values())
+    calls, graphs = {}, {}
+
+    def counted(key: str, call):
+        def run():
+            calls[key] = calls.get(key, 0) + 1
+            return call()
+        return run
+
+    onnx_call, torch_call = served_latency.onnx_call, served_latency.torch_call
+
+    def timed_onnx(folder, ids, threads):  # folder: <scratch>/<depth>/onnx_int8
+        graphs[folder.parent.name] = onnx.load(str(folder / "model.onnx")).graph
+        return counted(folder.parent.name, onnx_call(folder, ids, threads))
+
+    monkeypatch.setattr(served_latency, "onnx_call", timed_onnx)
+    monkeypatch.setattr(served_latency, "torch_call", lambda model, ids: counted("teacher", torch_call(model, ids)))
+    text = served_latency.median_text(data.input_ids)
+    latency = served_latency.measure(teacher, tokenizer, [1, 2], text, calls=5, max_length=32)
+    assert set(latency) == {"1", "2", "teacher"} and all(v > 0 for v in latency.values())
+    assert served_latency.calls_made(5) == 6 and calls == {"1": 7, "2": 7, "teacher": 7}  # 1 warm-up + 2 rounds of 3
+    for depth, graph in graphs.items():
+        ops = {node.op_type for node in graph.node}
+        assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops, (depth, sorted(ops))
+        assert sum(1 for i in graph.initializer if i.data_type == onnx.TensorProto.INT8) >= 4 * int(depth)

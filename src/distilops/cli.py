@@ -89,6 +89,38 @@ def params_cmd(
                 typer.echo(f"  {key:24s} {default!s:20.20s} {field.description or ''}")
 
 
+def declared_settings() -> tuple:
+    """Every environment variable distilops reads (the commands' and the pipeline's, then the service's), then those
+    its manifests set for other programs."""
+    from distilops import settings
+    from distilops.serving import settings as service
+
+    return (*settings.CLI, *service.ALL, *settings.OTHERS)
+
+
+@app.command("settings")
+def settings_cmd(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table docs/settings.md holds instead."),
+) -> None:
+    """Every environment variable distilops reads: its value here, type, default and meaning (then those its
+    manifests set for other programs). A value a setting cannot use is an error naming it (the service and the
+    commands refuse it the same way)."""
+    from distilops.settings import markdown_table, read_all, shown_default
+
+    declared = declared_settings()
+    if markdown:
+        typer.echo(markdown_table(declared), nl=False)
+        return
+    values = read_all(declared)  # every bad value: one line each, exit status 1
+    for setting in declared:
+        value = values[setting.name]
+        if value == setting.default:
+            shown = f"{shown_default(setting)} (default)"
+        else:
+            shown = "(set, hidden)" if setting.secret else str(value)
+        typer.echo(f"{setting.name:34s} {shown:30s} {setting.read_by:13s} {setting.kind}\n{'':4s}{setting.meaning}")
+
+
 @app.command("promote")
 def promote_cmd(
     version: str = typer.Argument(None, help="Version to promote (default: the newest serving version). "

@@ -1,10 +1,10 @@
 """Typed, validated configuration: one pydantic model per params.yaml section.
 
-Each DVC stage reads only its own section plus the shared top-level keys it declares (`seed`,
-`max_length`, `model_name`, declared once below). Unknown keys, wrong types (`epochs: 2.5`) and
-out-of-range values fail on load with a `ConfigError` naming the key, the problem and the key's
-help text, so a typo in params.yaml never silently falls back to a default. `distilops params`
-prints every key with its default and help.
+Each DVC stage reads only its own section plus the shared top-level keys it declares (`SHARED_KEYS`:
+`seed`, `max_length`, `model_name`, `window_overlap`, `max_windows`, declared once below). Unknown keys,
+wrong types (`epochs: 2.5`) and out-of-range values fail on load with a `ConfigError` naming the key, the
+problem and the key's help text, so a typo in params.yaml never silently falls back to a default.
+`distilops params` prints every key with its default and help.
 """
 
 from __future__ import annotations
@@ -155,6 +155,20 @@ class ChooseRule(Section):
                                                             "this of the most faithful count as equal: the "
                                                             "fastest of them is chosen.")
 
+    def active_limits(self) -> list[tuple[str, float]]:
+        """(name, value) of each limit that is on (a 0 is off), in the order the fields are declared."""
+        named = [("min_speedup", self.min_speedup), ("max_latency_ms", self.max_latency_ms),
+                 ("min_agreement", self.min_agreement)]
+        return [(name, value) for name, value in named if value]
+
+    def limits(self) -> list[str]:
+        """The active limits as 'name value'."""
+        return [f"{name} {value:g}" for name, value in self.active_limits()]
+
+    def text(self) -> str:
+        """'min_speedup 1.5, tolerance 0.005': the rule in words (the stage log, the plot, `distilops versions`)."""
+        return ", ".join([*self.limits(), f"tolerance {self.tolerance:g}"])
+
 
 class DistillConfig(Trained):
     SECTION: ClassVar[str] = "distill"
@@ -209,7 +223,11 @@ class EvalSet(Section):
     max_examples: int = Field(0, ge=0, description="Score at most this many rows, sampled with the seed (0 = all).")
 
 
-TEXT_FILE_TYPES = (".txt", ".csv", ".jsonl", ".json", ".parquet")  # what pipeline/transfer.py reads texts from
+# The local files the pipeline reads tables from (pipeline/data.py picks the reader by suffix: a compressed
+# CSV is .gz or .bz2) and texts from (pipeline/transfer.py: a table's text column, or a .txt file's lines).
+TABLE_FILE_TYPES = {".csv": "csv", ".gz": "csv", ".bz2": "csv", ".jsonl": "jsonl", ".json": "jsonl",
+                    ".parquet": "parquet"}
+TEXT_FILE_TYPES = (".txt", *TABLE_FILE_TYPES)
 
 
 def _text_source(source: str) -> str:

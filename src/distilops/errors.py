@@ -20,6 +20,10 @@ class ConfigError(DistilopsError):
     """A params.yaml value is missing, unknown or out of range."""
 
 
+class SettingError(DistilopsError):
+    """An environment variable distilops reads (distilops/settings.py) holds a value it cannot use."""
+
+
 class AssetError(DistilopsError):
     """An embedded asset could not be fetched, verified or unpacked."""
 

@@ -4,8 +4,9 @@ dvc.yaml declares the same paths as stage dependencies and outputs; tests/test_a
 checks that the two agree.
 """
 
-import os
 from pathlib import Path
+
+from distilops import settings
 
 PREPARED = Path("data/prepared")  # prepare: {train,validation,test}.parquet + report.json
 DATA_REPORT = PREPARED / "report.json"  # labels, counts and the data hash every run is tagged with
@@ -32,4 +33,4 @@ def plots_dir(stage: str) -> Path:
 
 def cache_dir() -> Path:
     """Machine-wide cache outside the repository: $DISTILOPS_CACHE, else ~/.cache/distilops."""
-    return Path(os.environ.get("DISTILOPS_CACHE", Path.home() / ".cache" / "distilops"))
+    return Path(settings.CACHE.read() or Path.home() / ".cache" / "distilops")

@@ -1,6 +1,6 @@
 """What every DVC stage script shares: running its `main` (logging set up, any `DistilopsError`
 turned into `<stage>: error: ...` on stderr with exit status 1, no traceback: the message names
-the fix), reading other stages' JSON outputs and writing its own.
+the fix), reading other stages' JSON outputs and writing its own (JSON, and CSV tables: `table_csv`).
 
     if __name__ == "__main__":
         run_stage("prepare", main)
@@ -8,9 +8,11 @@ the fix), reading other stages' JSON outputs and writing its own.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,14 @@ def write_json(path: Path, value: Any) -> None:
     """Write a metrics or report file (indented, newline-terminated: readable in diffs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def table_csv(rows: Sequence[dict], columns: Sequence[str] = ()) -> str:
+    """Rows as CSV text: `columns` first, then every other key any row has, in the order they first appear (a
+    row without a column leaves it empty). With no rows, the header of `columns` alone."""
+    names = list(dict.fromkeys([*columns, *(key for row in rows for key in row)]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=names, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -3,6 +3,8 @@
 One test split of ~1,300 texts gives an accuracy one standard error wide of about a point, and two
 teachers trained from different seeds differ by more than that, so every accuracy the pipeline
 reports comes with a 95% interval, and comparisons of two models on the same texts are paired:
+- `agreement`, `retention`: the point figures (share of texts given the teacher's label; accuracy as a share
+  of the teacher's), defined here once for evaluation, tuning and the registry's gates.
 - `accuracy_interval`: percentile bootstrap over the texts.
 - `retention_interval`: student accuracy / teacher accuracy, both from the same resampled texts.
 - `mcnemar`: the exact (binomial) McNemar test on the texts exactly one of two models gets right.
@@ -19,6 +21,16 @@ from math import comb
 import numpy as np
 
 LEVEL = 0.95
+
+
+def agreement(predictions: np.ndarray, teacher: np.ndarray) -> float:
+    """Share of texts on which a model's label is the teacher's (label ids, or labels, text by text)."""
+    return float((np.asarray(predictions) == np.asarray(teacher)).mean())
+
+
+def retention(accuracy: float, teacher_accuracy: float) -> float:
+    """A model's accuracy as a share of its teacher's (NaN when the teacher got nothing right)."""
+    return float(accuracy / teacher_accuracy) if teacher_accuracy else float("nan")
 
 
 def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:

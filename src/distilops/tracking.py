@@ -7,7 +7,6 @@ git-ignored). Set MLFLOW_TRACKING_URI to use a real MLflow server instead.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -21,13 +20,13 @@ import mlflow.data
 import pandas as pd
 import yaml
 
-from distilops import paths
+from distilops import paths, settings
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / paths.MLFLOW_DB}"
+    return settings.TRACKING_URI.read() or f"sqlite:///{Path.cwd() / paths.MLFLOW_DB}"
 
 
 def redact_uri(uri: str) -> str:
@@ -39,7 +38,7 @@ def redact_uri(uri: str) -> str:
 
 
 def experiment_name() -> str:
-    return os.environ.get("DISTILOPS_EXPERIMENT", "distilops")
+    return settings.EXPERIMENT.read()
 
 
 def configure(experiment: str | None = None) -> str:
@@ -85,8 +84,8 @@ def git_commit() -> str:
 
     DISTILOPS_GIT_COMMIT wins: a container image built from a commit has no .git to ask.
     """
-    if os.environ.get("DISTILOPS_GIT_COMMIT"):
-        return os.environ["DISTILOPS_GIT_COMMIT"]
+    if settings.GIT_COMMIT.read():
+        return settings.GIT_COMMIT.read()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *pipeline_sources()],

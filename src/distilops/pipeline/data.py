@@ -17,20 +17,14 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from distilops import paths
-from distilops.config import EvalSet, PrepareConfig
+from distilops.config import TABLE_FILE_TYPES, EvalSet, PrepareConfig
 from distilops.errors import DataError
 from distilops.hashing import sha256
 from distilops.pipeline.assets import CATALOGUE, fetch
 
 SPLITS = ("train", "validation", "test")
-LOCAL_READERS = {
-    ".csv": pd.read_csv,
-    ".bz2": pd.read_csv,
-    ".gz": pd.read_csv,
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".json": lambda p: pd.read_json(p, lines=True),
-    ".parquet": pd.read_parquet,
-}
+READERS = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}
+LOCAL_READERS = {suffix: READERS[kind] for suffix, kind in TABLE_FILE_TYPES.items()}  # the suffixes: config.py
 
 
 @dataclass

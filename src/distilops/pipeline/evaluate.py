@@ -117,8 +117,9 @@ def run(cfg: EvaluateConfig, folders: dict[str, Path], test: pd.DataFrame, extra
     predictions = {name: values.argmax(-1) for name, values in logits.items()}
     quality = paired_quality(labels, predictions, label_names, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     results = {
-        name: {"format": model.format, **classification_metrics(labels, predictions[name], label_names),
-               **quality[name], "size_mb": weights_size_mb(model.folder),
+        name: {"format": model.format, **{k: quality[name][k] for k in ("accuracy", "macro_f1")},
+               **class_breakdown(labels, predictions[name], label_names), **quality[name],
+               "size_mb": weights_size_mb(model.folder),
                "parameters": int(read_meta(model.folder)["parameters"]),
                # which test texts it got right, packed: the registry's paired no-regression gate reads it
                "test_correct": stats.pack_correct(predictions[name] == labels)}
@@ -180,9 +181,9 @@ def unlabeled_agreement(models: dict[str, TextClassifier], found: TextSet, *, re
 
 def agreement(predictions: np.ndarray, teacher: np.ndarray, indices: np.ndarray) -> dict:
     """How often a model gives the teacher's label, and its interval over the resampled texts `indices`."""
-    agrees = predictions == teacher  # "correct" against the teacher's label
-    return {"agreement_with_teacher": float(agrees.mean()),
-            "agreement_with_teacher_ci": list(stats.accuracy_interval(agrees, indices))}
+    return {"agreement_with_teacher": stats.agreement(predictions, teacher),
+            # "correct" against the teacher's label, resampled as accuracy is
+            "agreement_with_teacher_ci": list(stats.accuracy_interval(predictions == teacher, indices))}
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
@@ -246,13 +247,13 @@ def write_plots(evaluation: Evaluation, label_names: list[str], folder: Path) ->
     plot_set_accuracies(rows, folder / "set_accuracies.png")
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:
+def class_breakdown(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Per-class precision, recall, F1 and support, and the confusion matrix (accuracy and macro F1, with their
+    intervals: paired_quality)."""
     ids = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids,
                                                                      zero_division=0)
     return {
-        "accuracy": float((labels == predictions).mean()),
-        "macro_f1": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                    "support": int(support[i])}
@@ -338,7 +339,7 @@ def paired_quality(labels: np.ndarray, predictions: dict[str, np.ndarray], label
             base_accuracy = correct[baseline].mean()
             test = stats.mcnemar(correct[name], correct[baseline])
             entry.update({
-                "retention": float(entry["accuracy"] / base_accuracy) if base_accuracy else float("nan"),
+                "retention": stats.retention(entry["accuracy"], base_accuracy),
                 "retention_ci": list(stats.retention_interval(correct[name], correct[baseline], indices)),
                 "mcnemar_vs_teacher": {"model_only_right": test["a_only"], "teacher_only_right": test["b_only"],
                                        "p_value": test["p_value"]}})
@@ -350,7 +351,7 @@ def ratios_to_baseline(entry: dict, baseline: dict, batch_size: int = 32) -> dic
     """The DistilBERT-style claim in numbers: how much of the baseline's accuracy, how much faster, how small."""
     key = f"throughput_batch{batch_size}"
     return {
-        "accuracy_retention": entry["accuracy"] / baseline["accuracy"],
+        "accuracy_retention": stats.retention(entry["accuracy"], baseline["accuracy"]),
         "accuracy_points": 100 * (entry["accuracy"] - baseline["accuracy"]),
         "throughput_speedup": entry[key] / baseline[key],
         "latency_p50_speedup": baseline["latency_p50_ms"] / entry["latency_p50_ms"],
@@ -402,8 +403,8 @@ def measure_set_throughput(models: dict[str, TextClassifier], texts: list[str], 
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
-def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> None:
-    """One confusion matrix per model, side by side, as a PNG."""
+def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str], path) -> Figure:
+    """One confusion matrix per model, side by side, as a PNG; returns the figure."""
     fig = Figure(figsize=(3.2 * len(results), 3.4))  # no pyplot: no global figure state, no GUI backend
     axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
@@ -419,10 +420,11 @@ def plot_confusion_matrices(results: dict[str, dict], label_names: Sequence[str]
     axes[0][0].set_ylabel("actual")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
-    """Test accuracy against batch-1 median latency (log scale): the distillation trade-off."""
+def plot_accuracy_vs_latency(results: dict[str, dict], path) -> Figure:
+    """Test accuracy against batch-1 median latency (log scale): the distillation trade-off; returns the figure."""
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     ordered = sorted(results.items(), key=lambda item: item[1]["latency_p50_ms"])
@@ -443,10 +445,12 @@ def plot_accuracy_vs_latency(results: dict[str, dict], path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_set_accuracies(rows: list[dict], path) -> None:
-    """Accuracy with its 95% interval per evaluation set and model: are differences inside the noise?"""
+def plot_set_accuracies(rows: list[dict], path) -> Figure:
+    """Accuracy with its 95% interval per evaluation set and model: are differences inside the noise? Returns the
+    figure."""
     sets = list(dict.fromkeys(r["set"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig = Figure(figsize=(2.2 + 1.6 * len(sets) * max(1, len(models) / 4), 4))
@@ -466,3 +470,4 @@ def plot_set_accuracies(rows: list[dict], path) -> None:
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig

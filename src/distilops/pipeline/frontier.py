@@ -4,8 +4,8 @@ Each complete trial of the multi-objective study is a `Point`: its agreement wit
 validation texts and on held-apart general text, and the served variant's batch-1 latency at its depth.
 `pareto` keeps the points no other point beats on all three; `choose` applies the `distill.choose` rule
 (hard limits, then the fastest point within `tolerance` of the most faithful) and says why in words;
-`frontier_rows` and `plot_frontier` write what the stage records. Pure: numpy and matplotlib only, so the
-rule is tested without torch or Optuna.
+`frontier_rows`, `choice_report` and `plot_frontier` give what the stage records. Pure: numpy and matplotlib
+only, so the rule is tested without torch or Optuna.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from distilops.errors import TuningError
 EPS = 1e-9
 
 
+def fidelity(val_agreement: float, general_agreement: float) -> float:
+    """Mean agreement with the teacher over validation and general text: the one number `choose` ranks by (and
+    the distill stage's study plots show)."""
+    return (val_agreement + general_agreement) / 2
+
+
 @dataclass(frozen=True)
 class Point:
     trial: int
@@ -38,8 +44,7 @@ class Point:
 
     @property
     def fidelity(self) -> float:
-        """Mean agreement with the teacher over validation and general text: the one number `choose` ranks by."""
-        return (self.val_agreement + self.general_agreement) / 2
+        return fidelity(self.val_agreement, self.general_agreement)
 
 
 def dominates(a: Point, b: Point) -> bool:
@@ -63,17 +68,6 @@ def pareto(points: Sequence[Point]) -> list[Point]:
     trade-off are both on the frontier; `choose` breaks the tie by trial number)."""
     kept = [p for p in points if not any(dominates(q, p) for q in points)]
     return sorted(kept, key=by_speed)
-
-
-def limits(rule: ChooseRule) -> list[str]:
-    """The rule's active limits as 'name value' (a 0 is off)."""
-    named = [("min_speedup", rule.min_speedup), ("max_latency_ms", rule.max_latency_ms),
-             ("min_agreement", rule.min_agreement)]
-    return [f"{name} {value:g}" for name, value in named if value]
-
-
-def rule_text(rule: ChooseRule) -> str:
-    return ", ".join([*limits(rule), f"tolerance {rule.tolerance:g}"])
 
 
 def misses(p: Point, rule: ChooseRule) -> list[str]:
@@ -112,7 +106,7 @@ def describe(p: Point) -> str:
 def no_candidate(points: Sequence[Point], rule: ChooseRule) -> TuningError:
     """The error when no point meets the rule: each limit with how many points meet it, and the nearest miss."""
     lines = [f"no point of the depth frontier ({len(points)} complete trials) meets distill.choose "
-             f"({rule_text(rule)}):"]
+             f"({rule.text()}):"]
     checks = [("min_speedup", rule.min_speedup, lambda p: p.speedup >= rule.min_speedup - EPS,
                max(points, key=lambda p: p.speedup), lambda p: f"{p.speedup:.2f}x the teacher"),
               ("max_latency_ms", rule.max_latency_ms, lambda p: p.latency_ms <= rule.max_latency_ms + EPS,
@@ -148,7 +142,7 @@ def choose(points: Sequence[Point], rule: ChooseRule) -> tuple[Point, str]:
     said = (f"{describe(chosen)}, fidelity {chosen.fidelity:.3f} (validation {chosen.val_agreement:.3f}, "
             f"general text {chosen.general_agreement:.3f}), {chosen.latency_ms:.2f} ms = {chosen.speedup:.1f}x "
             "the teacher.")
-    active = limits(rule)
+    active = rule.limits()
     verb = "meets" if len(candidates) == 1 else "meet"
     met = (f"Of {len(points)} points, {len(candidates)} {verb} {' and '.join(active)}" if active
            else f"Of {len(points)} points (no limits set)")
@@ -173,10 +167,20 @@ def frontier_rows(points: Sequence[Point], chosen: Point) -> list[dict]:
             for p in sorted(points, key=lambda p: p.trial)]
 
 
-def plot_frontier(points: Sequence[Point], chosen: Point, path: Path, *, rule: ChooseRule | None = None) -> None:
+def choice_report(chosen: Point, reason: str, rule: ChooseRule) -> dict:
+    """metrics/distill.json's "choice" for a searched depth: the rule, why, and the chosen point's numbers (the
+    register stage tags the versions from it)."""
+    return {"searched": True, "rule": rule.model_dump(), "reason": reason, "trial": chosen.trial,
+            "student_layers": chosen.student_layers, "latency_ms": chosen.latency_ms, "speedup": chosen.speedup,
+            "val_agreement": chosen.val_agreement, "general_agreement": chosen.general_agreement,
+            "fidelity": chosen.fidelity}
+
+
+def plot_frontier(points: Sequence[Point], chosen: Point, path: Path, *, rule: ChooseRule | None = None) -> Figure:
     """Two panels sharing latency as x: validation agreement and general-text agreement. Every point is labelled
     with its depth, the Pareto points are joined by a step line, the chosen one is ringed; the title says the
-    rule (pass `rule`; without it the title names distill.choose only), dashed lines mark its latency limits."""
+    rule (pass `rule`; without it the title names distill.choose only), dashed lines mark its latency limits.
+    Returns the figure saved at `path`."""
     front = pareto(points)
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")  # no pyplot: no global figure state, no GUI backend
     axes = fig.subplots(2, 1, sharex=True)
@@ -205,9 +209,10 @@ def plot_frontier(points: Sequence[Point], chosen: Point, path: Path, *, rule: C
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     axes[1].set_xlabel(f"served batch-1 latency, ms (teacher {teacher_ms:.2f} ms)")
-    shown = rule_text(rule) if rule is not None else "distill.choose"
+    shown = rule.text() if rule is not None else "distill.choose"
     trials = f"{len(points)} trial{'s' if len(points) > 1 else ''}"
     fig.suptitle(f"depth frontier: {trials}, {len(front)} on the front; chosen {chosen.student_layers}L "
                  f"(trial {chosen.trial})\nrule: {shown}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return fig  # what was drawn, for a caller (a test) to read back

@@ -4,8 +4,8 @@ nodes serve), timed at batch 1 beside the PyTorch fp32 teacher, on this machine.
 Latency depends on a student's shape, not on its weights, so each depth is measured once, on a student just
 built from the teacher (no training), before the trials: a trial costs only its training. Every model answers
 the same median-length validation text; models take turns in rounds (noise hits all of them alike) and each
-reports the median of its calls. The session is set up as the service sets it up (serving/inference.py:
-threads sleep when idle); it is not imported from there so that a serving edit does not rerun training.
+reports the median of its calls (`calls` rounded up to whole rounds). The session is the service's own
+(serving/session.py: threads sleep when idle), without the tokenizer: the text is tokenized once, here.
 """
 
 from __future__ import annotations
@@ -19,30 +19,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from distilops.pipeline.modeling import build_student, save_model_folder
 from distilops.pipeline.quantize import FORMAT_FILES, export_onnx, quantize_onnx_int8
+from distilops.serving.session import OnnxModel
 
 log = logging.getLogger(__name__)
 ROUNDS = 3
 TEACHER = "teacher"  # the key of the teacher's latency beside the depths'
 
 
-def int8_session(folder: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    for pool in ("intra_op", "inter_op"):
-        options.add_session_config_entry(f"session.{pool}.allow_spinning", "0")
-    return ort.InferenceSession(str(folder / FORMAT_FILES["onnx"]), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_call(session: ort.InferenceSession, input_ids: list[int]) -> Callable[[], object]:
+def onnx_call(folder: Path, input_ids: list[int], threads: int) -> Callable[[], object]:
+    """One batch-1 call of the folder's ONNX model on the CPU, set up as CPU pods serve it."""
+    model = OnnxModel(folder / FORMAT_FILES["onnx"], cuda=False, threads=threads)
     ids = np.asarray([input_ids], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    feed = {i.name: feed[i.name] for i in session.get_inputs()}
-    return lambda: session.run(None, feed)
+    return lambda: model(feed)
 
 
 def torch_call(model: torch.nn.Module, input_ids: list[int]) -> Callable[[], object]:
@@ -60,14 +53,20 @@ def median_text(input_ids: list[list[int]]) -> list[int]:
     return sorted(input_ids, key=len)[len(input_ids) // 2]
 
 
+def calls_made(n: int) -> int:
+    """How many timed calls `time_calls(..., n)` makes of each model: whole rounds."""
+    return ROUNDS * -(-n // ROUNDS)
+
+
 def time_calls(calls: dict[str, Callable[[], object]], n: int) -> dict[str, float]:
-    """Median ms per call of each, over `n` calls each, in ROUNDS interleaved rounds after one warm-up call."""
+    """Median ms per call of each, over `calls_made(n)` calls (`n` rounded up to whole rounds) in ROUNDS interleaved
+    rounds, after one warm-up call."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     for call in calls.values():
         call()
     for _ in range(ROUNDS):
         for key, call in calls.items():
-            for _ in range(-(-n // ROUNDS)):
+            for _ in range(calls_made(n) // ROUNDS):
                 started = time.perf_counter()
                 call()
                 times[key].append(1000 * (time.perf_counter() - started))
@@ -85,7 +84,7 @@ def measure(teacher: torch.nn.Module, tokenizer, depths: list[int], input_ids: l
             save_model_folder(build_student(teacher, depth), tokenizer, root / "student", max_length=max_length,
                               role="student")
             int8 = quantize_onnx_int8(export_onnx(root / "student", root / "onnx_fp32"), root / "onnx_int8")
-            timed[str(depth)] = onnx_call(int8_session(int8, threads), input_ids)
+            timed[str(depth)] = onnx_call(int8, input_ids, threads)
         on_cpu = teacher if next(teacher.parameters()).device.type == "cpu" else copy.deepcopy(teacher).cpu()
         timed[TEACHER] = torch_call(on_cpu.eval(), input_ids)
         previous = torch.get_num_threads()
@@ -94,6 +93,6 @@ def measure(teacher: torch.nn.Module, tokenizer, depths: list[int], input_ids: l
             latency = time_calls(timed, calls)
         finally:
             torch.set_num_threads(previous)
-    log.info("served latency at batch 1 (%d tokens, median of %d calls): %s", len(input_ids), calls,
+    log.info("served latency at batch 1 (%d tokens, median of %d calls): %s", len(input_ids), calls_made(calls),
              ", ".join(f"{k}{'' if k == TEACHER else ' layers'} {v:.2f} ms" for k, v in latency.items()))
     return latency

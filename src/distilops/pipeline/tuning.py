@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from optuna.study import MaxTrialsCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from distilops import paths
+from distilops import paths, stats
 from distilops.config import DistillConfig
 from distilops.errors import ConfigError, DivergedError, ModelError, StaleCacheError, TuningError
 from distilops.hashing import json_sha256
@@ -68,10 +67,11 @@ from distilops.pipeline.modeling import (
 from distilops.pipeline.training import LossFn, TrainSettings, seed_everything, train
 from distilops.pipeline.transfer import tuning_texts
 from distilops.serving.folder import read_meta
+from distilops.settings import OPTUNA_STORAGE
 from distilops.tracking import redact_uri
 
 log = logging.getLogger(__name__)
-STORAGE_ENV = "DISTILOPS_OPTUNA_STORAGE"
+STORAGE_ENV = OPTUNA_STORAGE.name
 # A trial in these states is done: it counts towards n_trials, and a resumed study does not rerun it.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 StudentFactory = Callable[[], torch.nn.Module]
@@ -153,7 +153,8 @@ class LayerTargets:
     batches: int = 0
 
     def record(self, parts: LossParts) -> None:
-        """Add one batch's layer-wise parts (kept on the device: no sync per step)."""
+        """Add one batch's layer-wise parts, as tensors on the device: recording adds no sync of its own (train()
+        already reads the loss back each step, for its finiteness check and the progress bar)."""
         for name in ("hidden_mse", "attention_kl"):
             self.sums[name] = self.sums.get(name, 0) + getattr(parts, name).detach()
         self.batches += 1
@@ -355,7 +356,7 @@ def redact(url: str) -> str:
 
 def storage_for(cfg: DistillConfig) -> RDBStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed, then retried once."""
-    url = os.environ.get(STORAGE_ENV) or cfg.storage
+    url = OPTUNA_STORAGE.read() or cfg.storage
     if not url:
         paths.OPTUNA_DB.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{paths.OPTUNA_DB}"
@@ -427,6 +428,116 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return study.best_trial
 
 
+def open_study(cfg: DistillConfig, *, study_name: str, storage: RDBStorage | str, worker: int | None) -> optuna.Study:
+    """Create or resume the study: one objective with the median pruner (depth fixed), or the depth search's three
+    with none; its TPE sampler seeded for this run (sampler_seed)."""
+    by_depth = searches_depth(cfg)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                         n_warmup_steps=cfg.pruner_warmup_steps)
+    objectives = {"directions": list(DIRECTIONS)} if by_depth else {"direction": "maximize"}
+    study = optuna.create_study(study_name=study_name, storage=storage, pruner=None if by_depth else pruner,
+                                load_if_exists=True, **objectives)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg.seed, worker, len(study.trials)))
+    return study
+
+
+@dataclass
+class TrialRunner:
+    """The study's objective: trains a fresh student per trial on the shared subset and scores it. Depth fixed:
+    validation accuracy, reported to the pruner as it trains. Depth searched: agreement with the teacher on
+    validation and general text, and the depth's served latency (measured once per study: `latency`)."""
+
+    cfg: DistillConfig
+    make_student: StudentFactory
+    subset: Examples  # the training examples every trial trains on (trial_subset)
+    val_data: Examples
+    pad_id: int
+    study_name: str
+    worker: int | None = None
+    teacher: torch.nn.Module | None = None
+    general: Examples | None = None
+    latency: dict[str, float] = field(default_factory=dict)  # {str(depth): ms, "teacher": ms} (depth search)
+
+    @property
+    def by_depth(self) -> bool:
+        return searches_depth(self.cfg)
+
+    @property
+    def steps_per_trial(self) -> int:
+        return -(-len(self.subset) // self.cfg.batch_size) * self.cfg.trial_epochs
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float, float]:
+        params = suggest(trial, self.cfg)
+        seed_everything(self.cfg.seed)
+        student = build_student(self.teacher, params.student_layers) if params.student_layers else self.make_student()
+        layers = layer_targets(params, self.teacher, student)  # None (and nothing drawn) while the terms are off
+        # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats). A depth search
+        # validates once at the end: nothing prunes its trials.
+        settings = TrainSettings.from_config(self.cfg, epochs=self.cfg.trial_epochs, learning_rate=params.learning_rate,
+                                             eval_every_steps=0 if self.by_depth else self.cfg.eval_every_steps,
+                                             checkpoint_every_steps=0, progress=f"trial {trial.number}")
+        reports: list[tuple[int, float]] = []
+        started = time.perf_counter()
+        trial.set_user_attr("worker", -1 if self.worker is None else self.worker)  # which process ran it, for logs
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                              tags={"optuna_study": self.study_name, "optuna_trial": str(trial.number)}):
+            mlflow.log_params(vars(params))
+            try:
+                result = train(student, self.subset, self.val_data, self.pad_id, settings,
+                               distill_loss_fn(params, layers), self.on_eval(trial, layers, reports),
+                               extra=layers.projection if layers else None)
+                mlflow.set_tag("state", "complete")
+                return self.score(trial, student, params, result.best_accuracy)
+            except optuna.TrialPruned:
+                mlflow.set_tag("state", "pruned")
+                raise
+            except DivergedError as exc:  # a learning rate too high for this model is a bad setting, not a crash
+                mlflow.set_tag("state", "diverged")
+                trial.set_user_attr("diverged", True)  # not the pruner's doing: no time saved by it
+                raise optuna.TrialPruned(str(exc)) from exc
+            finally:
+                self.record_cost(trial, time.perf_counter() - started, reports[-1][0] if reports else 0)
+                del student
+                free_memory()
+
+    def on_eval(self, trial: optuna.Trial, layers: LayerTargets | None,
+                reports: list[tuple[int, float]]) -> Callable[[int, float], None]:
+        """train()'s callback: log each validation, and (depth fixed) report it to the pruner, which may stop
+        the trial."""
+        def report_or_prune(step: int, acc: float) -> None:
+            reports.append((step, acc))
+            mlflow.log_metric("val_accuracy", acc, step=step)
+            if layers is not None:
+                layers.log(step)
+            if self.by_depth:
+                return
+            trial.report(acc, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
+        return report_or_prune
+
+    def score(self, trial: optuna.Trial, student: torch.nn.Module, params: TrialParams,
+              val_accuracy: float) -> float | tuple[float, float, float]:
+        """The trial's value(s): validation accuracy, or (depth searched) the three objectives, with its speedup
+        and accuracy kept on the trial for the frontier."""
+        if not self.by_depth:
+            return val_accuracy
+        values = (agreement(student, self.val_data, self.pad_id), agreement(student, self.general, self.pad_id),
+                  self.latency[str(params.student_layers)])
+        speedup = self.latency[served_latency.TEACHER] / values[2]
+        trial.set_user_attr("val_accuracy", val_accuracy)
+        trial.set_user_attr("speedup", speedup)
+        mlflow.log_metrics({**dict(zip(OBJECTIVES, values, strict=True)), "speedup": speedup})
+        return values
+
+    def record_cost(self, trial: optuna.Trial, seconds: float, steps_done: int) -> None:
+        """What the trial cost, for pruning_summary: its seconds, the steps it ran and the steps it would have run."""
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("steps", steps_done)
+        trial.set_user_attr("planned_steps", self.steps_per_trial)
+        mlflow.log_metrics({"trial_seconds": seconds, "trial_steps": steps_done})
+
+
 def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Examples, val_data: Examples,
               pad_id: int, *, study_name: str, storage: RDBStorage | str, worker: int | None = None,
               teacher: torch.nn.Module | None = None, tokenizer=None, general: Examples | None = None) -> optuna.Study:
@@ -440,12 +551,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
     by_depth = searches_depth(cfg)
     if by_depth and (teacher is None or general is None or tokenizer is None):
         raise ModelError("a depth search needs the teacher, its tokenizer and the general texts (run_study)")
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
-                                         n_warmup_steps=cfg.pruner_warmup_steps)
-    objectives = {"directions": list(DIRECTIONS)} if by_depth else {"direction": "maximize"}
-    study = optuna.create_study(study_name=study_name, storage=storage, pruner=None if by_depth else pruner,
-                                load_if_exists=True, **objectives)
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg.seed, worker, len(study.trials)))
+    study = open_study(cfg, study_name=study_name, storage=storage, worker=worker)
     latency: dict[str, float] = {}
     if by_depth:
         latency = depth_latency(study, cfg, teacher, tokenizer, served_latency.median_text(val_data.input_ids))
@@ -459,67 +565,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
     remaining = cfg.n_trials - len(done)
     log.info("study '%s': %d trial(s) done, %d to run", study_name, len(done), max(remaining, 0))
     subset = train_data.subset(trial_subset(len(train_data), cfg.trial_train_examples, cfg.seed))
-    steps_per_trial = -(-len(subset) // cfg.batch_size) * cfg.trial_epochs
-
-    def objective(trial: optuna.Trial) -> float | tuple[float, float, float]:
-        """Train a fresh student with the suggested parameters; report validation accuracy to the pruner
-        (depth fixed), or return its agreement on validation and general text and its depth's latency."""
-        params = suggest(trial, cfg)
-        seed_everything(cfg.seed)
-        student = build_student(teacher, params.student_layers) if params.student_layers else make_student()
-        layers = layer_targets(params, teacher, student)  # None (and nothing drawn) while the terms are off
-        # Trials keep no checkpoints: a trial cut short is failed and retried whole (heartbeats). A depth search
-        # validates once at the end: nothing prunes its trials.
-        settings = TrainSettings.from_config(cfg, epochs=cfg.trial_epochs, learning_rate=params.learning_rate,
-                                             eval_every_steps=0 if by_depth else cfg.eval_every_steps,
-                                             checkpoint_every_steps=0, progress=f"trial {trial.number}")
-        reports: list[tuple[int, float]] = []
-
-        def report_or_prune(step: int, acc: float) -> None:
-            reports.append((step, acc))
-            mlflow.log_metric("val_accuracy", acc, step=step)
-            if layers is not None:
-                layers.log(step)
-            if by_depth:
-                return
-            trial.report(acc, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {acc:.4f})")
-
-        started = time.perf_counter()
-        trial.set_user_attr("worker", -1 if worker is None else worker)  # which process ran it, for the logs
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                              tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}):
-            mlflow.log_params(vars(params))
-            try:
-                result = train(student, subset, val_data, pad_id, settings, distill_loss_fn(params, layers),
-                               report_or_prune, extra=layers.projection if layers else None)
-                mlflow.set_tag("state", "complete")
-                if not by_depth:
-                    return result.best_accuracy
-                values = (agreement(student, val_data, pad_id), agreement(student, general, pad_id),
-                          latency[str(params.student_layers)])
-                speedup = latency[served_latency.TEACHER] / values[2]
-                trial.set_user_attr("val_accuracy", result.best_accuracy)
-                trial.set_user_attr("speedup", speedup)
-                mlflow.log_metrics({**dict(zip(OBJECTIVES, values, strict=True)), "speedup": speedup})
-                return values
-            except optuna.TrialPruned:
-                mlflow.set_tag("state", "pruned")
-                raise
-            except DivergedError as exc:  # a learning rate too high for this model is a bad setting, not a crash
-                mlflow.set_tag("state", "diverged")
-                trial.set_user_attr("diverged", True)  # not the pruner's doing: no time saved by it
-                raise optuna.TrialPruned(str(exc)) from exc
-            finally:
-                seconds, steps_done = time.perf_counter() - started, (reports[-1][0] if reports else 0)
-                trial.set_user_attr("seconds", seconds)
-                trial.set_user_attr("steps", steps_done)
-                trial.set_user_attr("planned_steps", steps_per_trial)
-                mlflow.log_metrics({"trial_seconds": seconds, "trial_steps": steps_done})
-                del student
-                free_memory()
-
+    objective = TrialRunner(cfg, make_student, subset, val_data, pad_id, study_name, worker, teacher, general, latency)
     if remaining > 0:
         # Other workers may be filling the same study: stop once it holds n_trials finished trials.
         enough = MaxTrialsCallback(cfg.n_trials, states=FINISHED_STATES)
@@ -539,7 +585,7 @@ def tune(cfg: DistillConfig, inputs: DistillInputs, *, worker: int | None = None
 def agreement(model: torch.nn.Module, data: Examples, pad_id: int) -> float:
     """Share of `data` on which `model`'s label is its teacher's (data.teacher_logits)."""
     logits, _ = predict_logits(model, data, pad_id)
-    return float((logits.argmax(-1) == data.teacher_logits.argmax(-1)).mean())
+    return stats.agreement(logits.argmax(-1), data.teacher_logits.argmax(-1))
 
 
 def depth_latency(study: optuna.Study, cfg: DistillConfig, teacher: torch.nn.Module, tokenizer,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distilops import settings
 from distilops.errors import DeployError
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,11 @@ def api_client() -> Any:
     from kubernetes import client, config
 
     try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if settings.KUBERNETES_SERVICE_HOST.read():
             config.load_incluster_config()
         else:
             # KUBECONFIG read now: the client reads it once, when first imported, and a later change is ignored
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+            config.load_kube_config(config_file=settings.KUBECONFIG.read() or None)
     except config.ConfigException as exc:
         raise DeployError(f"no cluster credentials: {exc} (inside a pod: a service account token; elsewhere: a "
                           "kubeconfig, as `kubectl` uses)") from None

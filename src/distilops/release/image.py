@@ -220,7 +220,7 @@ def build_image(model_name: str, *, device: str = "cpu", alias: str = "productio
               "ai.distilops.variant": packaged.variant, "ai.distilops.bento": bento_tag,
               **({"ai.distilops.shadow-version": packaged.shadow_version} if packaged.shadow_version else {})}
     run(["buildah", "bud", "--isolation", "chroot", "--layers=false", "-f", str(context / "Containerfile"),
-         "--build-arg", f"BASE={base}", "--build-arg", f"DEVICE={device}", "--build-arg", f"MODEL_TAG={packaged.tag}",
+         "--build-arg", f"BASE={base}", "--build-arg", f"MODEL_TAG={packaged.tag}",
          *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")],
          "-t", ref, str(context)], "buildah bud")
     seconds["build"] = time.perf_counter() - mark

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from distilops import settings
 from distilops.errors import DeployError
 
 MANIFEST_TYPES = ", ".join([
@@ -38,7 +38,7 @@ def split_reference(ref: str) -> tuple[str, str, str]:
 
 
 def _basic_auth() -> dict[str, str]:
-    user, password = os.environ.get("DISTILOPS_REGISTRY_USERNAME"), os.environ.get("DISTILOPS_REGISTRY_PASSWORD")
+    user, password = settings.REGISTRY_USERNAME.read(), settings.REGISTRY_PASSWORD.read()
     if not (user and password):
         return {}
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}

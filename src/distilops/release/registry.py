@@ -25,11 +25,10 @@
 
 from __future__ import annotations
 
-import csv
 import getpass
-import io
 import json
-import os
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,14 +37,16 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from distilops.config import PromoteConfig
-from distilops.errors import GateError, RegistryError
+from distilops import settings
+from distilops.config import ChooseRule, PromoteConfig
+from distilops.errors import ConfigError, GateError, RegistryError
 from distilops.release.pyfunc import log_model_folder
 from distilops.serving.folder import read_meta
-from distilops.stats import mcnemar, unpack_correct
+from distilops.stats import mcnemar, retention, unpack_correct
 from distilops.tracking import configure, lineage
 
 PROMOTIONS_EXPERIMENT = "distilops-promotions"
+log = logging.getLogger(__name__)
 
 # --- the tag schema: what a version carries (written by register_version and link_release; read by the
 # gates, `distilops versions`, packaging, images and deploy) --------------------------------------------
@@ -80,7 +81,7 @@ def metrics_from_report(report: dict, key: str) -> dict[str, float]:
     entry = report["models"][key]
     metrics = {k: float(v) for k, v in entry.items() if k in TAGGED_METRICS or k.startswith("throughput_batch")}
     metrics["teacher_accuracy"] = float(report["models"]["teacher"]["accuracy"])
-    metrics["accuracy_retention"] = metrics["accuracy"] / metrics["teacher_accuracy"]
+    metrics["accuracy_retention"] = retention(metrics["accuracy"], metrics["teacher_accuracy"])
     metrics["accuracy_low"], metrics["accuracy_high"] = entry["accuracy_ci"]
     if "agreement_with_teacher_ci" in entry:  # reports written before the interval have the point only
         low, high = entry["agreement_with_teacher_ci"]
@@ -128,6 +129,65 @@ def register_version(folder: Path, *, model_name: str, metrics: dict[str, float]
     if description:
         c.update_model_version(model_name, version, description=description)
     return c.get_model_version(model_name, version)
+
+
+# --- what one release registers: the register stage's plan -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One version the register stage creates: its folder, what it is, and its entry in the evaluation report."""
+
+    variant: str
+    folder: Path
+    role: str  # reference (the fp32 student) | serving | teacher (the shadow)
+    device: str  # cpu | gpu for serving versions, "" otherwise
+    evaluated_as: str  # its key in metrics/evaluate.json's "models"
+
+
+FALLBACK_VARIANT = "onnx_fp32"  # served where quantize rejected the configured variant
+
+
+def serving_variants(wanted: Mapping[str, str], checks: Mapping[str, dict]) -> dict[str, str]:
+    """{device: variant}: the configured ONNX variant per device (`wanted`, register.serving; "" = none), onnx_fp32
+    where the quantize stage's report (`checks`) says it rejected it. The CPU one is required: it is promoted."""
+    plan = {}
+    for device, variant in wanted.items():
+        if not variant:
+            continue
+        if not checks.get(variant, {}).get("accepted", False):
+            reason = checks[variant]["reason"] if variant in checks else "not built by the quantize stage"
+            log.warning("%s variant %s is not registered: %s. %s serves instead.", device, variant, reason,
+                        FALLBACK_VARIANT)
+            variant = FALLBACK_VARIANT
+        if not checks.get(variant, {}).get("accepted", False):
+            raise RegistryError(f"no accepted ONNX variant to serve on {device}: add {FALLBACK_VARIANT} to "
+                                "quantize.variants")
+        plan[device] = variant
+    if "cpu" not in plan:
+        raise RegistryError("register.serving.cpu must name a variant: the CPU version is the one promoted")
+    return plan
+
+
+def shadow_accepted(check: dict | None) -> bool:
+    """Whether the teacher's ONNX export (its entry in the quantize report) is registered as the release's shadow;
+    a warning with the reason when not."""
+    if check and check.get("accepted", False):
+        return True
+    reason = check["reason"] if check else "not built by the quantize stage"
+    log.warning("the teacher's ONNX export is not registered: %s. This release carries no shadow model.", reason)
+    return False
+
+
+def release_plan(wanted: Mapping[str, str], checks: Mapping[str, dict], *, student: Path, quantized: Path,
+                 teacher: Planned, teacher_check: str, evaluated_as: Callable[[str], str]) -> list[Planned]:
+    """The versions of one release, in the order they are registered: the student, the CPU serving version (the one
+    promoted), the GPU one (its sibling), then `teacher` (the shadow) when quantize accepted it (`teacher_check`:
+    its entry in the quantize report). `evaluated_as`: a variant's key in the evaluation report."""
+    plan = [Planned("student", student, "reference", "", evaluated_as("student"))]
+    plan += [Planned(variant, quantized / variant, "serving", device, evaluated_as(variant))
+             for device, variant in serving_variants(wanted, checks).items()]
+    return plan + ([teacher] if shadow_accepted(checks.get(teacher_check)) else [])
 
 
 # --- the student's depth: what the distill stage chose and why (metrics/distill.json's "choice", "frontier") ---
@@ -186,16 +246,6 @@ def choice_tags(distill: dict) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}  # an empty value is no tag (register_version skips them too)
 
 
-def frontier_csv(rows: list[dict]) -> str:
-    """The distill stage's frontier rows as CSV: every column any row has, in the order they first appear."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def choice_line(tags: dict[str, str], width: int = 113) -> str:
     """One line for `distilops versions`: the depth chosen, how much faster than the teacher, under which rule;
     '' when the version records no choice. At most `width` characters."""
@@ -208,21 +258,21 @@ def choice_line(tags: dict[str, str], width: int = 113) -> str:
         rule, front = {}, []
     if not rule:  # depth not searched: the reason says how it was fixed
         return clip(f"chosen: {reason}", width)
+    try:
+        recorded = ChooseRule(**rule)
+    except ConfigError:  # a rule another distilops version wrote: shown as recorded
+        return clip(f"chosen: {tags.get(LAYERS_TAG, '?')} layers (trial {tags.get(TRIAL_TAG, '?')}); rule "
+                    f"{compact(rule)}", width)
     trial = tags.get(TRIAL_TAG, "?")
     speedup = next((p["speedup"] for p in front if str(p.get("trial")) == trial and "speedup" in p), None)
     faster = f", {speedup:.1f}x the teacher" if speedup is not None else ""
-    limits = {k: v for k, v in rule.items() if k != "tolerance" and isinstance(v, int | float) and v}
-    tolerance = rule.get("tolerance")
-    named = [f"{k} {v:g}" for k, v in limits.items()] + ([f"tolerance {tolerance:g}"] if tolerance is not None else [])
-    layers = tags.get(LAYERS_TAG, "?")
-    line = f"chosen: {layers} layers (trial {trial}) of the frontier{faster}; rule {', '.join(named)}"
+    line = f"chosen: {tags.get(LAYERS_TAG, '?')} layers (trial {trial}) of the frontier{faster}; rule {recorded.text()}"
     if len(line) > width:  # every limit set: the words the line can spare, then the rule as comparisons
         line = line.replace(" of the frontier", "")
     if len(line) > width:
         signs = {"min_speedup": "speedup>={:g}", "max_latency_ms": "latency<={:g}ms", "min_agreement": "fidelity>={:g}"}
-        short = [signs[k].format(v) if k in signs else f"{k} {v:g}" for k, v in limits.items()]
-        short += [f"tol {tolerance:g}"] if tolerance is not None else []
-        line = line.split("; rule ")[0] + "; rule " + " ".join(short)
+        short = [signs[name].format(value) for name, value in recorded.active_limits()]
+        line = line.split("; rule ")[0] + "; rule " + " ".join([*short, f"tol {recorded.tolerance:g}"])
     return clip(line, width)
 
 
@@ -310,17 +360,17 @@ def check_gates(candidate: ModelVersion, current: ModelVersion | None, gates: Pr
         return [GateResult("metrics", False, f"version {candidate.version} has no {missing} tags "
                                              "(register versions through the register stage)")]
     results = []
-    retention = m["accuracy"] / m["teacher_accuracy"]
+    kept = retention(m["accuracy"], m["teacher_accuracy"])
     if "accuracy_retention_low" in m:  # noise-aware: the interval's lower end must clear the bar
         low, high = m["accuracy_retention_low"], m["accuracy_retention_high"]
         results.append(GateResult(
             "accuracy_retention", low >= gates.min_accuracy_retention,
-            f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f}, 95% "
+            f"accuracy {m['accuracy']:.4f} is {kept:.2%} of its teacher's {m['teacher_accuracy']:.4f}, 95% "
             f"interval [{low:.2%}, {high:.2%}] (lower end needs >= {gates.min_accuracy_retention:.2%})"))
     else:  # versions registered before intervals: the point estimate
         results.append(GateResult(
-            "accuracy_retention", retention >= gates.min_accuracy_retention,
-            f"accuracy {m['accuracy']:.4f} is {retention:.2%} of its teacher's {m['teacher_accuracy']:.4f} "
+            "accuracy_retention", kept >= gates.min_accuracy_retention,
+            f"accuracy {m['accuracy']:.4f} is {kept:.2%} of its teacher's {m['teacher_accuracy']:.4f} "
             f"(needs >= {gates.min_accuracy_retention:.2%}; no interval recorded)"))
     results.append(GateResult(
         "latency", m["latency_p95_ms"] <= gates.max_latency_p95_ms,
@@ -387,7 +437,7 @@ class PromotionEvent:
 
 
 def current_user() -> str:
-    return os.environ.get("DISTILOPS_USER") or getpass.getuser()
+    return settings.USER.read() or getpass.getuser()
 
 
 def _promotions_experiment(c: mlflow.MlflowClient) -> str:

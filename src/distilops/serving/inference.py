@@ -16,22 +16,21 @@ probabilities and the most confident window on the long-text evaluation set (doc
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import onnxruntime as ort
 import tokenizers
 from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
 from distilops.errors import ModelError
 from distilops.serving.folder import FORMAT_FILES, MAX_WINDOWS, WINDOW_OVERLAP, detect_format, read_json, read_meta
+from distilops.serving.session import CUDA, OnnxModel
 
-CUDA = "CUDAExecutionProvider"
+__all__ = ["CUDA", "Classification", "OnnxModel", "TextClassifier", "TextEncoder", "Windows"]
 
 
 @dataclass
@@ -108,43 +107,6 @@ class TextEncoder:
                  "attention_mask": column([e.attention_mask for e in rows], 0),
                  "token_type_ids": column([e.type_ids for e in rows], pad_type)}
         return Windows(batch, spans, truncated)
-
-
-class OnnxModel:
-    """An ONNX Runtime session: CUDA first when asked for and present, the CPU otherwise.
-
-    `spin_wait`: ONNX Runtime's idle CPU threads busy-wait for the next piece of work by default. That
-    saves a little latency, but a spinning thread counts as a busy core, so a pod's CPU utilisation (what a
-    CPU HorizontalPodAutoscaler scales on) reads high at any load; off unless asked for
-    (benchmarks/ort_spinning.py measures both)."""
-
-    def __init__(self, path: Path, *, cuda: bool, threads: int | None, spin_wait: bool = False) -> None:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        for pool in ("intra_op", "inter_op"):
-            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin_wait else "0")
-        cuda = cuda and CUDA in ort.get_available_providers()  # onnxruntime-gpu is installed
-        if cuda:
-            # The CUDA and cuDNN libraries come as nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), not on the
-            # loader's path: without this the CUDA provider fails to load (libcublasLt.so.13 not found).
-            with contextlib.suppress(Exception):
-                ort.preload_dlls(directory="")
-        providers = [CUDA, "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.inputs = {i.name for i in self.session.get_inputs()}
-
-    @property
-    def providers(self) -> list[str]:
-        """What the session really runs on (ONNX Runtime drops a provider that fails to load)."""
-        return self.session.get_providers()
-
-    @property
-    def device(self) -> str:
-        return "cuda" if CUDA in self.providers else "cpu"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, {k: v for k, v in batch.items() if k in self.inputs})[0]
 
 
 class Classification(BaseModel):

@@ -14,8 +14,9 @@ longer than the model's window is read in overlapping windows, at most DISTILOPS
 the model's own setting), so one text costs at most that many short texts' worth of compute.
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
-With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider never becomes
-ready: the pod is not served on its CPU by mistake, and the log says why. At run time, model calls
+Every setting is declared, typed, in serving/settings.py (docs/settings.md); a bad value stops the service
+at start with one line. With DISTILOPS_REQUIRE_GPU=1 (the GPU overlay) a session without the CUDA provider
+never becomes ready: the pod is not served on its CPU by mistake, and the log says why. At run time, model calls
 that keep failing (DISTILOPS_UNREADY_AFTER_FAILURES in a row, e.g. a sticky CUDA error) make the pod
 unready; each readiness probe then tries one call of its own, and a pod still failing after
 DISTILOPS_DEAD_AFTER_SECONDS is no longer alive, so the kubelet restarts it. A 503 (load shed, or not
@@ -43,7 +44,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,53 +54,41 @@ from fastapi import FastAPI
 from pydantic import AfterValidator, Field
 from starlette.responses import JSONResponse
 
+from distilops.errors import SettingError
+from distilops.serving import settings
 from distilops.serving.dispatch import ShedRequests, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
 from distilops.serving.live import Metrics, Throttled, open_drift, open_shadow, reference_summary
 
-
-def setting(name: str, raw: str, parse: Callable[[str], Any], valid: Callable[[Any], bool], meaning: str) -> Any:
-    """A setting parsed from the environment; a bad one stops the service at start with one line naming it."""
-    try:
-        value = parse(raw)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise SystemExit(f"distilops service: {name}={raw!r}: must be {meaning}")
-    return value
-
-
-MODEL_TAG = os.environ.get("DISTILOPS_BENTO_MODEL", "distilops-sentiment:latest")
-MAX_TEXTS = int(os.environ.get("DISTILOPS_MAX_TEXTS", "64"))  # texts in one request
-MAX_TEXT_CHARS = int(os.environ.get("DISTILOPS_MAX_TEXT_CHARS", "5000"))  # characters in one text
-MAX_BATCH_SIZE = int(os.environ.get("DISTILOPS_MAX_BATCH_SIZE", "64"))  # texts in one model call
-MAX_LATENCY_MS = int(os.environ.get("DISTILOPS_MAX_LATENCY_MS", "1000"))  # queueing + inference budget
-WORKERS = int(os.environ.get("DISTILOPS_WORKERS", "1"))  # model copies per pod; batching gathers within each
-THREADS = int(os.environ.get("DISTILOPS_THREADS", "0"))  # CPU threads per worker (0 = the CPU limit / workers)
-SPIN_WAIT = os.environ.get("DISTILOPS_ORT_SPIN_WAIT", "0") == "1"  # idle threads busy-wait: inflates CPU use
-REQUIRE_GPU = os.environ.get("DISTILOPS_REQUIRE_GPU", "0") == "1"
-MAX_WINDOWS = int(os.environ["DISTILOPS_MAX_WINDOWS"]) if os.environ.get("DISTILOPS_MAX_WINDOWS") else None
+try:  # every setting from the environment (serving/settings.py); a bad one stops the service with one line
+    SETTINGS = settings.read()
+except SettingError as exc:
+    raise SystemExit(f"distilops service: {exc}") from None
+MODEL_TAG = SETTINGS.bento_model
+MAX_TEXTS = SETTINGS.max_texts  # texts in one request
+MAX_TEXT_CHARS = SETTINGS.max_text_chars  # characters in one text
+MAX_BATCH_SIZE = SETTINGS.max_batch_size  # texts in one model call
+MAX_LATENCY_MS = SETTINGS.max_latency_ms  # queueing + inference budget
+WORKERS = SETTINGS.workers  # model copies per pod; batching gathers within each
+THREADS = SETTINGS.threads  # CPU threads per worker (0 = the CPU limit / workers)
+SPIN_WAIT = SETTINGS.ort_spin_wait  # idle threads busy-wait: inflates CPU use
+REQUIRE_GPU = SETTINGS.require_gpu
+MAX_WINDOWS = SETTINGS.max_windows
 # Runtime health: after this many model calls in a row fail (a sticky CUDA error, say), the pod is not ready; once
 # it has been failing this long with no call succeeding since, it is not alive either, and the kubelet restarts it.
-UNREADY_AFTER_FAILURES = int(os.environ.get("DISTILOPS_UNREADY_AFTER_FAILURES", "3"))
-DEAD_AFTER_SECONDS = float(os.environ.get("DISTILOPS_DEAD_AFTER_SECONDS", "60"))
+UNREADY_AFTER_FAILURES = SETTINGS.unready_after_failures
+DEAD_AFTER_SECONDS = SETTINGS.dead_after_seconds
 # Optional bearer token for /classify (the distilops-serving Secret); probes, /metrics and /model stay open.
-API_TOKEN = os.environ.get("DISTILOPS_API_TOKEN", "")
+API_TOKEN = SETTINGS.api_token
 # Live fidelity (module docstring): the share of texts the shadow model scores too, how many may wait for it, its
 # ONNX Runtime threads, and how many recent texts the drift and live-agreement gauges cover.
-SHADOW_RATE = setting("DISTILOPS_SHADOW_RATE", os.environ.get("DISTILOPS_SHADOW_RATE", "0"), float,
-                      lambda rate: 0 <= rate <= 1, "a fraction between 0 and 1 (0 = no shadow)")
-SHADOW_QUEUE = setting("DISTILOPS_SHADOW_QUEUE", os.environ.get("DISTILOPS_SHADOW_QUEUE", "2048"), int,
-                       lambda n: n >= 1, "a whole number >= 1")
-SHADOW_THREADS = setting("DISTILOPS_SHADOW_THREADS", os.environ.get("DISTILOPS_SHADOW_THREADS", "1"), int,
-                         lambda n: n >= 1, "a whole number >= 1")
-DRIFT_WINDOW = setting("DISTILOPS_DRIFT_WINDOW", os.environ.get("DISTILOPS_DRIFT_WINDOW", "1000"), int,
-                       lambda n: n >= 1, "a whole number >= 1")
+SHADOW_RATE, SHADOW_QUEUE = SETTINGS.shadow_rate, SETTINGS.shadow_queue
+SHADOW_THREADS, DRIFT_WINDOW = SETTINGS.shadow_threads, SETTINGS.drift_window
 RETRY_AFTER_SECONDS = "1"  # told to clients of a 503 (overloaded, or not ready): the batching budget is ~1 s
 log = logging.getLogger("distilops.service")
-ADAPTIVE_WAIT = os.environ.get("DISTILOPS_ADAPTIVE_WAIT", "0") == "1"  # BentoML's learned wait before a batch
+ADAPTIVE_WAIT = SETTINGS.adaptive_wait  # BentoML's learned wait before a batch
 
 
 def cpu_limit() -> int:
@@ -107,8 +96,8 @@ def cpu_limit() -> int:
 
     Thread pools that size themselves from the node's cores oversubscribe a pod limited to a few of them.
     """
-    if os.environ.get("DISTILOPS_CPU_LIMIT", "").isdigit():
-        return max(1, int(os.environ["DISTILOPS_CPU_LIMIT"]))
+    if SETTINGS.cpu_limit:
+        return SETTINGS.cpu_limit
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
@@ -232,7 +221,7 @@ class RequireJson:
     workers=WORKERS,
     traffic={"timeout": 30, "max_concurrency": 256},
     metrics={"enabled": True},
-    logging={"access": {"enabled": os.environ.get("DISTILOPS_ACCESS_LOG", "false") == "true"}},
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
 class Classifier:
