@@ -37,6 +37,7 @@ class StandIn(BaseHTTPRequestHandler):
     writes: list[dict] = []
     objects: dict[str, dict] = {}  # path -> object (GET)
     on_apply: dict[str, dict] = {}  # path -> what GET answers there once it has been written (a controller's work)
+    on_json_patch: dict[str, tuple[str, dict]] = {}  # path JSON-patched -> (another path, what GET answers there)
     replica_sets: list[dict] = []
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "distilops-tune", "namespace": "distilops"},
            "spec": {"suspend": True, "template": {"spec": {"containers": []}}}}
@@ -92,6 +93,11 @@ class StandIn(BaseHTTPRequestHandler):
         for path, after in StandIn.on_apply.items():
             if self.path.split("?")[0] == path:
                 StandIn.objects[path] = after
+        if self.headers["Content-Type"] == "application/json-patch+json":  # a JSON patch (not an apply)
+            for path, (target, after) in StandIn.on_json_patch.items():
+                if self.path.split("?")[0] == path:
+                    StandIn.objects[target] = after
+            return self.answer(200, StandIn.objects.get(self.path.split("?")[0], {"kind": "Status"}))
         if "forbidden" in self.path:
             return self.answer(403, {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
                                      "message": 'jobs.batch "forbidden" is forbidden: User "system:serviceaccount:'
@@ -105,6 +111,7 @@ class StandIn(BaseHTTPRequestHandler):
 def stand_in() -> Iterator[str]:
     """A fresh stand-in API server (no objects, no writes); yields its URL."""
     StandIn.writes, StandIn.objects, StandIn.replica_sets, StandIn.on_apply = [], {}, [], {}
+    StandIn.on_json_patch = {}
     StandIn.job["spec"]["suspend"] = True
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
     threading.Thread(target=server.serve_forever, daemon=True).start()

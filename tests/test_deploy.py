@@ -298,6 +298,9 @@ def test_a_canary_outcome_is_recorded_and_an_abort_returns_the_alias(registry, t
         StandIn.objects[ROLLOUT_PATH] = rollout(phase="Degraded", abort=True, stable="6d4f", current="7b9c",
                                                 workload=7, workload_observed="7",
                                                 message='RolloutAborted: Metric "error-ratio" assessed Failed')
+        # the stable template put back on the Deployment (a JSON patch): the Rollout is Healthy on the stable again
+        StandIn.on_json_patch[DEPLOYMENT_PATH] = (ROLLOUT_PATH, rollout(phase="Healthy", stable="6d4f", current="6d4f",
+                                                                        workload=7, workload_observed="7"))
         deploy = ["deploy", "--overlay", "cpu", "--strategy", "canary", "--apply", "-m", NAME, "--skip-registry-check"]
         aborted = CliRunner().invoke(app, deploy)
         assert aborted.exit_code == 1 and "Traceback" not in aborted.output
@@ -305,9 +308,12 @@ def test_a_canary_outcome_is_recorded_and_an_abort_returns_the_alias(registry, t
         assert line == (
             f'error: canary of release v{second["cpu"]} aborted: RolloutAborted: Metric "error-ratio" assessed Failed; '
             f'{NAME}@production moved back to v{first["cpu"]}, the version the cluster still serves')
-        applied = {w["body"]["kind"] for w in StandIn.writes}
+        applied = {w["body"]["kind"] for w in StandIn.writes if w["content_type"] == "application/apply-patch+yaml"}
         assert {"Rollout", "AnalysisTemplate", "Deployment", "HorizontalPodAutoscaler"} <= applied
         assert str(alias_version(client(), NAME, "production").version) == first["cpu"]
+        restored = [w for w in StandIn.writes if w["content_type"] == "application/json-patch+json"]
+        assert [w["body"][0]["path"] for w in restored] == ["/spec/template"]
+        assert restored[0]["body"][0]["value"]["metadata"]["labels"][LABEL] == first["cpu"]  # release 1's pods
 
         promote(NAME, GATES, version=second["cpu"])  # fixed, released again: Argo promotes it
         # still aborted (stable 6d4f) when deploy reads it; promoted once the new template is applied

@@ -66,8 +66,9 @@ def test_int8_variants_stay_close_and_shrink(student, variants, texts, variant):
     assert spread > 1.0  # a trained model: its logits separate the classes (a random one: ~0.06)
     assert np.abs(quantized - reference).max() < 0.1 * spread  # int8 rounding, not a different model
     assert (quantized.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
-    # and int8 for real: its rounding moves the logits far more than an fp32 export's noise (< 1e-4, above)
-    assert np.abs(quantized - reference).max() > 1e-3
+    # and int8 for real: its rounding moves the logits beyond an fp32 export's noise (< 1e-4, above); static int8,
+    # with per-channel weights and scales from calibration, moves them least (~5e-4 on this model)
+    assert np.abs(quantized - reference).max() > 2e-4
     assert weights_size_mb(variants[variant]) < weights_size_mb(student)
     meta = read_meta(variants[variant])
     assert meta["variant"] == variant and meta["max_length"] == 32 and meta["teacher"] == "tiny"
@@ -245,7 +246,8 @@ def test_register_skips_a_refused_teacher_export_with_its_reason(caplog):
     from distilops.pipeline.evaluate import model_key
     from distilops.release.registry import Planned, release_plan
 
-    served = {"onnx_int8": {"accepted": True}, "onnx_fp16": {"accepted": True}}
+    cpu = RegisterConfig().serving.cpu  # the default CPU variant, whichever int8 scheme that is
+    served = {cpu: {"accepted": True}, "onnx_fp16": {"accepted": True}}
     teacher = Planned(TEACHER_VARIANT, Path("models/teacher_onnx"), "teacher", "", "teacher")
 
     def plan(checks: dict) -> list[tuple[str, str, str, str]]:
@@ -254,7 +256,7 @@ def test_register_skips_a_refused_teacher_export_with_its_reason(caplog):
                                evaluated_as=model_key)
         return [(p.variant, p.role, p.device, p.evaluated_as) for p in planned]
 
-    released = [("student", "reference", "", "student"), ("onnx_int8", "serving", "cpu", "student_onnx_int8"),
+    released = [("student", "reference", "", "student"), (cpu, "serving", "cpu", f"student_{cpu}"),
                 ("onnx_fp16", "serving", "gpu", "student_onnx_fp16")]
     with caplog.at_level(logging.WARNING, logger="distilops.release.registry"):
         assert plan({"teacher_onnx": {"accepted": False, "reason": "agreement 0.9980"}}) == released
