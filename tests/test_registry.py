@@ -456,7 +456,9 @@ def test_the_register_stage_stores_references_and_names_the_release_shadow(store
     write_json(paths.metrics_file("evaluate"), report)
     write_json(paths.metrics_file("quantize"), {name: {"accepted": True, "reason": "ok"}
                                                 for name in ("onnx_int8", "onnx_fp16", "teacher_onnx")})
-    (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\nmax_windows: 4\nregister: {{}}\npromote: {{}}\n")
+    # the test built dynamic int8 (no calibration texts), so that is what the CPU serves
+    (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\nmax_windows: 4\n"
+                                          "register: {serving: {cpu: onnx_int8}}\npromote: {}\n")
     distill = searched_report()
     write_json(paths.metrics_file("distill"), distill)
     paths.plots_dir("distill").mkdir(parents=True)
