@@ -4,21 +4,24 @@ prometheus-operator from the PodMonitor, scraping real `bentoml serve` processes
 
 One release after another, as a team would ship them (the tests run in file order on one Rollout):
 the first release (no stable yet), a good canary, one that disagrees with its teacher, one answering 5xx, one
-whose pods nobody scrapes. Timing is scaled, nothing else: the analysis measures every 10 s instead of every
-minute (first after 30 s, not a minute) and the Rollout's pauses last 45 s instead of 5 minutes; the queries,
-conditions, limits, the PodMonitor and the scrape configuration are the manifests' own.
+whose pods nobody scrapes. The good releases agree with their teacher on about 80% of the live texts while
+their evaluation showed 93-95%, as the real student agrees 89% on general English after 93.7% on the test split:
+the gate compares the canary with the stable on the same traffic, so they are promoted.
+
+Timing is scaled, nothing else: the analysis measures every 10 s instead of every minute (first after 30 s, not a
+minute) and the Rollout's pauses last 45 s instead of 5 minutes; the queries, conditions, limits, the PodMonitor
+and the scrape configuration are the manifests' own.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from canary_models import bento_model, with_labels_reversed, with_reference
+from canary_models import agreement, bento_model, tiny_teacher, with_agreement, with_labels_reversed, with_reference
 from cluster.monitoring import OperatedPrometheus
 from cluster.pods import PodModel, PodServers, ServiceLoad
 from kubernetes import client as k8s
@@ -26,8 +29,6 @@ from kubernetes import config as k8s_config
 from releases import GATES, NAME, make_releases
 from tiny import make_reviews, make_tiny_model
 
-from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
-from distilops.pipeline.quantize import build
 from distilops.release import cluster
 from distilops.release.deploy import LABEL, apply_canary, kustomize, render
 from distilops.release.registry import client, promote
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE, APP = "distilops", "distilops-classifier"
 INTERVAL, INITIAL_DELAY, PAUSE = "10s", "30s", "45s"
 FIRST, GOOD, DISAGREES, FAILING, UNSCRAPED = range(5)  # the releases, in the order they ship
+LIVE_AGREEMENT, EVALUATED = 0.8, (0.93, 0.95)  # the good releases: on the live texts; the interval evaluated
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,11 @@ def stack(control_plane, tmp_path_factory):
     prometheus = OperatedPrometheus(control_plane, api).start()
 
     texts = make_reviews(n_movies=30, seed=3)["text"].tolist()
-    raw = make_tiny_model(root / "raw", layers=2, seed=1)
-    pytorch = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), root / "teacher-pt",
-                                max_length=16, teacher="tiny")
-    teacher = build("onnx_fp32", pytorch, root / "teacher")
-    good = Path(shutil.copytree(teacher, root / "good"))
+    pytorch, teacher = tiny_teacher(make_tiny_model(root / "raw", layers=2, seed=1), texts, root / "teacher")
+    good = with_agreement(pytorch, teacher, texts, LIVE_AGREEMENT, root / "good")
+    with_reference(good, teacher, texts, evaluated=EVALUATED)  # what its evaluation on the test split showed
     bad = with_labels_reversed(teacher, root / "bad")
-    for folder in (good, bad):
-        with_reference(folder, teacher, texts)
+    with_reference(bad, teacher, texts)
     store = root / "bentoml"
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
@@ -74,7 +73,7 @@ def stack(control_plane, tmp_path_factory):
             "DISTILOPS_MAX_LATENCY_MS": "2000"}).start()
         try:
             yield {"api": api, "prometheus": prometheus, "releases": releases, "texts": texts, "plane": control_plane,
-                   "pods": pods}
+                   "pods": pods, "good_agreement": agreement(good, teacher, texts)}
         finally:
             control_plane.empty_namespace(NAMESPACE)
             pods.stop()
@@ -152,16 +151,28 @@ def test_the_operator_scrapes_bentoml_series_with_their_endpoint_label(stack):
 
 
 def test_a_good_canary_is_promoted(stack):
+    """Promoted on agreement with the stable (equal: the same model, the same traffic) although its live
+    agreement is below the interval its evaluation showed: agreement-vs-evaluated, a dry run, failed without
+    aborting (item 3 of issue 26: on real traffic that gate aborted every canary)."""
     first = stack["releases"][FIRST]["cpu"]
     outcome = release(stack, GOOD)
     assert outcome.promoted, outcome.message
     assert outcome.stable == first
     assert production(stack) == stack["releases"][GOOD]["cpu"]
+    runs = k8s.CustomObjectsApi(stack["api"]).list_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", NAMESPACE, "analysisruns")["items"]
+    analysis = max(runs, key=lambda r: r["metadata"]["creationTimestamp"])["status"]
+    results = {m["name"]: m for m in analysis["metricResults"]}
+    assert analysis["phase"] == "Successful"
+    assert results["agreement-vs-evaluated"].get("dryRun") and results["agreement-vs-evaluated"].get("failed", 0) >= 1
+    assert results["agreement-vs-stable"].get("successful", 0) >= 1 and not results["agreement-vs-stable"].get("failed")
 
 
 def test_the_rules_load_through_the_operator_and_record_live_agreement(stack):
     """The PrometheusRule, turned into rule files by the operator, evaluated on the scraped series: the good
-    release (a copy of its teacher) agrees with its shadow on every live text."""
+    release's live agreement is recorded as measured offline on the same texts, and the informational alert
+    says it is below what its evaluation showed (pending: its `for` is 15 minutes; promtool's rule tests
+    check the timing)."""
     prometheus = stack["prometheus"]
     groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     names = {r["name"] for g in groups for r in g["rules"]}
@@ -171,7 +182,11 @@ def test_the_rules_load_through_the_operator_and_record_live_agreement(stack):
     with ServiceLoad(stack["api"], NAMESPACE, APP, stack["texts"], per_second=10):
         recorded = wait_until("the live agreement recorded for the good release", lambda: prometheus.query(
             f'namespace_model_version:distilops_live_agreement:ratio_rate10m{{model_version="{good}"}}'))
-    assert float(recorded[0]["value"][1]) == 1.0
+    assert abs(float(recorded[0]["value"][1]) - stack["good_agreement"]) < 0.08  # texts drawn at random
+    alerts = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    below = {a["labels"].get("model_version"): a["state"] for a in alerts
+             if a["labels"]["alertname"] == "DistilopsLiveAgreementBelowEvaluated"}
+    assert below.get(good) in ("pending", "firing"), alerts
 
 
 @pytest.mark.parametrize(("index", "metric"), [(DISAGREES, "agreement-vs-stable"), (FAILING, "error-ratio"),

@@ -22,9 +22,9 @@ from kubernetes.client.exceptions import ApiException
 from releases import GATES, NAME, make_releases
 
 from distilops.errors import DeployError
+from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.release import cluster
 from distilops.release.deploy import LABEL, kustomize, render, render_jobs
-from distilops.release.registry import promote
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,30 +144,67 @@ def served_versions(api) -> set[str]:
     return {p.metadata.labels[LABEL] for p in running_pods(api)}
 
 
-def test_cpu_overlay_rolls_out_through_the_real_controllers(api, kubeconfig, releases, clean):
-    """Server-side apply of the pinned cpu overlay is accepted; the Deployment, ReplicaSet and HPA controllers
-    make the pods (the HPA's minimum, 2), Pod Security admits them, the scheduler spreads them over CPU nodes,
-    and wait_rollout reads the real status to completion. A second version rolls; a rollback rolls back."""
+@pytest.fixture()
+def served(api, releases, tmp_path):
+    """Each CPU release's pods answered by a real `bentoml serve` at the pod's address (tests/cluster/pods.py),
+    reachable by `kubectl port-forward` through the API server and kwok's kubelet API; the CLI's params.yaml."""
+    from canary_models import bento_model
+    from cluster.pods import PodModel, PodServers
+    from tiny import make_tiny_model
+
+    from distilops.pipeline.quantize import build
+
+    raw = make_tiny_model(tmp_path / "raw", layers=2, seed=1)
+    folder = build("onnx_fp32", save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)),
+                                                  tmp_path / "pt", max_length=16, teacher="tiny"), tmp_path / "onnx")
+    store = tmp_path / "bentoml"
+    models = {r["cpu"]: PodModel(bento_model(folder, folder, f"{NAME}:v{r['cpu']}", r["cpu"], store), store)
+              for r in releases}
+    servers = PodServers(api, NAMESPACE, models, tmp_path / "pods", env={"DISTILOPS_SHADOW_RATE": "0"}).start()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model_name: {NAME}\npromote: {{max_latency_p95_ms: {GATES.max_latency_p95_ms}}}\n")
+    yield params
+    servers.stop()
+
+
+def cli(*args: str) -> str:
+    """A `distilops` command as a user types it; its output (stderr included), failing loudly."""
+    from typer.testing import CliRunner
+
+    from distilops.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_deploy_apply_rolls_out_through_the_real_controllers(api, kubeconfig, releases, served, clean):
+    """`distilops deploy --overlay cpu --apply` from the promoted version: server-side apply accepted, the
+    Deployment, ReplicaSet and HPA controllers make the pods (the HPA's minimum, 2), Pod Security admits them,
+    the scheduler spreads them over CPU nodes, the rollout is followed to completion, and /model answers the
+    promoted version through the Service (kubectl port-forward). A second version rolls; after `distilops
+    promote --rollback` the first rolls back."""
     first, second = releases
-    rendered = render(NAME, overlay="cpu", check_registry=False)
-    applied = cluster.apply(rendered.documents)
-    assert {"Deployment/distilops-classifier", "Service/distilops-classifier", "NetworkPolicy/distilops-classifier",
-            "HorizontalPodAutoscaler/distilops-classifier", "PodDisruptionBudget/distilops-classifier"} <= set(applied)
+    deploy = ("deploy", "--overlay", "cpu", "--apply", "--skip-registry-check", "--timeout", "300",
+              "--params", str(served))
+    said = cli(*deploy)
+    assert f"the Service answers as {NAME} v{first['cpu']}" in said
     wait_until("the HPA's minimum of 2 replicas", lambda: len(running_pods(api)) == 2)
-    assert "2 replicas up to date and available" in cluster.wait_rollout(NAMESPACE, APP, timeout_s=120, poll_s=1)
     placed = {p.spec.node_name for p in running_pods(api)}
     assert len(placed) == 2 and placed <= {"cpu-a1", "cpu-a2", "cpu-b1"}  # one per node; never GPU or control plane
     assert {p.status.qos_class for p in running_pods(api)} == {"Guaranteed"}  # evicted last under node pressure
-    assert served_versions(api) == {first["cpu"]}
+    applied = {(o.kind, o.metadata.name) for o in (
+        k8s.AppsV1Api(api).read_namespaced_deployment(APP, NAMESPACE), k8s.CoreV1Api(api).read_namespaced_service(
+            APP, NAMESPACE), k8s.AutoscalingV2Api(api).read_namespaced_horizontal_pod_autoscaler(APP, NAMESPACE),
+        k8s.PolicyV1Api(api).read_namespaced_pod_disruption_budget(APP, NAMESPACE))}
+    assert len(applied) == 4
 
-    promote(NAME, GATES, version=second["cpu"])
-    cluster.apply(render(NAME, overlay="cpu", check_registry=False).documents)
-    cluster.wait_rollout(NAMESPACE, APP, timeout_s=120, poll_s=1)
+    cli("promote", second["cpu"], "--params", str(served))
+    assert f"the Service answers as {NAME} v{second['cpu']}" in cli(*deploy)
     wait_until("only the second version's pods", lambda: served_versions(api) == {second["cpu"]}, timeout_s=60)
 
-    promote(NAME, GATES, rollback=True)
-    cluster.apply(render(NAME, overlay="cpu", check_registry=False).documents)
-    cluster.wait_rollout(NAMESPACE, APP, timeout_s=120, poll_s=1)
+    cli("promote", "--rollback", "--params", str(served))
+    assert f"the Service answers as {NAME} v{first['cpu']}" in cli(*deploy)
     wait_until("the first version's pods again", lambda: served_versions(api) == {first["cpu"]}, timeout_s=60)
     history = k8s.AppsV1Api(api).list_namespaced_replica_set(NAMESPACE, label_selector=f"app.kubernetes.io/name={APP}")
     assert len(history.items) == 2  # the rollback reused the first ReplicaSet: the same pod template

@@ -490,7 +490,8 @@ CONTRACT_SERIES = {
     "distilops_prediction_confidence_sum", "distilops_text_words_bucket", "distilops_text_windows_bucket",
     "distilops_shadow_compared_total", "distilops_shadow_agreed_total", "distilops_shadow_dropped_total",
     "distilops_live_agreement", "distilops_drift_psi", "distilops_reference_agreement",
-    "bentoml_service_request_total", "bentoml_service_request_duration_seconds_bucket"}
+    "distilops_classify_responses_total", "bentoml_service_request_total",
+    "bentoml_service_request_duration_seconds_bucket"}
 SIMPLE_CONDITION = re.compile(r"^result\[0\] (<=|>=|<|>) -?\d+(\.\d+)?$")
 
 

@@ -98,10 +98,13 @@ def revision(hash_: str, *, ok: int = 0, errors: int = 0, fast: int = 0, slow: i
     if up is not None:
         target = counter("up", 0)
         series.append({"series": target["series"], "values": f"{up}x20"})
-    if ok:
+    if ok:  # BentoML's counter (the latency metric's request count)
         series.append(counter("bentoml_service_request_total", ok, http_response_code="200", **request))
     if errors:
         series.append(counter("bentoml_service_request_total", errors, http_response_code="500", **request))
+    if ok or errors:  # the service's own (the error ratio): every class from 0, one with no answers stays at 0
+        for code, per_minute in (("2xx", ok), ("4xx", 0), ("5xx", errors)):
+            series.append(counter("distilops_classify_responses_total", per_minute, code=code))
     if fast or slow:  # fast: within 0.1 s; slow: between 0.1 and 1 s
         bucket = "bentoml_service_request_duration_seconds_bucket"
         series += [counter(bucket, fast, le="0.1", **request), counter(bucket, fast + slow, le="1", **request),

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,13 @@ def wait_for(condition, timeout: float = 60, every: float = 0.5) -> bool:
     return False
 
 
+def answers_counted(server) -> dict[str, int]:  # noqa: ANN001
+    """distilops_classify_responses_total per status class, as the pod's /metrics exports it."""
+    found = re.findall(r'^distilops_classify_responses_total\{code="(\dxx)"[^}]*\} ([\d.e+]+)$',
+                       httpx.get(server.url + "/metrics").text, flags=re.M)
+    return {code: int(float(value)) for code, value in found}
+
+
 def test_repeated_inference_failures_flip_readiness_then_liveness(served):
     """A sticky GPU error: after its first calls every model call raises. The pod answers 500s, turns unready
     after 3 failures in a row (so no traffic reaches it), and unalive once it has failed for the configured time,
@@ -225,9 +233,11 @@ def test_repeated_inference_failures_flip_readiness_then_liveness(served):
            "DISTILOPS_DEAD_AFTER_SECONDS": "4"}
     with another_server(served, "sticky-error", **env) as server:
         server.wait_ready()
-        assert [post(server, {"texts": ["fine"]}).status_code for _ in range(2)] == [200, 200]
         assert probe_status(server, "/readyz") == 200 and probe_status(server, "/livez") == 200
-        assert [post(server, {"texts": ["doomed"]}).status_code for _ in range(3)] == [500, 500, 500]
+        assert answers_counted(server) == {"2xx": 0, "4xx": 0, "5xx": 0}  # every class there from the start:
+        assert [post(server, {"texts": ["fine"]}).status_code for _ in range(2)] == [200, 200]  # rate() sees
+        assert [post(server, {"texts": ["doomed"]}).status_code for _ in range(3)] == [500, 500, 500]  # each one
+        assert answers_counted(server) == {"2xx": 2, "4xx": 0, "5xx": 3}
         assert probe_status(server, "/readyz") == 503  # not ready: the Service stops sending it traffic
         assert probe_status(server, "/livez") == 200  # not dead yet: a transient fault may still clear
         assert wait_for(lambda: probe_status(server, "/livez") == 503, timeout=30), "never stopped being alive"

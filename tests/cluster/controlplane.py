@@ -114,6 +114,10 @@ def write_pki(folder: Path) -> None:
     server_key = _key()
     (folder / "apiserver.key").write_bytes(_pem_key(server_key))
     (folder / "apiserver.crt").write_bytes(_cert("kube-apiserver", server_key, ca=ca, ca_key=ca_key, server=True))
+    # the kubelet API kwok serves for every node (port-forward): a serving certificate the API server verifies
+    kubelet_key = _key()
+    (folder / "kubelet.key").write_bytes(_pem_key(kubelet_key))
+    (folder / "kubelet.crt").write_bytes(_cert("kwok-kubelet", kubelet_key, ca=ca, ca_key=ca_key, server=True))
     sa_key = _key()
     (folder / "sa.key").write_bytes(_pem_key(sa_key))
     (folder / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
@@ -122,7 +126,8 @@ def write_pki(folder: Path) -> None:
     for name, cn, orgs in (("admin", "distilops-admin", ("system:masters",)),
                            ("controller-manager", "system:kube-controller-manager", ()),
                            ("scheduler", "system:kube-scheduler", ()),
-                           ("kwok", "kwok-controller", ("system:masters",))):
+                           ("kwok", "kwok-controller", ("system:masters",)),
+                           ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))):
         key = _key()
         (folder / f"{name}.key").write_bytes(_pem_key(key))
         (folder / f"{name}.crt").write_bytes(_cert(cn, key, ca=ca, ca_key=ca_key, orgs=orgs))
@@ -218,7 +223,11 @@ class ControlPlane:
             "--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",  # as on real clusters: Pod Security admission, not this flag, decides
             "--enable-priority-and-fairness=false", "--profiling=false", "--endpoint-reconciler-type=none",
-            "--storage-media-type=application/json", "--v=1"])
+            "--storage-media-type=application/json",
+            # to the nodes' kubelet API (kwok's server): verified, as a hardened cluster does
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}", "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}", "--v=1"])
         self.wait_for("kube-apiserver", lambda: self.kubectl("get", "--raw", "/readyz").returncode == 0)
         self.spawn("kube-controller-manager", [
             self.bin("kube-controller-manager"), f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
@@ -233,9 +242,17 @@ class ControlPlane:
         stages = sorted((self.binaries / "kwok").glob("*.yaml"))
         config = self.workdir / "kwok.yaml"
         config.write_text("---\n".join(p.read_text() for p in stages))
+        # kwok also serves the nodes' kubelet API (one server, every node's address and port): `kubectl
+        # port-forward` reaches a pod through the API server as on a real cluster, to where the PortForward
+        # object named as the pod points (pods.py)
+        self.kubectl("apply", "--server-side", "-f", str(HERE / "crds" / "kwok-portforwards.yaml"))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/portforwards.kwok.x-k8s.io")
+        kubelet_port = free_port()
         self.spawn("kwok", [
             self.bin("kwok"), f"--kubeconfig={self.workdir / 'kwok.kubeconfig'}", f"--config={config}",
-            "--manage-all-nodes=true", "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40", "--v=1"])
+            "--manage-all-nodes=true", "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{kubelet_port}", f"--node-port={kubelet_port}", "--enable-crds=PortForward",
+            f"--tls-cert-file={pki / 'kubelet.crt'}", f"--tls-private-key-file={pki / 'kubelet.key'}", "--v=1"])
         nodes = NODES.read_text()
         self.kubectl("apply", "--server-side", "-f", "-", input=nodes)
         names = [doc["metadata"]["name"] for doc in yaml.safe_load_all(nodes) if doc]

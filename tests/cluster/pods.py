@@ -4,7 +4,10 @@ kwok gives a bound pod an address in its node's loopback pod CIDR and marks it R
 there. PodServers watches the pods and starts, for each, the real service on that address, port 3000 (the
 container port the PodMonitor scrapes), serving the Bento model of the pod's registry version (the label
 `distilops deploy` pins); when a pod goes, its server is stopped. A version mapped to None gets no server: a
-pod whose metrics nobody can scrape. Load goes to the Service's endpoints, as kube-proxy spreads it.
+pod whose metrics nobody can scrape. Load goes to the Service's endpoints, as kube-proxy spreads it. Each served
+pod also gets kwok's PortForward object (named as the pod), so `kubectl port-forward` to the pod or its
+Service goes through the API server and kwok's kubelet API to that server, as `distilops deploy --apply` checks
+/model.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from kubernetes import client as k8s
 from serving import Server, bentoml_serve
 
 VERSION_LABEL = "distilops.ai/registry-version"
+KWOK_GROUP, KWOK_VERSION = "kwok.x-k8s.io", "v1alpha1"
 FAULTS = Path(__file__).resolve().parents[1] / "faults"  # sitecustomize.py: ONNX Runtime calls that fail
 
 
@@ -46,6 +50,7 @@ class PodServers:
         self.namespace, self.models, self.root, self.selector = namespace, models, root, selector
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
         self.servers: dict[str, Server] = {}  # pod uid -> its server
+        self.names: dict[str, str] = {}  # pod uid -> pod name (its PortForward's)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.follow, daemon=True)
 
@@ -63,10 +68,29 @@ class PodServers:
             live = {p.metadata.uid: p for p in pods if p.status.phase == "Running" and p.status.pod_ip
                     and not p.metadata.deletion_timestamp}
             for uid in set(self.servers) - set(live):
-                self.servers.pop(uid).stop()
+                server = self.servers.pop(uid)
+                server.stop()
+                self.forward(self.names.pop(uid), None)
             for uid, pod in live.items():
                 if uid not in self.servers and (model := self.models.get(pod.metadata.labels.get(VERSION_LABEL))):
                     self.servers[uid] = self.serve(pod, model)
+                    self.names[uid] = pod.metadata.name
+                    self.forward(pod.metadata.name, pod.status.pod_ip)
+
+    def forward(self, pod: str, address: str | None) -> None:
+        """kwok's PortForward for `pod`: its port 3000 to the server at `address` (None: deleted)."""
+        objects = k8s.CustomObjectsApi(self.core.api_client)
+        try:
+            if address is None:
+                objects.delete_namespaced_custom_object(KWOK_GROUP, KWOK_VERSION, self.namespace, "portforwards", pod)
+            else:
+                objects.create_namespaced_custom_object(KWOK_GROUP, KWOK_VERSION, self.namespace, "portforwards", {
+                    "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
+                    "metadata": {"name": pod, "namespace": self.namespace},
+                    "spec": {"forwards": [{"ports": [3000], "target": {"address": address, "port": 3000}}]}})
+        except k8s.ApiException as exc:
+            if exc.status not in (404, 409):  # gone already / made before (a pod re-listed)
+                raise
 
     def serve(self, pod, model: PodModel) -> Server:  # noqa: ANN001
         # One BENTOML_HOME per server, as each pod has its own: BentoML keeps its Prometheus files there

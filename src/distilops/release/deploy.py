@@ -269,35 +269,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODEL_CHECK_S = 30  # after the rollout, at least this long for /model to answer through the Service
+
+
 def apply(rendered: Rendered, *, timeout_s: int = 600) -> dict:
     """Server-side apply, wait for the rollout, then ask the Service which version answers (via port-forward)."""
+    started = time.monotonic()
     cluster.apply(rendered.documents)
     deployment = next(d for d in rendered.documents if d["kind"] == "Deployment")
     namespace, name = deployment["metadata"].get("namespace", "default"), deployment["metadata"]["name"]
     cluster.wait_rollout(namespace, name, timeout_s=timeout_s)
     service = next(d for d in rendered.documents if d["kind"] == "Service")
-    port = free_port()
-    forward = subprocess.Popen(["kubectl", "port-forward", "-n", namespace, f"service/{service['metadata']['name']}",
-                                f"{port}:{service['spec']['ports'][0]['port']}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/model", timeout=5) as reply:
-                    served = json.loads(reply.read())
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline or forward.poll() is not None:
-                    raise DeployError(f"the rollout finished but /model did not answer through the Service: "
-                                      f"{exc}") from None
-                time.sleep(1)
-    finally:
-        forward.terminate()
+    deadline = max(started + timeout_s, time.monotonic() + MODEL_CHECK_S)
+    served = model_through_service(namespace, service["metadata"]["name"], service["spec"]["ports"][0]["port"],
+                                   deadline=deadline)
     if str(served.get("registry_version")) != rendered.version:
         raise DeployError(f"the Service answers with version {served.get('registry_version')}, expected "
                           f"{rendered.version}: old pods still serving?")
     return served
+
+
+def model_through_service(namespace: str, service: str, port: int, *, deadline: float) -> dict:
+    """GET /model through `kubectl port-forward service/...` (the API server, then the node's kubelet, to one
+    of the Service's pods), retried until `deadline`: a pod Ready by its probe may still be warming, and a
+    forward whose pod went away (an old replica) is started again, to a pod the Service selects now."""
+    local, error = free_port(), ""
+    while True:
+        try:
+            forward = subprocess.Popen(["kubectl", "port-forward", "-n", namespace, f"service/{service}",
+                                        f"{local}:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
+        except FileNotFoundError:
+            raise DeployError("kubectl not found: the /model check runs `kubectl port-forward` (install kubectl "
+                              ">= 1.27)") from None
+        try:
+            while forward.poll() is None and time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{local}/model", timeout=5) as reply:
+                        return json.loads(reply.read())
+                except OSError as exc:
+                    error = str(exc)
+                    time.sleep(1)
+        finally:
+            forward.terminate()
+            _, stderr = forward.communicate(timeout=10)
+        said = (stderr or "").strip().splitlines()
+        error = said[-1] if said else error  # kubectl's reason (e.g. the pod is not running) before ours
+        if time.monotonic() >= deadline:
+            raise DeployError(f"the rollout finished but /model did not answer through service/{service}: "
+                              f"{error}")
+        time.sleep(1)
 
 
 @dataclass

@@ -114,6 +114,22 @@ def prom_counter(name: str, doc: str) -> Any:
     return prom.Counter(name, doc, registry=None)
 
 
+CODE_CLASSES = ("2xx", "4xx", "5xx")
+
+
+def responses_counter() -> Any:
+    """/classify's answers per status class, every class at 0 from the worker's start. BentoML's own request
+    counter makes a series per status code at its first use, so rate() never sees that first increment: a
+    canary's first errors (or all of them, if few) would not count against it."""
+    import prometheus_client as prom
+
+    counter = prom.Counter("distilops_classify_responses", "Answers of /classify per status class (2xx, 4xx, "
+                           "5xx), each counted from 0", ["code"], registry=None)
+    for code in CODE_CLASSES:
+        counter.labels(code)
+    return counter
+
+
 def threads_per_worker() -> int:
     return THREADS or max(1, cpu_limit() // WORKERS)
 
@@ -158,7 +174,10 @@ app = FastAPI(title="distilops model info")
 
 class ResponseHeaders:
     """ASGI middleware, on every response, errors included: X-Model-Name / X-Model-Version, and on a 503 (load
-    shed within BentoML's budget, or a pod not ready) Retry-After, so well-behaved clients back off."""
+    shed within BentoML's budget, or a pod not ready) Retry-After, so well-behaved clients back off. Counts
+    /classify's answers per status class (`responses`, made when the worker starts)."""
+
+    responses: Any = None
 
     def __init__(self, asgi_app) -> None:  # noqa: ANN001 (ASGI)
         self.app = asgi_app
@@ -166,9 +185,12 @@ class ResponseHeaders:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        classify = scope["path"].rstrip("/") == "/classify"
 
         async def send_with_headers(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
+                if classify and ResponseHeaders.responses is not None and message["status"] >= 200:
+                    ResponseHeaders.responses.labels(f"{min(message['status'] // 100, 5)}xx").inc()
                 added = []
                 if SERVED:
                     added += [(b"x-model-name", SERVED["registry_name"].encode()),
@@ -257,6 +279,7 @@ class Classifier:
         shed = prom_counter("distilops_shed_requests", "Requests answered 503: over the batching latency budget "
                                                        "(DISTILOPS_MAX_LATENCY_MS)")
         self.shed = ShedRequests(RETRY_AFTER_SECONDS, shed)
+        ResponseHeaders.responses = responses_counter()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(self.shed)  # where BentoML logs them
         if not ADAPTIVE_WAIT:
             wait_only_under_load()
