@@ -246,11 +246,16 @@ def test_wait_canary_follows_the_rollout_to_its_end_or_times_out():
                                poll_s=0) == ("promoted", "fully promoted: stable is 7b9c")
     aborted = rollout(phase="Degraded", message=ABORTED, abort=True)
     assert cluster.wait_canary("distilops", "distilops-classifier", read=lambda: aborted, poll_s=0)[0] == "aborted"
-    paused = rollout(phase="Paused", message="InconclusiveAnalysisRun", pause="InconclusiveAnalysisRun")
-    with pytest.raises(DeployError, match=r"not finished after 0 s \(paused: paused at step 1: Inconclusive.*"
+    paused = rollout(phase="Paused", message="CanaryPauseStep", pause="CanaryPauseStep")
+    with pytest.raises(DeployError, match=r"not finished after 0 s \(paused: paused at step 1: CanaryPauseStep.*"
                                           r"nothing recorded.*kubectl argo rollouts get rollout distilops-classifier "
                                           r"-n distilops --watch"):
         cluster.wait_canary("distilops", "distilops-classifier", read=lambda: paused, timeout_s=0.05, poll_s=0.01)
+    # paused by an inconclusive analysis: nothing more will happen without a person, so it says so at once
+    inconclusive = rollout(phase="Paused", message="InconclusiveAnalysisRun", pause="InconclusiveAnalysisRun")
+    with pytest.raises(DeployError, match=r"paused: its analysis was inconclusive.*nothing recorded.*`kubectl argo "
+                                          r"rollouts promote distilops-classifier -n distilops` or"):
+        cluster.wait_canary("distilops", "distilops-classifier", read=lambda: inconclusive, timeout_s=600, poll_s=0)
     with pytest.raises(DeployError, match="is gone"):
         cluster.wait_canary("distilops", "distilops-classifier", read=lambda: None, poll_s=0)
 

@@ -576,6 +576,12 @@ def test_every_analysis_metric_reads_contract_series_and_has_three_outcomes(rend
         assert query.rstrip().endswith(fallback), name
         assert metric["interval"] == "1m" and int(metric["failureLimit"]) <= 2  # aborted within minutes
         assert metric["initialDelay"] == "1m" and int(metric["consecutiveErrorLimit"]) <= 2
+    # A canary failing every request answers no text: the text metrics stay NaN, and must outlast the error
+    # ratio's verdict (its inconclusive allowance, then failureLimit + 1 failures), or the run ends Inconclusive
+    # (a pause) instead of aborting. Seen on the real controller (tests/test_canary_release.py).
+    errors = metrics["error-ratio"]
+    for name in ("agreement-vs-stable", "agreement-vs-evaluated", "label-mix-shift"):
+        assert int(metrics[name]["inconclusiveLimit"]) > int(errors["inconclusiveLimit"]) + int(errors["failureLimit"])
 
 
 @pytest.mark.parametrize("overlay", CANARIES)

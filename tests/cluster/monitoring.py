@@ -38,7 +38,7 @@ class OperatedPrometheus:
         self.root = plane.workdir / f"prometheus-{name}"
         self.rules = self.root / "rules"
         self.interval = interval
-        self.config_text = ""
+        self.config_text, self.rule_texts = "", {}
         self.stopping = threading.Event()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,10 +57,12 @@ class OperatedPrometheus:
         k8s.CustomObjectsApi(self.api).create_namespaced_custom_object(
             "monitoring.coreos.com", "v1", self.namespace, "prometheuses", body)
 
-    def generated(self) -> str | None:
-        """The operator's configuration, rewritten for a process outside the cluster; None until it exists."""
+    def operator_output(self) -> tuple[str, dict[str, str]] | None:
+        """What the operator wrote: the configuration, rewritten for a process outside the cluster, and the rule
+        files ({"<ConfigMap>/<key>": text}); None until the configuration exists."""
+        core = k8s.CoreV1Api(self.api)
         try:
-            secret = k8s.CoreV1Api(self.api).read_namespaced_secret(f"prometheus-{self.name}", self.namespace)
+            secret = core.read_namespaced_secret(f"prometheus-{self.name}", self.namespace)
         except k8s.ApiException:
             return None
         data = (secret.data or {}).get("prometheus.yaml.gz")
@@ -76,36 +78,35 @@ class OperatedPrometheus:
                 sd["api_server"] = self.plane.server
                 sd["tls_config"] = {"ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "admin.crt"),
                                     "key_file": str(pki / "admin.key")}
-        self.write_rules()
-        config["rule_files"] = [str(folder / "*.yaml") for folder in sorted(self.rules.iterdir())]
-        return yaml.safe_dump(config, sort_keys=False)
+        maps = core.list_namespaced_config_map(self.namespace, label_selector=f"prometheus-name={self.name}").items
+        rules = {f"{m.metadata.name}/{key}": text for m in maps for key, text in (m.data or {}).items()}
+        config["rule_files"] = [str(self.rules / name / "*.yaml") for name in sorted({m.metadata.name for m in maps})]
+        return yaml.safe_dump(config, sort_keys=False), rules
 
-    def write_rules(self) -> None:
-        maps = k8s.CoreV1Api(self.api).list_namespaced_config_map(
-            self.namespace, label_selector=f"prometheus-name={self.name}").items
+    def write(self, config_text: str, rules: dict[str, str]) -> None:
+        """The rule files (swapped in whole: Prometheus never reads half a set), then the configuration."""
         fresh = self.root / "rules.new"
         shutil.rmtree(fresh, ignore_errors=True)
-        for config_map in maps:
-            folder = fresh / config_map.metadata.name
-            folder.mkdir(parents=True)
-            for key, text in (config_map.data or {}).items():
-                (folder / key).write_text(text)
+        fresh.mkdir()
+        for name, text in rules.items():
+            (fresh / name).parent.mkdir(exist_ok=True)
+            (fresh / name).write_text(text)
         shutil.rmtree(self.rules, ignore_errors=True)
-        fresh.mkdir(exist_ok=True)
         fresh.rename(self.rules)
+        (self.root / "prometheus.yaml").write_text(config_text)
+        self.config_text, self.rule_texts = config_text, rules
 
     def start(self) -> OperatedPrometheus:
         self.root.mkdir(parents=True, exist_ok=True)
         self.create()
         deadline = time.monotonic() + 60
-        while (text := self.generated()) is None:
+        while (output := self.operator_output()) is None:
             self.plane.check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError("prometheus-operator wrote no configuration in 60 s:\n"
                                    + self.plane.log_tail("prometheus-operator"))
             time.sleep(0.5)
-        self.config_text = text
-        (self.root / "prometheus.yaml").write_text(text)
+        self.write(*output)
         self.server = Server([self.plane.bin("prometheus"), f"--config.file={self.root / 'prometheus.yaml'}",
                               f"--storage.tsdb.path={self.root / 'data'}",
                               f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
@@ -116,14 +117,13 @@ class OperatedPrometheus:
         return self
 
     def follow(self) -> None:
-        """Reload when the operator changes the configuration or the rules (new PodMonitor, PrometheusRule)."""
+        """Reload when the operator changes the configuration or the rules (new PodMonitor, PrometheusRule): the
+        config-reloader sidecar's job."""
         while not self.stopping.wait(1.0):
             try:
-                text = self.generated()
-                rules = sorted(p.read_text() for p in self.rules.glob("*/*.yaml"))
-                if text and (text != self.config_text or rules != getattr(self, "rules_seen", None)):
-                    self.config_text, self.rules_seen = text, rules
-                    (self.root / "prometheus.yaml").write_text(text)
+                output = self.operator_output()
+                if output is not None and output != (self.config_text, self.rule_texts):
+                    self.write(*output)
                     httpx.post(f"{self.url}/-/reload", timeout=10)
             except Exception:  # noqa: BLE001 (a transient API error: the next round tries again)
                 continue

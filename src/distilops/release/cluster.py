@@ -312,8 +312,9 @@ def canary_state(rollout: dict, workload_generation: int = 0) -> tuple[str, str]
 def wait_canary(namespace: str, name: str, *, workload_generation: int = 0, timeout_s: float = 1800,
                 poll_s: float = 5, read: Callable[[], dict | None] | None = None,
                 client: Any = None) -> tuple[str, str]:
-    """Follow the Rollout until it is promoted, aborted or degraded: (state, message). On timeout, DeployError
-    saying how to look; nothing is changed (the canary goes on, or stays paused, in the cluster)."""
+    """Follow the Rollout until it is promoted, aborted or degraded: (state, message). Paused by an inconclusive
+    analysis (a person must decide) or on timeout: DeployError saying what to do; nothing is changed (the
+    canary goes on, or stays paused, in the cluster)."""
     if read is None:
         def read() -> dict | None:
             return read_rollout(namespace, name, client=client)
@@ -329,6 +330,12 @@ def wait_canary(namespace: str, name: str, *, workload_generation: int = 0, time
             message = now
         if state in (PROMOTED, ABORTED, DEGRADED):
             return state, message
+        if state == PAUSED and any(c.get("reason") == "InconclusiveAnalysisRun"
+                                   for c in rollout["status"].get("pauseConditions") or []):
+            raise DeployError(f"canary of {namespace}/{name} paused: its analysis was inconclusive (too little "
+                              "traffic for a verdict); nothing recorded, the registry alias left as it is. A person "
+                              f"decides: `kubectl argo rollouts promote {name} -n {namespace}` or `kubectl argo "
+                              f"rollouts abort {name} -n {namespace}`, then run the deploy again")
         if time.monotonic() > deadline:
             raise DeployError(f"canary of {namespace}/{name} not finished after {timeout_s:.0f} s ({state}: "
                               f"{message}); nothing recorded, the registry alias left as it is. Follow it with "
