@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import torch
 from distilops.pipeline import served_latency
 from distilops.pipeline.modeling import load_classifier, load_tokenizer
 
+SPIN = "import os\nwhile os.getppid() == {parent}: pass"  # a busy core that ends with this process, however it ends
 TEXT = "a wonderful, moving film whose second half turns dull and bland, though the cast keeps it alive"
 
 
@@ -86,7 +88,7 @@ def main() -> None:
         torch_teacher = torch_call(teacher, ids)
         for repeat in range(args.repeats):
             for condition in ("quiet", "busy"):
-                spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                spinners = [subprocess.Popen([sys.executable, "-c", SPIN.format(parent=os.getpid())])
                             for _ in range(args.busy if condition == "busy" else 0)]
                 try:
                     time.sleep(0.5 if spinners else 0)

@@ -1,6 +1,7 @@
 """The Optuna study: a bad trial is pruned, an interrupted study resumes, trials nest in MLflow."""
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -462,7 +463,7 @@ def test_the_speedup_holds_when_a_core_is_kept_busy(tmp_path):
                                                              max_length=64), "1")
 
     quiet = speedup()
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    busy = subprocess.Popen([sys.executable, "-c", f"import os\nwhile os.getppid() == {os.getpid()}: pass"])
     try:
         time.sleep(0.5)
         loaded = speedup()
@@ -470,4 +471,4 @@ def test_the_speedup_holds_when_a_core_is_kept_busy(tmp_path):
         busy.kill()
         busy.wait()
     assert quiet > 1.3  # a real difference to hold: four fp32 layers against one int8 layer
-    assert 1 / 1.35 < loaded / quiet < 1.35, (quiet, loaded)
+    assert 1 / 1.25 < loaded / quiet < 1.25, (quiet, loaded)  # PyTorch teacher, timed in blocks: 1.27-1.45
