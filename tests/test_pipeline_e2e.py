@@ -166,7 +166,7 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
     assert redone["choice"]["trial"] == chosen["trial"]
     assert len(client.search_model_versions("name = 'tiny-sentiment'")) == count
     # Registering the same folders again adds no version either: each names the version it matched.
-    forced = repo_copy.dvc("repro", "-f", "register")
+    forced = repo_copy.dvc("repro", "--force", "--single-item", "register")  # register alone, not what it needs
     assert (forced.stdout + forced.stderr).count("already holds this folder") == len(registered["versions"])
     assert json.loads((repo_copy.path / "metrics/register.json").read_text()) == registered
     assert len(client.search_model_versions("name = 'tiny-sentiment'")) == count
