@@ -41,6 +41,7 @@ from distilops.pipeline.tuning import (
     pruning_summary,
     searches_depth,
 )
+from distilops.serving.folder import write_meta
 from distilops.stage import table_csv
 from distilops.tracking import data_hash
 
@@ -214,6 +215,7 @@ def final_student(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams, 
     found = kept_final(key, kept)
     if found is not None:
         shutil.copytree(kept / "model", folder)
+        write_meta(folder, role="student", **meta)  # what the caller records, as training would (the same: no change)
         result = TrainResult(**{**found, "history": [tuple(h) for h in found["history"]]})
         log.info("final student: reusing the one trained with these parameters (%s, key %s): no training",
                  kept, key[:12])
