@@ -12,9 +12,8 @@
 #     history, params, settings, assets): run as typed, in REPO;
 #   - commands that train, publish or serve (dvc repro, dvc exp run, distilops promote, image, deploy, serve,
 #     package, tune), carry a placeholder (REGISTRY/PATH, [SECTION]) or name a command group (`dvc exp`): run
-#     with --help appended, which parses
-#     the command and its options and does nothing (the e2e test runs the pipeline, a no-op rule change,
-#     promotion and serving for real);
+#     with --help appended, which parses the command and its options and does nothing (the e2e test runs the
+#     pipeline, a no-op rule change, promotion and serving for real);
 #   - make targets: `make -n TARGET` in the repository (the target exists, its recipe expands);
 #   - curl: skipped (it needs `make serve` running; the e2e test serves and classifies for real).
 # Prints one line per command; the first failure stops it, naming the command.
