@@ -9,10 +9,17 @@ frontier into metrics/distill.json, which the register stage records on the vers
 pipeline/distill.py's (and tuning.py's): this script reads params, calls it, writes the outputs.
 
 Trials train on a fixed subset (they only need to rank settings); the final student then trains
-on everything, checkpointed so an interrupted run resumes. Both the study (SQLite, or the
-database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and the checkpoints
-survive a crash; rerunning continues where it stopped.
+on everything, checkpointed so an interrupted run resumes, and is kept (checkpoints/student-final): a rerun whose
+choice is the point it was trained from (a rule change that picks the same trial) copies it instead of training.
+Stages downstream read metrics/distill_choice.json (the point, not the rule that picked it) and the student's
+folder (no run id in it): such a rerun changes neither, so DVC reruns nothing after distill.
+Both the study (SQLite, or the database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and the
+checkpoints survive a crash; rerunning continues where it stopped.
 """
+
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
 
 import logging
 
@@ -21,9 +28,9 @@ import mlflow
 
 from distilops import paths
 from distilops.config import DistillConfig, as_flat_dict, load_section
+from distilops.hashing import folder_sha256
 from distilops.pipeline import distill
 from distilops.pipeline.data import read_split
-from distilops.pipeline.modeling import save_model_folder
 from distilops.pipeline.training import clear_checkpoints
 from distilops.pipeline.tuning import load_inputs, params_of, pruning_summary, tune
 from distilops.serving.folder import read_meta
@@ -38,7 +45,7 @@ PLOTS = paths.plots_dir("distill")
 def main() -> None:
     cfg = load_section(DistillConfig)
     inputs = load_inputs(cfg)
-    with stage_run("distill", as_flat_dict(cfg), **inputs.run_tags) as run:
+    with stage_run("distill", as_flat_dict(cfg), **inputs.run_tags):
         for split, context in (("train", "training"), ("validation", "validation")):
             log_dataset(read_split(split), split, paths.PREPARED / f"{split}.parquet", context)
         study = tune(cfg, inputs)
@@ -53,15 +60,17 @@ def main() -> None:
                  summary["pruning_seconds_saved"])
         log.info("why: %s", choice.report["reason"])
 
-        final = distill.train_final(cfg, inputs, best)
-        save_model_folder(final.model, inputs.tokenizer, paths.STUDENT, max_length=cfg.max_length, role="student",
-                          teacher=inputs.teacher_name, teacher_sha256=inputs.fingerprint["teacher"],
-                          optuna_study=inputs.study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,
-                          **{f"best_{k}": v for k, v in vars(best).items()})
+        # The folder records the student's lineage, nothing run-specific (no run id): the same student is the same
+        # bytes, so a rerun that picks the trained point again changes no output downstream stages read.
+        final = distill.final_student(cfg, inputs, best, paths.STUDENT, teacher=inputs.teacher_name,
+                                      teacher_sha256=inputs.fingerprint["teacher"], optuna_study=inputs.study_name,
+                                      data_hash=data_hash(), **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = distill.report(cfg, study, choice, inputs, final)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.set_tag("student_sha256", folder_sha256(paths.STUDENT))  # finds this run from the folder
         log_model_folder(paths.STUDENT, "student", read_meta(paths.STUDENT))
     write_json(paths.metrics_file("distill"), metrics)
+    write_json(paths.metrics_file("distill_choice"), distill.downstream_report(metrics))
     clear_checkpoints(final.settings)
     log.info("student val accuracy %.4f (%.1f%% of the teacher's)", final.result.best_accuracy,
              100 * metrics["val_accuracy_retention"])

@@ -9,6 +9,10 @@ version's model folder for the service's drift gauges.
 On every set in `evaluate.unlabeled_sets` (by default `general_text`: general_english sentences held apart
 from transfer training; or a local file, e.g. logged requests), each model's agreement with the teacher [95%]."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import mlflow
 
 from distilops import paths

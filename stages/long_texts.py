@@ -2,6 +2,10 @@
 movie's reviews with one label joined until a document has `min_words` words), so the windowed reading
 of long texts is measured on texts no model trained on. `evaluate.extra_sets` scores it."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 
 from distilops import paths

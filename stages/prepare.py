@@ -1,5 +1,9 @@
 """DVC stage `prepare`: load, clean, split and validate the data set; write splits and a report."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 
 from distilops import paths

@@ -6,6 +6,10 @@ the same windows as evaluated and served; a variant that loses more accuracy tha
 The teacher is exported to ONNX fp32 too (models/teacher_onnx: the shadow model a release carries) and
 checked against the PyTorch teacher: below 0.999 agreement it is rejected (report key "teacher_onnx")."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 from pathlib import Path
 

@@ -7,7 +7,12 @@ model, named on every version of the release by `release.shadow`, that `distilop
 the served model. Each served folder records the windows it was evaluated with and, from evaluate, the
 reference its live predictions are compared with. Nothing here moves the `production` alias: that is
 `distilops promote`, behind its gates. The student and the served versions also record which depth the distill
-stage chose and why (`distill.*` tags); the whole depth frontier is an artifact of this stage's run."""
+stage chose (`distill.*` tags: the point and why it is on the frontier; the rule that picked it is the distill
+run's); the whole depth frontier is an artifact of this stage's run."""
+
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
 
 import logging
 import shutil
@@ -66,8 +71,10 @@ def summary(m: dict[str, float]) -> str:
 
 
 def distill_report() -> dict:
-    """metrics/distill.json; {} where it is missing (a registry fed by hand, or tests): no choice is recorded."""
-    found = paths.metrics_file("distill")
+    """metrics/distill_choice.json (the chosen point and the frontier, not the rule: a rule change that picks the
+    same point reruns nothing here); {} where it is missing (a registry fed by hand, or tests): no choice is
+    recorded."""
+    found = paths.metrics_file("distill_choice")
     if not found.exists():
         log.warning("%s is missing: the versions record no choice of student depth", found)
         return {}
@@ -75,16 +82,14 @@ def distill_report() -> dict:
 
 
 def log_frontier(distill: dict, scratch: Path) -> None:
-    """The depth frontier (every complete trial) as frontier/frontier.csv of the active run, with its plot."""
+    """The depth frontier (every complete trial) as frontier/frontier.csv of the active run (its plot, which draws
+    the rule, is the distill run's)."""
     rows = distill.get("frontier") or []
     if not rows:  # depth not searched: nothing to compare the student with
         return
     table = scratch / "frontier.csv"
     table.write_text(table_csv(rows))
     mlflow.log_artifact(str(table), artifact_path="frontier")
-    plot = paths.plots_dir("distill") / "frontier.png"
-    if plot.exists():
-        mlflow.log_artifact(str(plot), artifact_path="frontier")
 
 
 def main() -> None:

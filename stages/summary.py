@@ -3,6 +3,10 @@ only file declared as DVC metrics, so `dvc metrics show`, `dvc metrics diff` and
 table a screen wide. The detail stays in each stage's own file (metrics/evaluate.json, ...):
 `dvc metrics show metrics/evaluate.json` prints any of them."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 
 from distilops import paths
@@ -49,7 +53,7 @@ def headline(evaluation: dict, distill: dict, register: dict) -> dict:
 
 
 def main() -> None:
-    summary = headline(read_json(paths.metrics_file("evaluate")), read_json(paths.metrics_file("distill")),
+    summary = headline(read_json(paths.metrics_file("evaluate")), read_json(paths.metrics_file("distill_choice")),
                        read_json(paths.metrics_file("register")))
     write_json(paths.metrics_file("summary"), summary)
     log.info("served %s (version %s): test accuracy %.4f [%.4f, %.4f], %.1f%% of the teacher's, %.2fx its "

@@ -1,5 +1,9 @@
 """DVC stage `teacher`: fine-tune the configured teacher for classification; keep the best epoch."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 
 import mlflow

@@ -2,6 +2,10 @@
 unlabelled transfer texts) and cache its logits (and optionally hidden states), so no tuning trial
 runs the teacher again."""
 
+import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
+
+# isort: split
+
 import logging
 
 from distilops import paths

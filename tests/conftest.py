@@ -19,6 +19,8 @@ def load_stage(name: str):
     """A stage script (stages/<name>.py) as a module, to test its functions without running the stage."""
     import importlib.util
 
+    if str(ROOT / "stages") not in sys.path:  # each script imports stages/_preflight.py first, as `python` finds it
+        sys.path.append(str(ROOT / "stages"))
     spec = importlib.util.spec_from_file_location(f"{name}_stage", ROOT / "stages" / f"{name}.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)

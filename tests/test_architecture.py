@@ -159,13 +159,26 @@ def test_the_bento_carries_the_serving_package_as_a_folder():
 
 def test_every_stage_depends_on_all_the_code_it_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {p.stem for p in (ROOT / "stages").glob("*.py")}
+    assert set(stages) == {p.stem for p in (ROOT / "stages").glob("[!_]*.py")}  # _preflight.py is no stage
     for name, stage in stages.items():
         declared = {d for d in stage["deps"] if d.startswith("src/")}
         needed = code_closure(ROOT / "stages" / f"{name}.py")
         assert f"stages/{name}.py" in stage["deps"]
         assert declared == needed, (f"dvc.yaml stage '{name}': missing {sorted(needed - declared)}, "
                                     f"not used {sorted(declared - needed)}")
+
+
+def test_every_stage_imports_the_preflight_first_and_a_python_without_the_project_gets_one_line():
+    """DVC runs `python stages/<name>.py` with the first `python` on the PATH: outside the venv, one that lacks the
+    project. Each script imports _preflight before anything else, so that is one line naming the fix."""
+    for script in sorted((ROOT / "stages").glob("[!_]*.py")):
+        first = next(n for n in ast.parse(script.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom)))
+        assert isinstance(first, ast.Import) and first.names[0].name == "_preflight", script.name
+    # -S: no site-packages, as a system Python without the project's packages
+    bare = subprocess.run([sys.executable, "-S", "stages/distill.py"], cwd=ROOT, capture_output=True, text=True)
+    assert bare.returncode == 1 and "Traceback" not in bare.stderr
+    (line,) = bare.stderr.strip().splitlines()
+    assert line.startswith("distill: error: No module named ") and ". .venv/bin/activate" in line
 
 
 def test_the_closure_follows_imports_of_imports_and_framework_files():
@@ -249,10 +262,11 @@ def test_paths_and_dvc_yaml_agree():
                      paths.QUANTIZED, paths.TEACHER_ONNX):
         assert constant.as_posix() in outs, constant
     assert {f"{paths.PREPARED.as_posix()}/{split}.parquet" for split in ("train", "validation", "test")} <= outs
-    for name, stage in stages.items():  # a stage's metrics file is metrics/<stage>.json
+    for name, stage in stages.items():  # a stage's metrics files are metrics/<stage>.json and metrics/<stage>_*.json
         written = [next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "metrics")
                    for o in stage.get(kind, [])]
-        assert all(out == paths.metrics_file(name).as_posix() for out in written if out.startswith("metrics/")), name
+        assert all(out == paths.metrics_file(name).as_posix() or out.startswith(f"metrics/{name}_")
+                   for out in written if out.startswith("metrics/")), name
 
 
 def test_dvc_plot_keys_name_the_served_model_as_evaluate_names_it():

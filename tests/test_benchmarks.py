@@ -127,3 +127,16 @@ def test_lone_request(tiny_pipeline):
     assert summary["model_batch1_p50_ms"] > 0
     for arm in ("adaptive", "no-lone-wait", "naive"):
         assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0
+
+
+def test_choice_latency(tiny_pipeline):
+    """Both ways of timing the choice's speed-ups, quiet and with a core kept busy, on one depth."""
+    teacher = make_tiny_model(tiny_pipeline["root"] / "choice-teacher", layers=3)
+    out = tiny_pipeline["root"] / "choice_latency.json"
+    run_benchmark("choice_latency.py", "--teacher", str(teacher), "--depths", "1", "--calls", "20", "--repeats", "1",
+                  "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["repeat"], r["condition"]) for r in result["runs"]] == [(0, "quiet"), (0, "busy")]
+    for method in ("before", "now"):
+        entry = result["summary"][method]["1"]
+        assert entry["quiet_median"] > 0 and entry["busy_median"] > 0 and len(entry["busy_over_quiet"]) == 1

@@ -11,7 +11,7 @@ import httpx
 import mlflow
 import pandas as pd
 import pytest
-from conftest import run
+from conftest import ROOT, run
 from services import mlflow_server
 from serving import Server, free_port
 from test_pipeline_train import tiny_pipeline
@@ -150,6 +150,31 @@ def test_full_pipeline_registers_a_serving_version(repo_copy, tracking_server):
 
     again = repo_copy.dvc("repro")
     assert "Running stage" not in again.stdout
+
+    # A choice rule that picks the same point (every point is faster than 0.01x the teacher): distill reruns and
+    # reuses the student it trained (no training); the student's folder and metrics/distill_choice.json come out
+    # byte for byte the same, so no stage after distill reruns and the registry gains no version.
+    chosen = json.loads((repo_copy.path / "metrics/distill.json").read_text())["choice"]
+    count = len(client.search_model_versions("name = 'tiny-sentiment'"))
+    rule = repo_copy.dvc("exp", "run", "-S", "distill.choose.min_speedup=0.01")
+    assert "Running stage 'distill'" in rule.stdout
+    assert "reusing the one trained with these parameters" in rule.stdout + rule.stderr
+    for stage in ("quantize", "evaluate", "register", "summary"):
+        assert f"Running stage '{stage}'" not in rule.stdout, stage
+    redone = json.loads((repo_copy.path / "metrics/distill.json").read_text())
+    assert redone["final_reused"] and redone["choice"]["rule"]["min_speedup"] == 0.01
+    assert redone["choice"]["trial"] == chosen["trial"]
+    assert len(client.search_model_versions("name = 'tiny-sentiment'")) == count
+    # Registering the same folders again adds no version either: each names the version it matched.
+    forced = repo_copy.dvc("repro", "--force", "--single-item", "register")  # register alone, not what it needs
+    assert (forced.stdout + forced.stderr).count("already holds this folder") == len(registered["versions"])
+    assert json.loads((repo_copy.path / "metrics/register.json").read_text()) == registered
+    assert len(client.search_model_versions("name = 'tiny-sentiment'")) == count
+
+    # The README's commands as typed after `make run`, from a shell that never entered the venv.
+    readme = run(["bash", str(ROOT / "tests/readme_commands.sh"), str(ROOT / "README.md"),
+                  str(Path(sys.executable).parent.parent), str(repo_copy.path)], repo_copy.path, repo_copy.env)
+    assert "ok (ran): dvc metrics show" in readme.stdout and "ok (ran): distilops versions" in readme.stdout
 
     # Promote (gated; the tiny model's p95 is far under the bound), then package and serve it.
     distilops = str(Path(sys.executable).parent / "distilops")

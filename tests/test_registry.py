@@ -1,6 +1,9 @@
 """The MLflow registry for real (SQLite store): register versions, promote behind gates, refuse worse
 ones, force with a reason, roll back, read the history; a crash mid-promotion moves nothing."""
 
+import itertools
+import logging
+
 import mlflow
 import pytest
 from tiny import make_tiny_model
@@ -20,6 +23,7 @@ from distilops.release.registry import (
     register_version,
     version_metrics,
 )
+from distilops.serving.folder import write_meta
 from distilops.stage import table_csv
 from distilops.tracking import stage_run
 
@@ -39,11 +43,33 @@ def store(tmp_path, monkeypatch):
     return folder
 
 
+REGISTRATIONS = itertools.count()
+
+
 def register(folder, accuracy: float, latency: float = 5.0, role: str = "serving") -> str:
+    """A new version: the folder is made distinct first (the registry adds no version for a folder it holds)."""
+    write_meta(folder, registration=next(REGISTRATIONS))
     with stage_run("register"):
         mv = register_version(folder, model_name=NAME, variant="onnx_int8", role=role, tags={"data_hash": "d1"},
                               metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": latency})
     return str(mv.version)
+
+
+def test_an_identical_folder_adds_no_version_and_names_the_one_it_matched(store, caplog):
+    """The same folder again (same role, variant) is the version already registered, whatever its metrics say;
+    a changed byte, or another role, is a new version."""
+    first = register(store, 0.85)
+    with stage_run("register"), caplog.at_level(logging.INFO, logger="distilops.release.registry"):
+        again = register_version(store, model_name=NAME, variant="onnx_int8", role="serving",
+                                 metrics={"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 7.0})
+    assert str(again.version) == first and len(client().search_model_versions(f"name = '{NAME}'")) == 1
+    assert f"{NAME} v{first} already holds this folder" in caplog.text
+    assert client().get_model_version(NAME, first).tags["folder_sha256"]
+    assert register(store, 0.85, role="reference") != first  # register() changes a byte too: a new version
+    with stage_run("register"):
+        other_role = register_version(store, model_name=NAME, variant="onnx_int8", role="teacher",
+                                      metrics={"accuracy": 0.85, "teacher_accuracy": 0.86, "latency_p95_ms": 5.0})
+    assert int(other_role.version) == 3
 
 
 def current() -> str | None:
@@ -170,6 +196,7 @@ def register_measured(folder, correct, *, retention_low: float = 0.99, data_hash
     from distilops.stats import pack_correct
 
     accuracy = float(np.mean(correct))
+    write_meta(folder, registration=next(REGISTRATIONS))  # a distinct folder: a new version
     with stage_run("register"):
         mv = register_version(folder, model_name=NAME, variant="onnx_int8", role="serving",
                               test_correct=pack_correct(correct), test_examples=len(correct),

@@ -145,8 +145,9 @@ class ChooseRule(Section):
     """How the distill stage picks one point of the depth frontier (used while search.student_layers spans >1)."""
 
     SECTION: ClassVar[str] = "distill.choose"
-    min_speedup: float = Field(1.5, ge=0, description="The served variant's batch-1 latency must be at most the "
-                                                      "PyTorch teacher's / this (0 = no limit).")
+    min_speedup: float = Field(1.5, ge=0, description="The served variant must be at least this many times faster "
+                                                      "than the teacher at batch 1, both in ONNX Runtime (median of "
+                                                      "paired rounds; 0 = no limit).")
     max_latency_ms: float = Field(0.0, ge=0, description="...and at most this many ms on the tuning machine "
                                                          "(0 = no limit).")
     min_agreement: float = Field(0.0, ge=0, le=1, description="...and fidelity (mean of validation and general-"
@@ -190,8 +191,9 @@ class DistillConfig(Trained):
     search: SearchSpace = Field(default_factory=SearchSpace, description="Ranges Optuna searches.")
     choose: ChooseRule = Field(default_factory=ChooseRule, description="Which frontier point becomes the "
                                                                        "student when depth is searched.")
-    latency_calls: int = Field(300, ge=10, description="Batch-1 calls timed per depth (and the teacher) for the "
-                                                       "frontier's latency: medians of interleaved rounds.")
+    latency_calls: int = Field(300, ge=10, description="Interleaved rounds timed for the frontier's latency, each "
+                                                       "calling every depth and the teacher once at batch 1 "
+                                                       "(medians and quartiles kept).")
     general_texts: int = Field(1000, ge=50, le=2000, description="Held-apart general_english sentences (never "
                                "transfer or evaluation texts) whose agreement with the teacher is an objective when "
                                "depth is searched.")

@@ -39,8 +39,10 @@ class Point:
     val_agreement: float  # share of validation texts where the student's label is the teacher's
     general_agreement: float  # the same on the held-apart general text
     latency_ms: float  # the served variant's batch-1 p50 at this depth
-    speedup: float  # the PyTorch teacher's latency / latency_ms
+    speedup: float  # the teacher's latency / latency_ms (the median of paired per-round ratios, both ONNX Runtime)
     val_accuracy: float
+    speedup_low: float | None = None  # the speedup's quartiles over the rounds: how firm it is (None: not kept)
+    speedup_high: float | None = None
 
     @property
     def fidelity(self) -> float:
@@ -103,6 +105,13 @@ def describe(p: Point) -> str:
     return f"trial {p.trial}: {p.student_layers} layers{trained}"
 
 
+def point_text(p: Point) -> str:
+    """The point in one sentence, independent of any rule: depth, parameters, fidelity, latency and speedup."""
+    return (f"{describe(p)}, fidelity {p.fidelity:.3f} (validation {p.val_agreement:.3f}, "
+            f"general text {p.general_agreement:.3f}), {p.latency_ms:.2f} ms = {p.speedup:.1f}x the teacher"
+            + (f" [{p.speedup_low:.1f}, {p.speedup_high:.1f}]." if p.speedup_low is not None else "."))
+
+
 def no_candidate(points: Sequence[Point], rule: ChooseRule) -> TuningError:
     """The error when no point meets the rule: each limit with how many points meet it, and the nearest miss."""
     lines = [f"no point of the depth frontier ({len(points)} complete trials) meets distill.choose "
@@ -139,9 +148,7 @@ def choose(points: Sequence[Point], rule: ChooseRule) -> tuple[Point, str]:
     near = [p for p in candidates if p.fidelity >= best.fidelity - rule.tolerance - EPS]
     chosen = min(near, key=by_speed)
 
-    said = (f"{describe(chosen)}, fidelity {chosen.fidelity:.3f} (validation {chosen.val_agreement:.3f}, "
-            f"general text {chosen.general_agreement:.3f}), {chosen.latency_ms:.2f} ms = {chosen.speedup:.1f}x "
-            "the teacher.")
+    said = point_text(chosen)
     active = rule.limits()
     verb = "meets" if len(candidates) == 1 else "meet"
     met = (f"Of {len(points)} points, {len(candidates)} {verb} {' and '.join(active)}" if active
@@ -163,6 +170,7 @@ def frontier_rows(points: Sequence[Point], chosen: Point) -> list[dict]:
     return [{"trial": p.trial, "student_layers": p.student_layers, "latency_ms": p.latency_ms, "speedup": p.speedup,
              "val_agreement": p.val_agreement, "general_agreement": p.general_agreement, "fidelity": p.fidelity,
              "val_accuracy": p.val_accuracy, "pareto": p.trial in on_front, "chosen": p.trial == chosen.trial,
+             **({"speedup_low": p.speedup_low, "speedup_high": p.speedup_high} if p.speedup_low is not None else {}),
              **p.params}
             for p in sorted(points, key=lambda p: p.trial)]
 
@@ -170,7 +178,8 @@ def frontier_rows(points: Sequence[Point], chosen: Point) -> list[dict]:
 def choice_report(chosen: Point, reason: str, rule: ChooseRule) -> dict:
     """metrics/distill.json's "choice" for a searched depth: the rule, why, and the chosen point's numbers (the
     register stage tags the versions from it)."""
-    return {"searched": True, "rule": rule.model_dump(), "reason": reason, "trial": chosen.trial,
+    return {"searched": True, "rule": rule.model_dump(), "reason": reason, "point": point_text(chosen),
+            "trial": chosen.trial,
             "student_layers": chosen.student_layers, "latency_ms": chosen.latency_ms, "speedup": chosen.speedup,
             "val_agreement": chosen.val_agreement, "general_agreement": chosen.general_agreement,
             "fidelity": chosen.fidelity}

@@ -98,7 +98,10 @@ LAYER_WEIGHTS = ("hidden_mse_weight", "attention_weight")
 # A depth-searching study's objectives, in order (Optuna's directions below).
 OBJECTIVES = ("val_agreement", "general_agreement", "latency_ms")
 DIRECTIONS = ("maximize", "maximize", "minimize")
-LATENCY_ATTR = "served_latency_ms"  # the study's user attribute: {str(depth): ms, "teacher": ms}
+# The study's user attribute holding served_latency.measure's result (quartiles of each depth's and the teacher's
+# latency, and each depth's paired speedup). Studies measured the PyTorch way kept theirs in "served_latency_ms":
+# a resumed one measures again under this name, and its frontier is read with the new numbers.
+LATENCY_ATTR = "served_latency"
 
 
 def searches_depth(cfg: DistillConfig) -> bool:
@@ -456,7 +459,7 @@ class TrialRunner:
     worker: int | None = None
     teacher: torch.nn.Module | None = None
     general: Examples | None = None
-    latency: dict[str, float] = field(default_factory=dict)  # {str(depth): ms, "teacher": ms} (depth search)
+    latency: dict = field(default_factory=dict)  # served_latency.measure's result (depth search)
 
     @property
     def by_depth(self) -> bool:
@@ -522,9 +525,10 @@ class TrialRunner:
         and accuracy kept on the trial for the frontier."""
         if not self.by_depth:
             return val_accuracy
+        depth = str(params.student_layers)
         values = (agreement(student, self.val_data, self.pad_id), agreement(student, self.general, self.pad_id),
-                  self.latency[str(params.student_layers)])
-        speedup = self.latency[served_latency.TEACHER] / values[2]
+                  served_latency.latency_ms(self.latency, depth))
+        speedup = served_latency.speedup(self.latency, depth)
         trial.set_user_attr("val_accuracy", val_accuracy)
         trial.set_user_attr("speedup", speedup)
         mlflow.log_metrics({**dict(zip(OBJECTIVES, values, strict=True)), "speedup": speedup})
@@ -552,7 +556,7 @@ def run_study(cfg: DistillConfig, make_student: StudentFactory, train_data: Exam
     if by_depth and (teacher is None or general is None or tokenizer is None):
         raise ModelError("a depth search needs the teacher, its tokenizer and the general texts (run_study)")
     study = open_study(cfg, study_name=study_name, storage=storage, worker=worker)
-    latency: dict[str, float] = {}
+    latency: dict = {}
     if by_depth:
         latency = depth_latency(study, cfg, teacher, tokenizer, served_latency.median_text(val_data.input_ids))
         enqueue_depths(study, cfg)
@@ -589,12 +593,12 @@ def agreement(model: torch.nn.Module, data: Examples, pad_id: int) -> float:
 
 
 def depth_latency(study: optuna.Study, cfg: DistillConfig, teacher: torch.nn.Module, tokenizer,
-                  input_ids: list[int]) -> dict[str, float]:
+                  input_ids: list[int]) -> dict:
     """Each searched depth's served latency and the teacher's, measured once per study and kept in it, so a
     resumed study or another worker compares trials on the same numbers."""
     stored = study.user_attrs.get(LATENCY_ATTR, {})
     wanted = [str(d) for d in depths(cfg)] + [served_latency.TEACHER]
-    if all(k in stored for k in wanted):
+    if all(k in stored.get("latency_ms", {}) for k in wanted):
         return stored
     measured = served_latency.measure(teacher, tokenizer, depths(cfg), input_ids, calls=cfg.latency_calls,
                                       max_length=cfg.max_length)

@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from distilops import settings
 from distilops.config import ChooseRule, PromoteConfig
 from distilops.errors import ConfigError, GateError, RegistryError
+from distilops.hashing import folder_sha256
 from distilops.release.pyfunc import log_model_folder
 from distilops.serving.folder import read_meta
 from distilops.stats import mcnemar, retention, unpack_correct
@@ -55,6 +56,7 @@ TEACHER_ROLE = "teacher"  # the release's teacher as ONNX: the shadow model its 
 RELEASE_PREFIX = "release."  # release.<device>: the version serving that device in this version's release
 SHADOW_TAG = f"{RELEASE_PREFIX}shadow"  # the release's teacher version, on every version of the release
 METRIC_PREFIX = "eval."  # eval.<metric> on the test split, eval.<set>.<metric> on each extra and unlabelled set
+FOLDER_TAG = "folder_sha256"  # the registered folder's content hash: an identical folder adds no version
 CORRECT_TAG = "test_correct"  # which test texts the version got right (stats.pack_correct), for paired gates
 TEST_EXAMPLES = "test_examples"  # how many: with data_hash, says two versions were tested on the same texts
 GATE_METRICS = ("accuracy", "teacher_accuracy", "latency_p95_ms")
@@ -108,12 +110,21 @@ def register_version(folder: Path, *, model_name: str, metrics: dict[str, float]
     """Log `folder` as a pyfunc model in the active run, register it, tag it; returns the new version.
 
     Tags: lineage (git commit, data hash, and the teacher, Optuna study, best parameters and format
-    that the folder's distilops.json records), what the version is (variant, role, device), its test
-    results (`eval.*` metrics, per-text correctness); `tags` may add or override any.
+    that the folder's distilops.json records), what the version is (variant, role, device), the folder's content
+    hash, its test results (`eval.*` metrics, per-text correctness); `tags` may add or override any.
+
+    A folder identical (same content hash) to an existing version's of the same role and variant adds no version:
+    that version is returned, unchanged, and the log names it.
     """
+    folder_hash = folder_sha256(folder)
+    same = same_folder_version(model_name, folder_hash, role=role, variant=variant)
+    if same is not None:
+        log.info("%s v%s already holds this folder (%s %s, %s %s...): no new version", model_name, same.version,
+                 ROLE, role or "-", FOLDER_TAG, folder_hash[:12])
+        return same
     meta = read_meta(folder)
     recorded = {k: str(meta[k]) for k in FOLDER_LINEAGE if k in meta}
-    described = {VARIANT: variant, ROLE: role, DEVICE: device, CORRECT_TAG: test_correct,
+    described = {VARIANT: variant, ROLE: role, DEVICE: device, FOLDER_TAG: folder_hash, CORRECT_TAG: test_correct,
                  TEST_EXAMPLES: str(test_examples) if test_examples else ""}
     tags = {**lineage(), **recorded, "format": meta.get("format", "pytorch"), **described, **(tags or {})}
 
@@ -129,6 +140,18 @@ def register_version(folder: Path, *, model_name: str, metrics: dict[str, float]
     if description:
         c.update_model_version(model_name, version, description=description)
     return c.get_model_version(model_name, version)
+
+
+def same_folder_version(model_name: str, folder_hash: str, *, role: str, variant: str) -> ModelVersion | None:
+    """The newest version of `model_name` registered from a folder with this content hash, role and variant."""
+    c = mlflow.MlflowClient()
+    try:
+        versions = c.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:  # no such model yet
+        return None
+    same = [v for v in versions if v.tags.get(FOLDER_TAG) == folder_hash and v.tags.get(ROLE, "") == role
+            and v.tags.get(VARIANT, "") == variant]
+    return max(same, key=lambda v: int(v.version), default=None)
 
 
 # --- what one release registers: the register stage's plan -------------------------------------------------
