@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
+from conftest import RepoCopy
+from test_pipeline_train import TINY
+from test_pipeline_train import tiny_pipeline as tiny_repo
 from tiny import make_reviews, make_tiny_model, make_trained_student
 
 from distilops.pipeline.quantize import Calibration, build
@@ -37,9 +42,10 @@ def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "student": student, "root": root, **quantized}
 
 
-def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+def run_benchmark(script: str, *args: str, timeout: float = 300, env: dict | None = None,
+                  cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -127,3 +133,107 @@ def test_lone_request(tiny_pipeline):
     assert summary["model_batch1_p50_ms"] > 0
     for arm in ("adaptive", "no-lone-wait", "naive"):
         assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0
+
+
+def within(interval: list[float], value: float) -> bool:
+    low, high = interval
+    return 0 <= low <= value <= high <= 1
+
+
+def other_texts(folder: Path, n: int) -> Path:
+    """Unlabelled texts none of the splits hold (another seed of the fixture reviews), one per line."""
+    reviews = make_reviews(n_movies=10, per_movie=4, seed=9)
+    path = folder / "general.txt"
+    path.write_text("\n".join(reviews[reviews["category"] != "plot"]["text"].iloc[:n]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_fidelity_run(tiny_pipeline):
+    """Teachers from two seeds, their agreement ceiling, and two 1-layer students (plain; transfer texts with the
+    cosine loss, one student for both paths) distilled from the first, scored on the test and long sets."""
+    root, data = tiny_pipeline["root"] / "fidelity", tiny_pipeline["data"]
+    root.mkdir()
+    teacher = make_tiny_model(root / "teacher", layers=2)
+    plans = {"1 layer": {"layers": 1, "epochs": 1},
+             "1 layer + transfer texts + cosine": {"layers": 1, "epochs": 1, "with_transfer": True,
+                                                   "cosine_weight": 1.0}}
+    out = root / "fidelity.json"
+    run_benchmark("fidelity.py", "run", "--teacher", str(teacher), "--data", str(data),
+                  "--transfer", str(other_texts(root, 20)), "--seeds", "1", "2", "--temperature", "2", "--alpha", "0.5",
+                  "--learning-rate", "1e-3", "--max-length", "16", "--window-overlap", "4", "--max-windows", "4",
+                  "--plans", json.dumps(plans), "--out", str(out))
+    result = json.loads(out.read_text())
+    tests, longs = (pd.read_parquet(data / f"{name}.parquet") for name in ("test", "test_long"))
+    assert result["examples"] == {"test": len(tests), "long": len(longs)}
+    assert 1 < result["long_windows_per_text"] <= 4  # the long texts span several 16-token windows, 4 at most
+    assert set(result["teachers"]) == {"1", "2"} and list(result["teacher_pairs"]) == ["1-2"]
+    assert result["teacher_agreement_ceiling_test"] == result["teacher_pairs"]["1-2"]["test"]
+    low, high = result["teacher_accuracy_spread_test"]
+    assert low <= high and {low, high} == {t["test"]["accuracy"] for t in result["teachers"].values()}
+    assert list(result["students"]) == list(plans)
+    train = len(pd.read_parquet(data / "train.parquet"))
+    assert [s["train_examples"] for s in result["students"].values()] == [train, train + 20]
+    for student in result["students"].values():
+        assert student["layers"] == 1 and student["parameters"] > 0
+        for set_name in ("test", "long"):
+            scored = student[set_name]
+            assert within(scored["accuracy_ci"], scored["accuracy"]) and 0 <= scored["agreement_with_teacher"] <= 1
+
+
+@pytest.mark.slow
+def test_fidelity_cpu_latency(tiny_pipeline):
+    root = tiny_pipeline["root"] / "depths"
+    teacher = make_tiny_model(root / "teacher", layers=2)
+    out = root / "latency.json"
+    run_benchmark("fidelity.py", "cpu-latency", "--teacher", str(teacher), "--data", str(tiny_pipeline["data"]),
+                  "--depths", "1", "--texts", "10", "--repeats", "2", "--max-length", "16", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["what"].endswith("20 calls per depth")
+    assert set(result["latency_p50_ms"]) == {"1", "2"} and all(v > 0 for v in result["latency_p50_ms"].values())
+    assert result["speedup_vs_2_layers"]["2"] == 1.0 and result["speedup_vs_2_layers"]["1"] > 0
+
+
+@pytest.mark.slow
+def test_teacher_seeds(tiny_pipeline, tmp_path):
+    """Two more teachers by the params' teacher recipe (a tiny model, one epoch), scored against a reference."""
+    data = tiny_pipeline["data"]
+    base = make_tiny_model(tmp_path / "base", layers=1)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 42, "max_length": 16, "teacher": {
+        "model": str(base), "epochs": 1, "batch_size": 16, "learning_rate": 3e-3}}))
+    out = tmp_path / "seeds.json"
+    run_benchmark("teacher_seeds.py", "--seeds", "1", "2", "--params", str(params), "--data", str(data),
+                  "--teacher", str(tiny_pipeline["student"]), "--general-texts", str(other_texts(tmp_path, 25)),
+                  "--work", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["teacher"]["model"] == str(base) and result["teacher"]["seed"] == 42
+    assert list(result["seeds"]) == ["1", "2"]
+    tests = len(pd.read_parquet(data / "test.parquet"))
+    for seed, entry in result["seeds"].items():
+        assert entry["test_agreement"]["texts"] == tests and entry["general_text_agreement"]["texts"] == 25
+        for name in ("test_agreement", "general_text_agreement"):
+            assert within(entry[name]["ci"], entry[name]["value"])
+        assert 0 <= entry["test_accuracy"] <= 1
+        saved = json.loads((tmp_path / "work" / f"teacher-seed{seed}" / "distilops.json").read_text())
+        assert saved["role"] == "teacher" and saved["seed"] == int(seed)
+
+
+@pytest.mark.slow
+def test_pipeline_timing(tmp_path):
+    """`dvc repro -s -f` of the first two stages on a tiny copy of the repository: one timing a stage. Up to
+    distill took 4.5 min on 2 busy cores (each stage a fresh interpreter importing the stack): too long here."""
+    repo = RepoCopy(tmp_path / "repo")
+    tiny_repo(repo)
+    repo.set_params({"teacher.epochs": 1})
+    stages = ["prepare", "teacher"]
+    out = tmp_path / "timing.json"
+    run_benchmark("pipeline_timing.py", "--project", str(repo.path), "--stages", *reversed(stages), "--out",
+                  str(out), env=repo.env, timeout=600)
+    result = json.loads(out.read_text())
+    assert list(result["stage_seconds"]) == stages  # dvc.yaml's order, whatever order they were asked in
+    assert all(seconds > 0 for seconds in result["stage_seconds"].values())
+    assert result["total_seconds"] == pytest.approx(sum(result["stage_seconds"].values()), abs=0.2)
+    assert result["up_to_trained_student_seconds"] is None  # distill was not timed: no partial sum stands for it
+    assert result["params"]["max_length"] == TINY["max_length"] and result["params"]["teacher"]["epochs"] == 1
+    assert (repo.path / "models/teacher/model.safetensors").exists()
