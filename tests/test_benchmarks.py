@@ -12,7 +12,7 @@ import yaml
 from conftest import RepoCopy
 from test_pipeline_train import TINY
 from test_pipeline_train import tiny_pipeline as tiny_repo
-from tiny import make_reviews, make_tiny_model, make_trained_student
+from tiny import make_reviews, make_tiny_model, make_trained_student, make_wheel
 
 from distilops.pipeline.quantize import Calibration, build
 from distilops.pipeline.torch_model import open_classifier
@@ -221,12 +221,11 @@ def test_teacher_seeds(tiny_pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_timing(tmp_path):
-    """`dvc repro -s -f` of the first two stages on a tiny copy of the repository: one timing a stage. Up to
-    distill took 4.5 min on 2 busy cores (each stage a fresh interpreter importing the stack): too long here."""
+    """`dvc repro -s -f` of two stages of a tiny copy of the repository: one timing a stage. (Up to distill took
+    4.5 min on 2 busy cores, up to teacher 2.5 min: each stage a fresh interpreter importing the stack.)"""
     repo = RepoCopy(tmp_path / "repo")
     tiny_repo(repo)
-    repo.set_params({"teacher.epochs": 1})
-    stages = ["prepare", "teacher"]
+    stages = ["prepare", "long_texts"]
     out = tmp_path / "timing.json"
     run_benchmark("pipeline_timing.py", "--project", str(repo.path), "--stages", *reversed(stages), "--out",
                   str(out), env=repo.env, timeout=600)
@@ -235,5 +234,31 @@ def test_pipeline_timing(tmp_path):
     assert all(seconds > 0 for seconds in result["stage_seconds"].values())
     assert result["total_seconds"] == pytest.approx(sum(result["stage_seconds"].values()), abs=0.2)
     assert result["up_to_trained_student_seconds"] is None  # distill was not timed: no partial sum stands for it
-    assert result["params"]["max_length"] == TINY["max_length"] and result["params"]["teacher"]["epochs"] == 1
-    assert (repo.path / "models/teacher/model.safetensors").exists()
+    assert result["params"]["max_length"] == TINY["max_length"]
+    assert result["params"]["teacher"]["model"] == "tiny-teacher"
+    assert (repo.path / "data/prepared/test_long.parquet").exists()  # the stages ran, forced, in the copy
+
+
+def test_image_sizes_of_package_sets(tmp_path):
+    """Package sets resolved by pip, offline, from a folder of tiny wheels; each wheel's installed size read from
+    its zip directory. (The sizes podman reports of built images: tests/test_container.py.)"""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    size = {"torch-tiny": make_wheel(wheels, "torch-tiny", 300_000),
+            "app": make_wheel(wheels, "app", 20_000, ("torch-tiny",)),
+            "lean": make_wheel(wheels, "lean", 50_000)}
+    sets = {"before (one image)": ["app"], "cpu": ["lean"], "gpu": ["app", "lean"]}
+    out = tmp_path / "sizes.json"
+    run_benchmark("image_sizes.py", "--sets", json.dumps(sets), "--find-links", str(wheels), "--out", str(out))
+    result = json.loads(out.read_text())
+    measured = result["python_packages"]
+    assert list(measured) == list(sets) and result["images"] == {}
+    for name, packages in {"before (one image)": ["torch-tiny", "app"], "cpu": ["lean"],
+                           "gpu": ["torch-tiny", "lean", "app"]}.items():
+        assert measured[name]["packages"] == len(packages)  # dependencies resolved in
+        assert [p["name"] for p in measured[name]["largest"]] == packages  # largest first
+        assert measured[name]["installed_mb"] == pytest.approx(sum(size[p] for p in packages) / 1e6, abs=0.1)
+        assert measured[name]["download_mb"] < measured[name]["installed_mb"]
+    assert measured["before (one image)"]["torch_or_cuda_mb"] == pytest.approx(0.3, abs=0.01)
+    assert measured["cpu"]["torch_or_cuda_mb"] == 0
+    assert result["ratios"]["cpu / before"] < 1 < result["ratios"]["gpu / before"]
