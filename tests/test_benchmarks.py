@@ -2,6 +2,7 @@
 load), and writes the result file its docs read: a benchmark the tests never run rots unseen (issue 27)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from test_pipeline_train import TINY
 from test_pipeline_train import tiny_pipeline as tiny_repo
 from tiny import make_reviews, make_tiny_model, make_trained_student, make_wheel
 
-from distilops.pipeline.quantize import Calibration, build
+from distilops.pipeline.quantize import TEACHER_VARIANT, Calibration, build, export_teacher
 from distilops.pipeline.torch_model import open_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +263,46 @@ def test_image_sizes_of_package_sets(tmp_path):
     assert measured["before (one image)"]["torch_or_cuda_mb"] == pytest.approx(0.3, abs=0.01)
     assert measured["cpu"]["torch_or_cuda_mb"] == 0
     assert result["ratios"]["cpu / before"] < 1 < result["ratios"]["gpu / before"]
+
+
+@pytest.mark.slow
+def test_live_fidelity(tiny_pipeline, tmp_path):
+    """The served static int8 student shadowed by its ONNX teacher (a registry release of both, packaged as a pod
+    gets it), two servers (shadow rate 0 and 1.0), one second of load an arm: the live agreement counts every
+    test text once, and equals the offline agreement in the same batches of 16."""
+    from distilops.release.registry import link_release, link_shadow, register_version
+    from distilops.tracking import stage_run
+
+    name, evaluated_as = "tiny-sentiment", "student_onnx_int8_static"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    teacher = export_teacher(tiny_pipeline["student"], tmp_path / "teacher_onnx")
+    metrics = {"accuracy": 0.9, "teacher_accuracy": 0.9, "latency_p95_ms": 2.0}
+    with pytest.MonkeyPatch.context() as patch:  # the caller's MLFLOW_TRACKING_URI comes back on the way out
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        with stage_run("register"):
+            served = str(register_version(tiny_pipeline["onnx_int8_static"], model_name=name, metrics=metrics,
+                                          variant="onnx_int8_static", role="serving", device="cpu").version)
+            shadow = str(register_version(teacher, model_name=name, metrics=metrics, variant=TEACHER_VARIANT,
+                                          role="teacher").version)
+            link_release(name, {"cpu": served})
+            link_shadow(name, [served, shadow], shadow)
+    register, evaluation, out = tmp_path / "register.json", tmp_path / "evaluate.json", tmp_path / "live.json"
+    register.write_text(json.dumps({"model_name": name, "serving_versions": {"cpu": served},
+                                    "versions": {evaluated_as: {"version": served, "evaluated_as": evaluated_as}}}))
+    evaluation.write_text(json.dumps({"models": {evaluated_as: {"agreement_with_teacher": 0.9,
+                                                                "agreement_with_teacher_ci": [0.85, 0.95]}}}))
+    run_benchmark("live_fidelity.py", "--data", str(tiny_pipeline["data"] / "test.parquet"), "--rates", "0,1.0",
+                  "--clients", "2", "--seconds", "1", "--repeats", "1", "--register", str(register),
+                  "--evaluation", str(evaluation), "--out", str(out), env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                  timeout=600)
+    result = json.loads(out.read_text())
+    agreement, texts = result["agreement"], len(pd.read_parquet(tiny_pipeline["data"] / "test.parquet"))
+    assert (agreement["texts"], agreement["compared"], agreement["dropped"]) == (texts, texts, 0)
+    assert agreement["live_agreement"] == agreement["offline_by_batch_size"]["16"]  # static int8: no batch effect
+    assert agreement["difference_points"] == pytest.approx(100 * (agreement["live_agreement"] - 0.9))
+    assert result["shadow"]["enabled"] and result["shadow"]["model"]["variant"] == TEACHER_VARIANT
+    assert set(result["summary"]) == {"0", "1.0"} and list(result["ratios"]) == ["rate 1.0"]
+    assert result["summary"]["0"]["2"]["compared"] == 0 < result["summary"]["1.0"]["2"]["compared"]
+    for arm in result["summary"].values():
+        assert arm["2"]["requests_per_second"] > 0 and arm["2"]["latency_p50_ms"] <= arm["2"]["latency_p99_ms"]
+    assert all(mb > 0 for mb in result["memory_rss_mb"].values())
