@@ -287,7 +287,7 @@ def test_image_sizes_reports_the_built_image(built, tmp_path):
     from a tiny local wheel: tests/test_benchmarks.py measures those)."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    make_wheel(wheels, "lean", 1000)
+    make_wheel(wheels, "lean", 200_000)  # 0.2 MB: the ratios divide by it, rounded to 0.1 MB
     out = tmp_path / "sizes.json"
     sets = {name: ["lean"] for name in ("before (one image)", "cpu", "gpu")}
     run_benchmark("image_sizes.py", "--sets", json.dumps(sets), "--find-links", str(wheels), "--images", built["ref"],
