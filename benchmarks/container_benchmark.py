@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -62,6 +63,14 @@ def wait_ready(url: str, timeout: float = 120) -> float:
     raise TimeoutError(f"{url} not ready in {timeout} s")
 
 
+def bento_env(bento: Path) -> dict[str, str]:
+    """The environment the Bento declares (bento.yaml's envs, DISTILOPS_BENTO_MODEL among them): the image bakes it
+    in, `bentoml serve` of the folder does not apply it, so the venv arm sets it (else it looks for the default
+    model name, absent from a Bento of any other registry name)."""
+    spec = yaml.safe_load((bento / "bento.yaml").read_text())
+    return {item["name"]: str(item["value"]) for item in spec.get("envs") or [] if "value" in item}
+
+
 def start(arm: str, image: str, bento: Path, work: Path) -> tuple[Container | Server, float]:
     """Start one arm and return (handle, seconds from start to ready)."""
     port = free_port()
@@ -69,11 +78,15 @@ def start(arm: str, image: str, bento: Path, work: Path) -> tuple[Container | Se
     if arm == "container":
         handle: Container | Server = Container(image, port, f"distilops-bench-{port}")  # `podman run` counts too
     else:
-        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "DISTILOPS_THREADS": "2"}
+        env = {**os.environ, **bento_env(bento), "BENTOML_HOME": str(work / "bentoml"),
+               "BENTOML_DO_NOT_TRACK": "true", "DISTILOPS_THREADS": "2"}
         handle = Server([str(Path(sys.executable).parent / "bentoml"), "serve", str(bento), "--host", "127.0.0.1",
                          "--port", str(port)], env, port, work / f"venv-{port}.log", cwd=bento)
-    wait_ready(handle.url)
+    try:
+        wait_ready(handle.url)
+    except TimeoutError:
+        handle.stop()  # a server that never got ready is not left running (a failed venv arm kept restarting)
+        raise
     return handle, time.perf_counter() - began
 
 

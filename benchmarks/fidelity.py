@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> None:
 
     from distilops.serving.inference import TextEncoder, mean_over_windows
 
-    encoder = TextEncoder(Path(args.teacher), args.max_length, window_overlap=16, max_windows=16)
+    encoder = TextEncoder(Path(args.teacher), args.max_length, window_overlap=args.window_overlap,
+                          max_windows=args.max_windows)
     windows = encoder(long_set["text"].tolist())  # exactly the windows the served model reads
     results_windows = sum(windows.windows_per_text) / len(long_set)
 
@@ -171,32 +173,43 @@ def run(args: argparse.Namespace) -> None:
 
 
 def cpu_latency(args: argparse.Namespace) -> None:
-    """Batch-1 latency on this CPU of students of each depth built from the teacher (ONNX int8, as served)."""
+    """Batch-1 latency on this CPU of students of each depth built from the teacher (ONNX int8, as served); the
+    teacher's own depth is the teacher itself."""
     import tempfile
 
-    from distilops.pipeline.modeling import build_student, load_classifier, load_tokenizer, save_model_folder
+    from distilops.pipeline.modeling import (
+        build_student,
+        load_classifier,
+        load_tokenizer,
+        num_layers,
+        save_model_folder,
+    )
     from distilops.pipeline.quantize import build
     from distilops.serving.inference import TextClassifier
 
     tokenizer = load_tokenizer(args.teacher)
-    texts = pd.read_parquet(Path(args.data) / "test.parquet")["text"].tolist()[:200]
+    texts = pd.read_parquet(Path(args.data) / "test.parquet")["text"].tolist()[:args.texts]
     teacher = load_classifier(args.teacher, ["rotten", "fresh"])
+    full = num_layers(teacher)
+    depths = sorted(set(args.depths) | {full})  # the teacher's depth: the reference every speedup divides
+    if depths[-1] > full:
+        sys.exit(f"fidelity: error: depths {depths} exceed the teacher's {full} layers")
     models = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for layers in (2, 3, 4, 6):
-            model = teacher if layers == 6 else build_student(teacher, layers)
-            folder = save_model_folder(model, tokenizer, Path(scratch) / f"l{layers}", max_length=64)
+        for layers in depths:
+            model = teacher if layers == full else build_student(teacher, layers)
+            folder = save_model_folder(model, tokenizer, Path(scratch) / f"l{layers}", max_length=args.max_length)
             models[layers] = TextClassifier(build("onnx_int8", folder, Path(scratch) / f"q{layers}"), threads=2)
         timings: dict[int, list[float]] = {layers: [] for layers in models}
-        for _ in range(3):  # interleaved repeats: machine noise falls on every depth alike
+        for _ in range(args.repeats):  # interleaved repeats: machine noise falls on every depth alike
             for layers, model in models.items():
                 for text in texts:
                     start = time.perf_counter()
                     model.predict_logits([text])
                     timings[layers].append((time.perf_counter() - start) * 1000)
     p50 = {layers: float(np.percentile(t, 50)) for layers, t in timings.items()}
-    out = {"what": "ONNX int8 batch-1 latency, 2 threads, 600 calls per depth", "latency_p50_ms": p50,
-           "speedup_vs_6_layers": {layers: p50[6] / v for layers, v in p50.items()}}
+    out = {"what": f"ONNX int8 batch-1 latency, 2 threads, {args.repeats * len(texts)} calls per depth",
+           "latency_p50_ms": p50, f"speedup_vs_{full}_layers": {layers: p50[full] / v for layers, v in p50.items()}}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
@@ -216,11 +229,17 @@ def main() -> None:
     go.add_argument("--alpha", type=float, required=True)
     go.add_argument("--learning-rate", type=float, required=True)
     go.add_argument("--max-length", type=int, default=64)
+    go.add_argument("--window-overlap", type=int, default=16, help="tokens shared by a long text's windows")
+    go.add_argument("--max-windows", type=int, default=16, help="windows read of a long text at most")
     go.add_argument("--plans", default="", help="JSON {label: distill keyword arguments}: replaces the default set")
     go.add_argument("--out", default="fidelity.json")
     lat = sub.add_parser("cpu-latency", help="batch-1 ONNX int8 latency of 2/3/4/6 layers on this CPU")
     lat.add_argument("--teacher", required=True)
     lat.add_argument("--data", default="data/prepared")
+    lat.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4], help="student depths (the teacher's too)")
+    lat.add_argument("--texts", type=int, default=200, help="test texts timed, one call each per repeat")
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--max-length", type=int, default=64)
     lat.add_argument("--out", default="latency.json")
     args = parser.parse_args()
     if args.command == "transfer-texts":

@@ -9,12 +9,16 @@ Each package set is resolved by pip as a fresh Linux x86-64 container would (`pi
 --isolated --report`: PyPI only, not this machine's local CPU wheel of torch). The installed size of a
 wheel is the sum of its files' uncompressed sizes, read from the zip's central directory with HTTP range
 requests: no multi-GB download. Bytecode compiled at install time is not counted (a few % more).
+
+The tests measure tiny package sets from a local wheel folder (--sets, --find-links: pip resolves there, offline,
+and a local wheel is read from disk); the images part runs beside the image build test (tests/test_container.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,25 +63,31 @@ class RemoteFile:
         return data
 
 
-def resolve(requirements: list[str]) -> list[dict]:
+def resolve(requirements: list[str], find_links: Path | None = None) -> list[dict]:
+    """pip's install report for `requirements`: from PyPI, or only from the wheels in `find_links`."""
+    index = ["--no-index", "--find-links", str(find_links)] if find_links else []
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         # This machine is what the images run: Linux x86-64, CPython 3.11 (the resolution is for it).
         subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
-                        "--only-binary=:all:", "-q", "--report", str(report), *requirements], check=True)
+                        "--only-binary=:all:", "-q", *index, "--report", str(report), *requirements], check=True)
         return json.loads(report.read_text())["install"]
 
 
 def installed_size(url: str) -> tuple[int, int]:
-    """(uncompressed bytes, wheel bytes) of the wheel at `url`."""
+    """(uncompressed bytes, wheel bytes) of the wheel at `url` (a local file:// wheel is read from disk)."""
+    if url.startswith("file://"):
+        path = Path(urllib.request.url2pathname(url.removeprefix("file://")))
+        with zipfile.ZipFile(path) as wheel:
+            return sum(info.file_size for info in wheel.infolist()), os.path.getsize(path)
     remote = RemoteFile(url)
     with zipfile.ZipFile(remote) as wheel:
         return sum(info.file_size for info in wheel.infolist()), remote.size
 
 
-def measure(name: str, requirements: list[str]) -> dict:
+def measure(name: str, requirements: list[str], find_links: Path | None = None) -> dict:
     packages = []
-    for item in resolve(requirements):
+    for item in resolve(requirements, find_links):
         installed, download = installed_size(item["download_info"]["url"])
         packages.append({"name": item["metadata"]["name"], "version": item["metadata"]["version"],
                          "installed_mb": installed / 1e6, "wheel_mb": download / 1e6})
@@ -94,12 +104,17 @@ def measure(name: str, requirements: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", nargs="*", default=[], help="built images to report podman's size of")
+    parser.add_argument("--sets", type=json.loads, default=None,
+                        help='JSON {"before (one image)": [requirement, ...], "cpu": [...], "gpu": [...]} '
+                             "(default: the old single image's packages, and bentofile.yaml's for each device)")
+    parser.add_argument("--find-links", type=Path, default=None, help="resolve only from this wheel folder")
     parser.add_argument("--out", default="benchmarks/results/image_sizes.json")
     args = parser.parse_args()
-    sets = {"before (one image)": BEFORE, "cpu": python_packages("cpu", ROOT / "bentofile.yaml"),
-            "gpu": python_packages("gpu", ROOT / "bentofile.yaml")}
+    sets = args.sets or {"before (one image)": BEFORE, "cpu": python_packages("cpu", ROOT / "bentofile.yaml"),
+                         "gpu": python_packages("gpu", ROOT / "bentofile.yaml")}
     result = {"method": __doc__.split("\n\n")[2].replace("\n", " "),
-              "python_packages": {name: measure(name, reqs) for name, reqs in sets.items()}, "images": {}}
+              "python_packages": {name: measure(name, reqs, args.find_links) for name, reqs in sets.items()},
+              "images": {}}
     for ref in args.images:
         info = json.loads(subprocess.run(["podman", "image", "inspect", ref], capture_output=True, text=True,
                                          check=True).stdout)[0]
@@ -107,6 +122,7 @@ def main() -> None:
     before = result["python_packages"]["before (one image)"]["installed_mb"]
     result["ratios"] = {f"{name} / before": round(result["python_packages"][name]["installed_mb"] / before, 3)
                         for name in ("cpu", "gpu")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: {n: v["installed_mb"] for n, v in result["python_packages"].items()} if k == "python_packages"
                       else v for k, v in result.items() if k != "method"}, indent=2))

@@ -3,6 +3,8 @@ and what does shadowing cost?
 
     python benchmarks/live_fidelity.py        # after `make run`; needs wrk (apt-get install wrk)
 
+(The tests point --register and --evaluation at a tiny registry's reports: MLFLOW_TRACKING_URI says which.)
+
 - The registered serving version (metrics/register.json) is packaged as a pod gets it (`package`, the teacher's
   ONNX in shadow/, the reference in distilops.json) and served by `bentoml serve` with the CPU overlay's
   settings (1 worker, 2 ONNX Runtime threads; the shadow session 1 thread).
@@ -97,14 +99,18 @@ def main() -> None:
     parser.add_argument("--clients", default="1,32", help="concurrent clients")
     parser.add_argument("--seconds", type=int, default=10, help="duration of one timed run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--register", type=Path, default=Path("metrics/register.json"),
+                        help="the register stage's report: the serving version, and what it was evaluated as")
+    parser.add_argument("--evaluation", type=Path, default=Path("metrics/evaluate.json"),
+                        help="the evaluate stage's report: the agreement the live one is compared with")
     parser.add_argument("--out", default="benchmarks/results/live_fidelity_cpu.json")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("live_fidelity: error: wrk not found (apt-get install wrk)")
     rates = [r.strip() for r in args.rates.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
-    register = json.loads(Path("metrics/register.json").read_text())
-    evaluation = json.loads(Path("metrics/evaluate.json").read_text())
+    register = json.loads(args.register.read_text())
+    evaluation = json.loads(args.evaluation.read_text())
     version = str(register["serving_versions"]["cpu"])
     evaluated_as = next(v["evaluated_as"] for v in register["versions"].values() if str(v["version"]) == version)
     evaluated = evaluation["models"][evaluated_as]

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from containers import RUNTIME, container_args, missing_tools, podman_args, render
-from tiny import make_tiny_model
+from test_benchmarks import run_benchmark
+from tiny import make_tiny_model, make_wheel
 
 from distilops.config import PromoteConfig
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
@@ -255,3 +257,42 @@ def test_deploy_pins_the_digest_of_the_push_and_follows_a_rebuild(built, tmp_pat
             assert deployed.returncode == 0, deployed.stderr[-3000:]
             assert f"image: {ref}@{digests[-1]}" in deployed.stdout
         assert digests[0] != digests[1]  # a new build is a new image: the pods follow it
+
+
+def test_container_benchmark(built, tmp_path):
+    """benchmarks/container_benchmark.py on the image built here against its Bento served from the venv (the
+    folder `distilops image` left in its build context, the script's default): one cold start and one second of
+    load an arm; each arm answers every request, and the container serves the promoted version."""
+    data = tmp_path / "texts.parquet"
+    pd.DataFrame({"text": TEXTS * 4}).to_parquet(data)
+    out = tmp_path / "container.json"
+    run_benchmark("container_benchmark.py", "--image", built["ref"], "--data", str(data), "--connections", "2",
+                  "--seconds", "1", "--repeats", "1", "--cold-starts", "1", "--out", str(out), env=built["env"],
+                  timeout=600)
+    result = json.loads(out.read_text())
+    assert result["protocol"]["image"] == built["ref"]
+    served = result["protocol"]["served"]
+    assert (served["registry_name"], served["registry_version"], served["variant"]) == (NAME, built["version"],
+                                                                                      "onnx_int8")
+    assert {arm: len(starts) for arm, starts in result["cold_start_s"].items()} == {"venv": 1, "container": 1}
+    for arm in ("venv", "container"):
+        summary = result["summary"][arm]
+        assert summary["cold_start_s_median"] > 0 and summary["requests_per_second"] > 0 and summary["errors"] == 0
+        assert summary["latency_p50_ms"] <= summary["latency_p99_ms"]
+    assert result["ratios"]["container / venv throughput"] > 0
+
+
+def test_image_sizes_reports_the_built_image(built, tmp_path):
+    """benchmarks/image_sizes.py's --images: podman's size and digest of the image built here (its package sets
+    from a tiny local wheel: tests/test_benchmarks.py measures those)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "lean", 200_000)  # 0.2 MB: the ratios divide by it, rounded to 0.1 MB
+    out = tmp_path / "sizes.json"
+    sets = {name: ["lean"] for name in ("before (one image)", "cpu", "gpu")}
+    run_benchmark("image_sizes.py", "--sets", json.dumps(sets), "--find-links", str(wheels), "--images", built["ref"],
+                  "--out", str(out))
+    image = json.loads(podman("image", "inspect", built["ref"]).stdout)[0]
+    assert json.loads(out.read_text())["images"] == {
+        built["ref"]: {"size_mb": round(image["Size"] / 1e6, 1), "digest": image["Digest"]}}
+    assert image["Size"] > 50e6  # a real image (Python, the service's packages), not an empty reference

@@ -7,6 +7,7 @@ Hugging Face format, so every code path loads it exactly as it loads a hub model
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -98,3 +99,19 @@ def make_calibration_texts() -> list[str]:
     on in tests, as the quantize stage calibrates on training texts."""
     df = make_reviews(n_movies=20, per_movie=5, seed=2)
     return df[df["category"] != "plot"]["text"].tolist()
+
+
+def make_wheel(folder: Path, name: str, payload_bytes: int, requires: tuple[str, ...] = ()) -> int:
+    """A pure-Python wheel whose one module holds `payload_bytes` zeros (compressed: the wheel is far smaller than
+    what it installs); returns the bytes its files hold, uncompressed."""
+    module = name.replace("-", "_")
+    info = f"{module}-1.0.dist-info"
+    files = {f"{module}/__init__.py": "#" * payload_bytes,
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: 1.0\n{}".format(
+                 name, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             f"{info}/RECORD": ""}
+    with zipfile.ZipFile(folder / f"{module}-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+    return sum(len(text) for text in files.values())
