@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 
 from distilops.config import PromoteConfig
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
@@ -33,7 +33,7 @@ def make_releases(tmp_path: Path, monkeypatch, count: int = 2) -> list[dict[str,
         for _ in range(count):
             versions = {}
             for device, variant in (("cpu", "onnx_int8"), ("gpu", "onnx_fp16")):
-                mv = register_version(folder, model_name=NAME, metrics=METRICS,
+                mv = register_version(distinct(folder), model_name=NAME, metrics=METRICS,
                                       variant=variant, role="serving", device=device)
                 versions[device] = str(mv.version)
                 record_image(c, mv.version, device)

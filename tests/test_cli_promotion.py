@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.release.registry import register_version
@@ -39,7 +39,7 @@ def registry(tmp_path_factory):
         for correct, latency in ((base, 5.0), (better, 5.0), (better, 60.0), (worse, 5.0)):
             accuracy = float(correct.mean())
             with stage_run("register"):
-                register_version(folder, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
+                register_version(distinct(folder), model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
                                  test_correct=pack_correct(correct), test_examples=400, tags={"data_hash": "d1"},
                                  metrics={"accuracy": accuracy, "teacher_accuracy": 0.9, "latency_p95_ms": latency,
                              "accuracy_low": accuracy - 0.03, "accuracy_high": accuracy + 0.03,

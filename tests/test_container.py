@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from containers import RUNTIME, container_args, missing_tools, podman_args, render
 from test_benchmarks import run_benchmark
-from tiny import make_tiny_model, make_wheel
+from tiny import distinct, make_tiny_model, make_wheel
 
 from distilops.config import PromoteConfig
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
@@ -87,7 +87,8 @@ def built(tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
         with stage_run("register"):
             for _ in range(2):
-                mv = register_version(variant, model_name=NAME, variant="onnx_int8", role="serving", device="cpu",
+                mv = register_version(distinct(variant), model_name=NAME, variant="onnx_int8", role="serving",
+                                      device="cpu",
                                       metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
                 link_release(NAME, {"cpu": mv.version})
         promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)

@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from releases import GATES, METRICS, NAME, PUSHED_TO, make_releases
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 from typer.testing import CliRunner
 
 from distilops.cli import app
@@ -48,7 +48,7 @@ def test_the_gpu_sibling_follows_its_release(registry):
 def test_a_release_without_a_gpu_variant_is_a_clear_error(registry, tmp_path):
     folder = tmp_path / "student"
     with stage_run("register"):
-        lone = register_version(folder, model_name=NAME, metrics=METRICS,
+        lone = register_version(distinct(folder), model_name=NAME, metrics=METRICS,
                                 variant="onnx_int8", role="serving", device="cpu")
     with pytest.raises(RegistryError, match=f"version {lone.version} of '{NAME}' has no GPU variant"):
         resolve(NAME, version=str(lone.version), device="gpu")
@@ -104,7 +104,7 @@ def test_rollback_re_pins_the_previous_image(registry):
 
 def test_a_version_without_an_image_is_refused(registry, tmp_path):
     with stage_run("register"):
-        bare = register_version(tmp_path / "student", model_name=NAME, metrics=METRICS,
+        bare = register_version(distinct(tmp_path / "student"), model_name=NAME, metrics=METRICS,
                                 variant="onnx_int8", role="serving", device="cpu")
     with pytest.raises(DeployError, match=f"version {bare.version} has no image: build it first"):
         offline("cpu", version=str(bare.version))
@@ -155,7 +155,7 @@ def test_the_packaged_model_carries_no_tracking_credentials(tmp_path, monkeypatc
         folder = save_model_folder(load_classifier(str(raw)), load_tokenizer(str(raw)), tmp_path / "student",
                                    max_length=16, teacher="tiny-teacher")
         with stage_run("register"):
-            version = register_version(folder, model_name=NAME, metrics=METRICS, variant="onnx_int8",
+            version = register_version(distinct(folder), model_name=NAME, metrics=METRICS, variant="onnx_int8",
                                        role="serving", device="cpu").version
         (tmp_path / "params.yaml").write_text(f"model_name: {NAME}\npromote:\n  alias: production\n")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "BENTOML_HOME": str(tmp_path / "bentoml"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
 from distilops.pipeline.quantize import TEACHER_VARIANT, build, export_teacher
@@ -47,8 +47,8 @@ def registry(tmp_path_factory):
                                       role=TEACHER_ROLE).version
             link_release(NAME, {"cpu": str(cpu)})
             link_shadow(NAME, [str(cpu), str(shadow)], str(shadow))
-            alone = register_version(served, model_name=NAME, metrics=METRICS, variant="onnx_int8", role="serving",
-                                     device="cpu").version
+            alone = register_version(distinct(served), model_name=NAME, metrics=METRICS, variant="onnx_int8",
+                                     role="serving", device="cpu").version
             link_release(NAME, {"cpu": str(alone)})
     params = root / "params.yaml"
     params.write_text(f"model_name: {NAME}\npromote:\n  alias: production\n")

@@ -16,7 +16,7 @@ import bentoml
 import httpx
 import pytest
 from serving import PROBE_PATHS, SRC, batch_histogram, bentoml_serve, free_port, sample, scrape
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 
 from distilops.config import PromoteConfig
 from distilops.pipeline.modeling import load_classifier, load_tokenizer, save_model_folder
@@ -49,8 +49,8 @@ def served(tmp_path_factory):
         folder = build("onnx_int8", student, root / "quantized")  # what CPU pods serve
         with stage_run("register"):
             for _ in range(2):  # v1, v2: v2 is promoted, so the server must say 2
-                mv = register_version(folder, model_name=NAME, tags={"variant": "onnx_int8", "role": "serving",
-                                                                     "device": "cpu"},
+                mv = register_version(distinct(folder), model_name=NAME,
+                                      tags={"variant": "onnx_int8", "role": "serving", "device": "cpu"},
                                       metrics={"accuracy": 0.9, "teacher_accuracy": 0.91, "latency_p95_ms": 2.0})
         promote(NAME, PromoteConfig(model_name=NAME), version=mv.version)
         packaged = package(NAME)

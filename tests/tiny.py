@@ -115,3 +115,15 @@ def make_wheel(folder: Path, name: str, payload_bytes: int, requires: tuple[str,
         for path, text in files.items():
             wheel.writestr(path, text)
     return sum(len(text) for text in files.values())
+
+
+REGISTRATIONS = __import__("itertools").count()
+
+
+def distinct(folder: Path) -> Path:
+    """`folder` made distinct from every earlier registration (a counter in its distilops.json): the registry
+    adds no version for a folder it already holds, and these tests want a new one each time."""
+    from distilops.serving.folder import write_meta
+
+    write_meta(folder, registration=next(REGISTRATIONS))
+    return folder
