@@ -12,6 +12,9 @@ Trials train on a fixed subset (they only need to rank settings); the final stud
 on everything, checkpointed so an interrupted run resumes. Both the study (SQLite, or the
 database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and the checkpoints
 survive a crash; rerunning continues where it stopped.
+
+With `distill.distributed` above one process (torchrun: pipeline/distributed.py), rank 0 alone runs the study and
+chooses; every rank then trains the final student together, and rank 0 writes the outputs.
 """
 
 import logging
@@ -23,9 +26,10 @@ from distilops import paths
 from distilops.config import DistillConfig, as_flat_dict, load_section
 from distilops.pipeline import distill
 from distilops.pipeline.data import read_split
+from distilops.pipeline.distributed import World, broadcast_object, session
 from distilops.pipeline.modeling import save_model_folder
 from distilops.pipeline.training import clear_checkpoints
-from distilops.pipeline.tuning import load_inputs, params_of, pruning_summary, tune
+from distilops.pipeline.tuning import DistillInputs, load_inputs, params_of, pruning_summary, tune
 from distilops.serving.folder import read_meta
 from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
@@ -37,7 +41,15 @@ PLOTS = paths.plots_dir("distill")
 
 def main() -> None:
     cfg = load_section(DistillConfig)
-    inputs = load_inputs(cfg)
+    with session(cfg.distributed, "distill") as world:
+        inputs = load_inputs(cfg)
+        if world.main:
+            tune_and_distill(cfg, inputs, world)
+        else:  # waits for rank 0's choice, then trains with it
+            distill.train_final(cfg, inputs, broadcast_object(None, world), world)
+
+
+def tune_and_distill(cfg: DistillConfig, inputs: DistillInputs, world: World) -> None:
     with stage_run("distill", as_flat_dict(cfg), **inputs.run_tags) as run:
         for split, context in (("train", "training"), ("validation", "validation")):
             log_dataset(read_split(split), split, paths.PREPARED / f"{split}.parquet", context)
@@ -53,7 +65,7 @@ def main() -> None:
                  summary["pruning_seconds_saved"])
         log.info("why: %s", choice.report["reason"])
 
-        final = distill.train_final(cfg, inputs, best)
+        final = distill.train_final(cfg, inputs, broadcast_object(best, world), world)
         save_model_folder(final.model, inputs.tokenizer, paths.STUDENT, max_length=cfg.max_length, role="student",
                           teacher=inputs.teacher_name, teacher_sha256=inputs.fingerprint["teacher"],
                           optuna_study=inputs.study_name, data_hash=data_hash(), mlflow_run_id=run.info.run_id,
@@ -62,7 +74,7 @@ def main() -> None:
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         log_model_folder(paths.STUDENT, "student", read_meta(paths.STUDENT))
     write_json(paths.metrics_file("distill"), metrics)
-    clear_checkpoints(final.settings)
+    clear_checkpoints(final.settings, world)
     log.info("student val accuracy %.4f (%.1f%% of the teacher's)", final.result.best_accuracy,
              100 * metrics["val_accuracy_retention"])
 

@@ -21,6 +21,7 @@ from optuna.visualization import matplotlib as optuna_plots
 from distilops import paths, stats
 from distilops.config import DistillConfig
 from distilops.pipeline import frontier
+from distilops.pipeline.distributed import SINGLE, World
 from distilops.pipeline.losses import UNLABELLED
 from distilops.pipeline.modeling import build_student, count_parameters, num_layers
 from distilops.pipeline.served_latency import TEACHER
@@ -136,9 +137,9 @@ class FinalStudent:
     settings: TrainSettings  # its checkpoints are cleared once the outputs are written
 
 
-def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams) -> FinalStudent:
+def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams, world: World = SINGLE) -> FinalStudent:
     """The student trained on all training data with `best`'s parameters, checkpointed (an interrupted run
-    resumes); validation accuracy (and the layer-wise parts) logged to the active run."""
+    resumes); validation accuracy (and the layer-wise parts) logged to the active run (by rank 0)."""
     seed_everything(cfg.seed)
     student = build_student(inputs.teacher, best.student_layers) if best.student_layers else inputs.make_student()
     layers = layer_targets(best, inputs.teacher, student)  # None while the layer-wise terms are off
@@ -155,7 +156,8 @@ def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams) ->
             layers.log(step)
 
     result = train(student, inputs.data["train"], inputs.data["validation"], inputs.tokenizer.pad_token_id, settings,
-                   distill_loss_fn(best, layers), on_eval=on_eval, extra=layers.projection if layers else None)
+                   distill_loss_fn(best, layers), on_eval=on_eval, extra=layers.projection if layers else None,
+                   world=world)
     return FinalStudent(student, result, settings)
 
 
