@@ -127,3 +127,13 @@ def test_lone_request(tiny_pipeline):
     assert summary["model_batch1_p50_ms"] > 0
     for arm in ("adaptive", "no-lone-wait", "naive"):
         assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0
+
+
+@pytest.mark.slow
+def test_distributed_training(tmp_path):
+    out = tmp_path / "distributed.json"
+    run_benchmark("distributed_training.py", "--processes", "1", "2", "--rounds", "1", "--examples", "160",
+                  "--layers", "1", "--hidden", "32", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["1"]["steps"] == summary["2"]["steps"] == 3  # 96 training examples, batch 32
+    assert summary["2"]["max_abs_loss_diff_vs_1"] < 1e-5 and summary["2"]["wall_seconds_median"] > 0
