@@ -192,3 +192,22 @@ def test_the_dvc_stages_train_and_score_on_two_processes(repo_copy):
         single = np.load(repo_copy.path / f"one/{split}_logits.npy")
         assert gathered.shape == single.shape == (len(examples[split]), 2)
         np.testing.assert_allclose(gathered, single, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_final_student_trains_on_two_processes(repo_copy):
+    """`dvc repro distill` with distill.distributed at 2: rank 0 runs the study alone and hands the chosen
+    parameters over; both ranks train the final student; one MLflow run of the stage, one student folder."""
+    from test_pipeline_train import tiny_pipeline
+
+    tiny_pipeline(repo_copy)
+    repo_copy.set_params({"distill.distributed": {"processes": 2}})
+    done = repo_copy.dvc("repro", "distill")
+    assert "distill: 2 process(es) x 1 node(s) through torchrun (gloo)" in done.stdout + done.stderr
+    metrics = json.loads((repo_copy.path / "metrics/distill.json").read_text())
+    assert metrics["val_accuracy"] > 0.7 and metrics["trials"] == 2
+    assert (repo_copy.path / "models/student/model.safetensors").exists()
+    client = mlflow.MlflowClient(tracking_uri=repo_copy.env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("distilops").experiment_id])
+    assert len([r for r in runs if r.info.run_name == "distill"]) == 1
+    assert not any((repo_copy.path / "checkpoints").rglob("*.pt"))
