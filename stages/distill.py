@@ -15,6 +15,10 @@ Stages downstream read metrics/distill_choice.json (the point, not the rule that
 folder (no run id in it): such a rerun changes neither, so DVC reruns nothing after distill.
 Both the study (SQLite, or the database in DISTILOPS_OPTUNA_STORAGE that `distilops tune` workers share) and the
 checkpoints survive a crash; rerunning continues where it stopped.
+
+With `distill.distributed` above one process (torchrun: pipeline/distributed.py), rank 0 alone runs the study and
+chooses; every rank then trains the final student together (unless rank 0 reuses the kept one), and rank 0
+writes the outputs.
 """
 
 import _preflight  # noqa: F401 (first: a Python without the project says so in one line)
@@ -31,8 +35,9 @@ from distilops.config import DistillConfig, as_flat_dict, load_section
 from distilops.hashing import folder_sha256
 from distilops.pipeline import distill
 from distilops.pipeline.data import read_split
+from distilops.pipeline.distributed import World, broadcast_object, session
 from distilops.pipeline.training import clear_checkpoints
-from distilops.pipeline.tuning import load_inputs, params_of, pruning_summary, tune
+from distilops.pipeline.tuning import DistillInputs, load_inputs, params_of, pruning_summary, tune
 from distilops.serving.folder import read_meta
 from distilops.stage import run_stage, write_json
 from distilops.tracking import data_hash, log_dataset, log_model_folder, stage_run
@@ -44,7 +49,15 @@ PLOTS = paths.plots_dir("distill")
 
 def main() -> None:
     cfg = load_section(DistillConfig)
-    inputs = load_inputs(cfg)
+    with session(cfg.distributed, "distill") as world:
+        inputs = load_inputs(cfg)
+        if world.main:
+            tune_and_distill(cfg, inputs, world)
+        elif (best := broadcast_object(None, world)) is not None:  # rank 0's choice (None: it reuses the kept one)
+            distill.train_final(cfg, inputs, best, world)
+
+
+def tune_and_distill(cfg: DistillConfig, inputs: DistillInputs, world: World) -> None:
     with stage_run("distill", as_flat_dict(cfg), **inputs.run_tags):
         for split, context in (("train", "training"), ("validation", "validation")):
             log_dataset(read_split(split), split, paths.PREPARED / f"{split}.parquet", context)
@@ -62,7 +75,7 @@ def main() -> None:
 
         # The folder records the student's lineage, nothing run-specific (no run id): the same student is the same
         # bytes, so a rerun that picks the trained point again changes no output downstream stages read.
-        final = distill.final_student(cfg, inputs, best, paths.STUDENT, teacher=inputs.teacher_name,
+        final = distill.final_student(cfg, inputs, best, paths.STUDENT, world=world, teacher=inputs.teacher_name,
                                       teacher_sha256=inputs.fingerprint["teacher"], optuna_study=inputs.study_name,
                                       data_hash=data_hash(), **{f"best_{k}": v for k, v in vars(best).items()})
         metrics = distill.report(cfg, study, choice, inputs, final)
@@ -71,7 +84,7 @@ def main() -> None:
         log_model_folder(paths.STUDENT, "student", read_meta(paths.STUDENT))
     write_json(paths.metrics_file("distill"), metrics)
     write_json(paths.metrics_file("distill_choice"), distill.downstream_report(metrics))
-    clear_checkpoints(final.settings)
+    clear_checkpoints(final.settings, world)
     log.info("student val accuracy %.4f (%.1f%% of the teacher's)", final.result.best_accuracy,
              100 * metrics["val_accuracy_retention"])
 

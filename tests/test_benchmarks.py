@@ -319,3 +319,13 @@ def test_live_fidelity(tiny_pipeline, tmp_path):
     for arm in result["summary"].values():
         assert arm["2"]["requests_per_second"] > 0 and arm["2"]["latency_p50_ms"] <= arm["2"]["latency_p99_ms"]
     assert all(mb > 0 for mb in result["memory_rss_mb"].values())
+
+
+@pytest.mark.slow
+def test_distributed_training(tmp_path):
+    out = tmp_path / "distributed.json"
+    run_benchmark("distributed_training.py", "--processes", "1", "2", "--rounds", "1", "--examples", "160",
+                  "--layers", "1", "--hidden", "32", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["1"]["steps"] == summary["2"]["steps"] == 3  # 96 training examples, batch 32
+    assert summary["2"]["max_abs_loss_diff_vs_1"] < 1e-5 and summary["2"]["wall_seconds_median"] > 0

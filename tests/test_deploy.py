@@ -4,6 +4,8 @@ records them (test_container.py builds and pushes one for real). Pinning asks a 
 (Debian's docker-registry on 127.0.0.1) in the tests marked slow; the others render with the digest
 recorded at the push (--skip-registry-check). `--apply` runs on a real control plane: test_control_plane.py."""
 
+from pathlib import Path
+
 import kubernetes_validate
 import pytest
 import yaml
@@ -225,6 +227,24 @@ def test_jobs_render_with_a_given_digest_and_refuse_a_bare_tag_offline():
                                       "--skip-registry-check"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count(f"@{digest}") == 3 and "unpinned" not in result.stdout
+
+
+def test_the_training_job_is_sized_from_params(tmp_path):
+    """`distilops jobs --training`: k8s/train with teacher.distributed's nodes as pods, its processes as GPUs each."""
+    digest = "sha256:" + "ab" * 32
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["teacher"]["distributed"] = {"processes": 4, "nodes": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["jobs", "--training", "--image", f"{PUSHED_TO}/distilops-pipeline@{digest}",
+                                      "--skip-registry-check", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    (job,) = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Job"]
+    assert job["metadata"]["name"] == "distilops-train" and job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{PUSHED_TO}/distilops-pipeline@{digest}"
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 4
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from distilops.release.deploy import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZATIONS = ("namespace", "base", "overlays/gpu", "overlays/cpu", "overlays/gpu-canary", "overlays/cpu-canary",
-                  "jobs", "platform", "monitoring")
+                  "jobs", "train", "platform", "monitoring")
 APPS = [k for k in KUSTOMIZATIONS if k != "namespace"]  # what users apply and delete, again and again
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 

@@ -131,7 +131,7 @@ CHANGED = {"seed": 7, "max_length": 48, "batch_size": 8, "weight_decay": 0.1, "w
            "search": {"temperature": [1.0, 2.0]},
            "n_trials": 9, "final_epochs": 5, "checkpoint_every_steps": 11, "heartbeat_seconds": 5,
            "storage": "sqlite:///elsewhere.db", "choose": {"min_speedup": 3.0},
-           "latency_calls": 50, "general_texts": 500}
+           "latency_calls": 50, "general_texts": 500, "distributed": {"processes": 2}}
 
 
 def test_every_setting_that_changes_a_trial_starts_a_new_study(tmp_path):

@@ -45,8 +45,9 @@ def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 32, arch: str = "bert",
-                    labels: tuple[str, ...] = ("rotten", "fresh"), seed: int = 0) -> Path:
-    """Save a randomly initialised tiny encoder + classifier head and its tokenizer to `folder`."""
+                    labels: tuple[str, ...] = ("rotten", "fresh"), seed: int = 0, dropout: float = 0.1) -> Path:
+    """Save a randomly initialised tiny encoder + classifier head and its tokenizer to `folder` (`dropout`: 0 makes
+    a step a function of the batch alone, as comparing runs on different process counts needs)."""
     import torch
 
     folder = Path(folder)
@@ -54,6 +55,7 @@ def make_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 32, arch: st
     make_tokenizer(folder)
     common = dict(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                   intermediate_size=hidden * 2, max_position_embeddings=80, num_labels=len(labels),
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                   id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     config = BertConfig(**common) if arch == "bert" else MPNetConfig(**common)
     torch.manual_seed(seed)

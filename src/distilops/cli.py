@@ -414,18 +414,28 @@ def jobs_cmd(
     tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify the registry's TLS."),
     do_apply: bool = typer.Option(False, "--apply", help="Apply it (server-side, to the kubeconfig's cluster); "
                                                          "default: print the manifests."),
+    training: bool = typer.Option(False, "--training", help="Render k8s/train instead: the teacher trained across "
+                                                            "teacher.distributed.nodes pods, with its processes' "
+                                                            "GPUs each."),
+    params: Path = PARAMS,
 ) -> None:
     """Render k8s/jobs (the pipeline Job and its suspended tune workers) with the pipeline image pinned by
     digest, so a retried pod runs the same image as its first attempt; validate it offline; print or apply it.
 
     The tune workers start suspended: the pipeline Job starts them (`distilops start-workers`) once the teacher
     outputs they read exist, so no GPU waits idle through the teacher phase.
+
+    --training: k8s/train, the teacher fine-tuned by torchrun on several nodes (an Indexed Job and a headless
+    Service), sized by params.yaml's teacher.distributed.
     """
+    from distilops.config import TeacherConfig, load_section
     from distilops.release.cluster import apply
     from distilops.release.deploy import job_containers, render_jobs
 
-    documents = render_jobs(image, check_registry=check_registry, tls_verify=tls_verify)
-    typer.echo(f"k8s/jobs on {job_containers(documents)[0]['image']}", err=True)
+    sized = load_section(TeacherConfig, params).distributed if training else None
+    documents = render_jobs(image, check_registry=check_registry, tls_verify=tls_verify,
+                            folder="train" if training else "jobs", training=sized)
+    typer.echo(f"k8s/{'train' if training else 'jobs'} on {job_containers(documents)[0]['image']}", err=True)
     if not do_apply:
         import yaml
 

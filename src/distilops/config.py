@@ -67,6 +67,28 @@ class Registered(Section):
     model_name: str = Field("distilops-sentiment", min_length=1, description="Shared (top level): registered model.")
 
 
+class Distributed(Section):
+    """How many processes a training stage runs in (torch.distributed under torchrun: pipeline/distributed.py)."""
+
+    SECTION: ClassVar[str] = "distributed"
+    processes: int = Field(1, ge=1, description="Processes per node (torchrun's --nproc-per-node; on GPUs one "
+                                                "per GPU, and the GPUs a Kubernetes pod asks for); 1 with one node "
+                                                "= a single process, torchrun never starts.")
+    nodes: int = Field(1, ge=1, description="Machines the stage runs on (Kubernetes: pods of the distilops-train "
+                                            "Job), each with `processes`; above 1 every node runs the stage and "
+                                            "meets the others at DISTILOPS_RENDEZVOUS.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend: nccl "
+                                                                         "(GPUs), gloo (CPUs); auto = nccl "
+                                                                         "where CUDA is, else gloo.")
+    restarts: int = Field(2, ge=0, description="torchrun restarts every process this many times when one dies; "
+                                               "they resume from the last checkpoint.")
+
+
+def distributed_field() -> Any:
+    return Field(default_factory=Distributed, description="Processes and nodes the stage runs on (default: one "
+                                                          "process); the batch size stays the global batch.")
+
+
 class Trained(Seeded, Windowed):
     """What teacher fine-tuning and distillation share."""
 
@@ -108,6 +130,7 @@ class TeacherConfig(Trained):
     epochs: int = Field(2, ge=1, description="Fine-tuning epochs; the best epoch on validation is kept.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW peak learning rate (warm-up, then linear decay).")
     max_train_examples: int = Field(0, ge=0, description="Train on at most this many examples (0 = all).")
+    distributed: Distributed = distributed_field()
 
 
 class TeacherOutputsConfig(Seeded, Windowed):
@@ -117,6 +140,7 @@ class TeacherOutputsConfig(Seeded, Windowed):
     transfer_texts: list[str] = Field([], description="Unlabelled texts the teacher labels for the student (soft "
                                       "targets only): 'general_english' (offline) or local .txt/.csv/.jsonl/.parquet.")
     transfer_max_texts: int = Field(15000, ge=1, description="Transfer texts kept at most (shuffled with the seed).")
+    distributed: Distributed = distributed_field()
 
 
 class SearchSpace(Section):
@@ -197,6 +221,8 @@ class DistillConfig(Trained):
     general_texts: int = Field(1000, ge=50, le=2000, description="Held-apart general_english sentences (never "
                                "transfer or evaluation texts) whose agreement with the teacher is an objective when "
                                "depth is searched.")
+    distributed: Distributed = Field(default_factory=Distributed, description="Processes and nodes the final "
+                                     "student trains on (rank 0 alone runs the study); the batch size stays global.")
 
 
 class QuantizeConfig(Seeded, LongTextWindows):

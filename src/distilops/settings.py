@@ -117,13 +117,24 @@ OPTUNA_STORAGE = text_setting("DISTILOPS_OPTUNA_STORAGE", "", "SQLAlchemy URL of
 REGISTRY_USERNAME = text_setting("DISTILOPS_REGISTRY_USERNAME", "", "User for a private image registry "
                                                                     "(`distilops deploy` asks it for digests).")
 REGISTRY_PASSWORD = text_setting("DISTILOPS_REGISTRY_PASSWORD", "", "Its password.", secret=True)
+RENDEZVOUS = text_setting("DISTILOPS_RENDEZVOUS", "", "host:port where the nodes of a training stage meet "
+                                                   "(torchrun's c10d rendezvous; the first node's) when "
+                                                   "distributed.nodes > 1; k8s/jobs/train-job.yaml sets it.")
+RENDEZVOUS_ID = text_setting("DISTILOPS_RENDEZVOUS_ID", "", "The rendezvous's id, the same on every node of one "
+                                                            "run; empty = distilops-<stage>.")
+RANK = whole_setting("RANK", None, 0, "Set by torchrun in each process it starts: the process's rank among all "
+                                      "(0 writes the outputs). Set with WORLD_SIZE: the stage joins the group instead "
+                                      "of launching torchrun.")
+WORLD_SIZE = whole_setting("WORLD_SIZE", None, 1, "Set by torchrun: how many processes train together.")
+LOCAL_RANK = whole_setting("LOCAL_RANK", 0, 0, "Set by torchrun: the process's rank on its node (its GPU).")
 KUBECONFIG = text_setting("KUBECONFIG", "", "The kubeconfig `deploy --apply`, `jobs` and `start-workers` use "
                                             "outside a cluster; empty = ~/.kube/config.")
 KUBERNETES_SERVICE_HOST = text_setting("KUBERNETES_SERVICE_HOST", "", "Set by Kubernetes inside a pod: the "
                                                                       "commands then use the pod's service account.")
 
 CLI: tuple[Setting, ...] = (CACHE, TRACKING_URI, EXPERIMENT, GIT_COMMIT, USER, OPTUNA_STORAGE, REGISTRY_USERNAME,
-                            REGISTRY_PASSWORD, KUBECONFIG, KUBERNETES_SERVICE_HOST)
+                            REGISTRY_PASSWORD, RENDEZVOUS, RENDEZVOUS_ID, RANK, WORLD_SIZE, LOCAL_RANK, KUBECONFIG,
+                            KUBERNETES_SERVICE_HOST)
 
 # --- what distilops's manifests set for the programs beside it (never read here: declared so that every key a
 # ConfigMap sets says what it is for) ------------------------------------------------------------------------

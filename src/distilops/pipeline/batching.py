@@ -122,6 +122,29 @@ def loader(data: Examples, batch_size: int, pad_id: int, *, shuffle_seed: int | 
                       generator=torch.Generator().manual_seed(shuffle_seed))
 
 
+def shard_batches(batches: list[list[int]], rank: int, size: int) -> tuple[list[list[int]], list[float]]:
+    """Rank `rank`'s share of each global batch (every size-th example: the shares cover the batch once) and the
+    share's loss weight, its examples x size / the batch's, so that the ranks' weighted mean losses, averaged, are
+    the global batch's mean loss. A share left empty (a last batch smaller than the ranks) trains on the batch's
+    first example at weight 0: every rank still steps with the others."""
+    shares, weights = [], []
+    for batch in batches:
+        share = batch[rank::size]
+        shares.append(share or batch[:1])
+        weights.append(len(share) * size / len(batch))
+    return shares, weights
+
+
+def sharded_loader(data: Examples, batch_size: int, pad_id: int, *, shuffle_seed: int, rank: int,
+                   size: int) -> tuple[DataLoader, list[float]]:
+    """`loader`'s shuffled global batches of `batch_size`, this rank's share of each (and its loss weights): the
+    distributed sampler of several training processes."""
+    batches = length_grouped_batches([len(ids) for ids in data.input_ids], batch_size, shuffle_seed)
+    shares, weights = shard_batches(batches, rank, size)
+    return DataLoader(data, batch_sampler=shares, collate_fn=make_collate(pad_id),
+                      generator=torch.Generator().manual_seed(shuffle_seed)), weights
+
+
 def model_inputs(batch: dict, dev: torch.device) -> dict:
     return {k: batch[k].to(dev) for k in ("input_ids", "attention_mask")}
 

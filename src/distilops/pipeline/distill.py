@@ -26,6 +26,7 @@ from distilops import paths, stats
 from distilops.config import DistillConfig
 from distilops.hashing import file_sha256, json_sha256
 from distilops.pipeline import frontier, served_latency
+from distilops.pipeline.distributed import SINGLE, World, broadcast_object
 from distilops.pipeline.losses import UNLABELLED
 from distilops.pipeline.modeling import build_student, count_parameters, load_classifier, num_layers, save_model_folder
 from distilops.pipeline.training import TrainResult, TrainSettings, seed_everything, train
@@ -204,15 +205,17 @@ def keep_final(folder: Path, key: str, result: TrainResult, kept: Path = FINAL_K
 
 
 def final_student(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams, folder: Path, *,
-                  kept: Path = FINAL_KEPT, **meta: object) -> FinalStudent:
+                  kept: Path = FINAL_KEPT, world: World = SINGLE, **meta: object) -> FinalStudent:
     """The final student in `folder` (its distilops.json holding `meta`): a copy of the kept one when it was trained
-    under the same key (same study, parameters, settings, data and code), else trained now and kept.
+    under the same key (same study, parameters, settings, data and code), else trained now and kept. Rank 0's
+    call: the other ranks get `best` to train with, or None when the kept one is reused (stage main).
 
     The folder holds nothing run-specific (no run id, no time): the same student is the same bytes, so DVC sees
     an unchanged output and reruns nothing downstream."""
     key = final_key(cfg, inputs, best)
     shutil.rmtree(folder, ignore_errors=True)
     found = kept_final(key, kept)
+    broadcast_object(best if found is None else None, world)
     if found is not None:
         shutil.copytree(kept / "model", folder)
         write_meta(folder, role="student", **meta)  # what the caller records, as training would (the same: no change)
@@ -220,15 +223,15 @@ def final_student(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams, 
         log.info("final student: reusing the one trained with these parameters (%s, key %s): no training",
                  kept, key[:12])
         return FinalStudent(load_classifier(str(folder)), result, final_settings(cfg, inputs, best), reused=True)
-    final = train_final(cfg, inputs, best)
+    final = train_final(cfg, inputs, best, world)
     save_model_folder(final.model, inputs.tokenizer, folder, max_length=cfg.max_length, role="student", **meta)
     keep_final(folder, key, final.result, kept)
     return final
 
 
-def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams) -> FinalStudent:
+def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams, world: World = SINGLE) -> FinalStudent:
     """The student trained on all training data with `best`'s parameters, checkpointed (an interrupted run
-    resumes); validation accuracy (and the layer-wise parts) logged to the active run."""
+    resumes); validation accuracy (and the layer-wise parts) logged to the active run (by rank 0)."""
     seed_everything(cfg.seed)
     student = build_student(inputs.teacher, best.student_layers) if best.student_layers else inputs.make_student()
     layers = layer_targets(best, inputs.teacher, student)  # None while the layer-wise terms are off
@@ -240,7 +243,8 @@ def train_final(cfg: DistillConfig, inputs: DistillInputs, best: TrialParams) ->
             layers.log(step)
 
     result = train(student, inputs.data["train"], inputs.data["validation"], inputs.tokenizer.pad_token_id, settings,
-                   distill_loss_fn(best, layers), on_eval=on_eval, extra=layers.projection if layers else None)
+                   distill_loss_fn(best, layers), on_eval=on_eval, extra=layers.projection if layers else None,
+                   world=world)
     return FinalStudent(student, result, settings)
 
 

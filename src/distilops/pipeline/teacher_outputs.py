@@ -18,6 +18,7 @@ import numpy as np
 from distilops.errors import StaleCacheError
 from distilops.hashing import folder_sha256, sha256
 from distilops.pipeline.batching import Examples, predict_logits
+from distilops.pipeline.distributed import SINGLE, World, gather_objects
 from distilops.tracking import data_hash
 
 TEACHER_SPLITS = ("train", "validation")  # the labelled splits whose teacher outputs are cached
@@ -35,13 +36,40 @@ def transfer_sha256(texts: list[str]) -> str:
     return sha256("\n".join(texts))
 
 
+def sharded_predict(model, data: Examples, pad_id: int, batch_size: int, *, hidden_states: bool, desc: str,
+                    world: World) -> tuple[np.ndarray, list[np.ndarray]]:
+    """predict_logits over `data`, each rank scoring its share and rank 0 gathering them in data order (the other
+    ranks get empty results)."""
+    mine = world.shard(range(len(data)))
+    part = predict_logits(model, data.subset(mine), pad_id, batch_size, hidden_states=hidden_states,
+                          desc=desc if world.main else None)
+    parts = gather_objects((mine, part), world)
+    if not world.main:
+        return np.empty(0), []
+    logits = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    hidden: list[np.ndarray] = [np.empty(0)] * len(data) if hidden_states else []
+    for indices, (part_logits, part_hidden) in parts:
+        logits[indices] = part_logits
+        for row, i in enumerate(indices if hidden_states else ()):
+            hidden[i] = part_hidden[row]
+    return logits, hidden
+
+
 def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, batch_size: int,
-            hidden_states: bool, meta: dict) -> dict:
+            hidden_states: bool, meta: dict, world: World = SINGLE) -> dict:
+    """Cache the teacher's outputs of every split in `out` (and return meta.json's content). On several processes
+    the rows are computed sharded and gathered to rank 0, which alone writes."""
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for split, data in examples.items():
-        logits, hidden = predict_logits(model, data, pad_id, batch_size, hidden_states=hidden_states,
-                                        desc=f"teacher outputs ({split})")
+        desc = f"teacher outputs ({split})"
+        if world.distributed:
+            logits, hidden = sharded_predict(model, data, pad_id, batch_size, hidden_states=hidden_states, desc=desc,
+                                             world=world)
+            if not world.main:
+                continue
+        else:
+            logits, hidden = predict_logits(model, data, pad_id, batch_size, hidden_states=hidden_states, desc=desc)
         np.save(out / f"{split}_logits.npy", logits)
         if hidden_states:
             offsets = np.cumsum([0] + [len(h) for h in hidden]).astype(np.int64)
@@ -50,7 +78,8 @@ def compute(model, examples: dict[str, Examples], pad_id: int, out: Path, *, bat
         rows[split] = len(data)
     meta = {**meta, "rows": rows, "hidden_states": hidden_states,
             "hidden_size": int(model.config.hidden_size)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if world.main:
+        (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 

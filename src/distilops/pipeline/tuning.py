@@ -246,7 +246,7 @@ def distill_loss_fn(p: TrialParams, layers: LayerTargets | None = None) -> LossF
 # DistillConfig fields that do not change a trial's result: every other field is in the study key,
 # so a field added later starts a new study by default instead of silently resuming a stale one.
 NOT_IN_STUDY_KEY = frozenset({"n_trials", "final_epochs", "checkpoint_every_steps", "storage", "study_name",
-                              "heartbeat_seconds", "choose"})
+                              "heartbeat_seconds", "choose", "distributed"})
 DEPTH_SEARCH_KEYS = ("latency_calls", "general_texts")  # change trials only while depth is searched
 
 

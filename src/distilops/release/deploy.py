@@ -36,6 +36,7 @@ import kubernetes_validate
 import yaml
 
 from distilops.commands import run_command
+from distilops.config import Distributed
 from distilops.errors import DeployError
 from distilops.release import cluster
 from distilops.release.image import (
@@ -236,31 +237,63 @@ def job_containers(documents: list[dict]) -> list[dict]:
                       *doc["spec"]["template"]["spec"]["containers"])]
 
 
-def render_jobs(image: str, *, root: Path = K8S, check_registry: bool = True, tls_verify: bool = True) -> list[dict]:
-    """k8s/jobs with every pipeline container on `image` (REGISTRY/PATH/distilops-pipeline:TAG) pinned by the
-    digest the registry reports for the tag (or the digest given as IMAGE@sha256:...), validated offline."""
+def pinned_pipeline_image(image: str, *, check_registry: bool = True, tls_verify: bool = True) -> str:
+    """`image` (REGISTRY/PATH/distilops-pipeline:TAG) pinned by the digest the registry reports for the tag, or the
+    digest given as IMAGE@sha256:..."""
     name = image.split("@")[0]
     if "@sha256:" in image:
-        pinned = image
-    elif not check_registry:
+        return image
+    if not check_registry:
         raise DeployError(f"{image} is a tag: without asking the registry, give the digest (IMAGE@sha256:...)")
-    else:
-        if ":" not in name.rsplit("/", 1)[-1]:
-            raise DeployError(f"{image}: name the tag you pushed (REGISTRY/PATH/{PIPELINE_IMAGE}:TAG)")
-        digest = manifest_digest(name, tls_verify=tls_verify)
-        if digest is None:
-            raise DeployError(f"{name} is not in the registry: build and push the pipeline image first "
-                              "(k8s/jobs/Dockerfile)")
-        pinned = f"{name.rsplit(':', 1)[0]}@{digest}"
-    documents = kustomize(root / "jobs")
+    if ":" not in name.rsplit("/", 1)[-1]:
+        raise DeployError(f"{image}: name the tag you pushed (REGISTRY/PATH/{PIPELINE_IMAGE}:TAG)")
+    digest = manifest_digest(name, tls_verify=tls_verify)
+    if digest is None:
+        raise DeployError(f"{name} is not in the registry: build and push the pipeline image first "
+                          "(k8s/jobs/Dockerfile)")
+    return f"{name.rsplit(':', 1)[0]}@{digest}"
+
+
+def render_jobs(image: str, *, root: Path = K8S, check_registry: bool = True, tls_verify: bool = True,
+                folder: str = "jobs", training: Distributed | None = None) -> list[dict]:
+    """k8s/jobs (or another folder of pipeline Jobs: k8s/train) with every pipeline container on `image` pinned
+    (`pinned_pipeline_image`), validated offline. `training`: k8s/train's Job sized by it (`size_training`)."""
+    pinned = pinned_pipeline_image(image, check_registry=check_registry, tls_verify=tls_verify)
+    documents = kustomize(root / folder)
     containers = job_containers(documents)
     for container in containers:
         if PIPELINE_IMAGE in container["image"]:
             container["image"] = pinned
     if not any(c["image"] == pinned for c in containers):
-        raise DeployError(f"no container in k8s/jobs runs the {PIPELINE_IMAGE} image")
+        raise DeployError(f"no container in k8s/{folder} runs the {PIPELINE_IMAGE} image")
+    if training is not None:
+        size_training(documents, training)
     validate(documents)
     return documents
+
+
+TRAIN_JOB = "distilops-train"
+GPU = "nvidia.com/gpu"
+
+
+def size_training(documents: list[dict], cfg: Distributed) -> None:
+    """k8s/train's Job made the shape params.yaml's teacher.distributed asks: one pod per node, all at once, each
+    asking for a GPU per process. With backend gloo the processes run on CPUs: no GPU asked, no GPU node sought."""
+    jobs = [d for d in documents if d["kind"] == "Job" and d["metadata"]["name"] == TRAIN_JOB]
+    if len(jobs) != 1:
+        raise DeployError(f"k8s/train must hold the Job {TRAIN_JOB}, found {len(jobs)}")
+    spec = jobs[0]["spec"]
+    spec["completions"] = spec["parallelism"] = cfg.nodes
+    pod = spec["template"]["spec"]
+    for container in pod["containers"]:
+        for kind in ("requests", "limits"):
+            if cfg.backend == "gloo":
+                container["resources"][kind].pop(GPU, None)
+            else:
+                container["resources"][kind][GPU] = cfg.processes
+    if cfg.backend == "gloo":
+        for key in ("runtimeClassName", "nodeSelector", "tolerations"):
+            pod.pop(key, None)
 
 
 def free_port() -> int:
