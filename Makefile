@@ -83,11 +83,11 @@ cluster-build:
 cluster: $(VENV)/.installed cluster-build  ## a real control plane on 127.0.0.1 (prints the KUBECONFIG line), to try `distilops deploy --apply` by hand
 	. $(VENV)/bin/activate && python tests/cluster/controlplane.py
 
-test: $(VENV)/.installed test-tools checkov cluster-build  ## the whole test suite (what CI runs: about 25 min on 2 cores)
+test: $(VENV)/.installed test-tools checkov cluster-build  ## the whole test suite (what CI runs: about 45 min on 2 cores)
 	. $(VENV)/bin/activate && pytest
 
 # The inner loop: everything but the tests marked slow (real services, real `dvc repro`, containers): it
-# needs kubectl (manifests) but no PostgreSQL, Chromium or podman. Under 3 min on 2 cores; `make test` before a push.
+# needs kubectl (manifests) but no PostgreSQL, Chromium or podman. About 6 min on 2 cores; `make test` before a push.
 test-fast: $(VENV)/.installed
 	. $(VENV)/bin/activate && pytest -m "not slow" -q
 
