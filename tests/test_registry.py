@@ -1,12 +1,11 @@
 """The MLflow registry for real (SQLite store): register versions, promote behind gates, refuse worse
 ones, force with a reason, roll back, read the history; a crash mid-promotion moves nothing."""
 
-import itertools
 import logging
 
 import mlflow
 import pytest
-from tiny import make_tiny_model
+from tiny import distinct, make_tiny_model
 
 from distilops.config import PromoteConfig
 from distilops.errors import GateError, RegistryError
@@ -23,7 +22,6 @@ from distilops.release.registry import (
     register_version,
     version_metrics,
 )
-from distilops.serving.folder import write_meta
 from distilops.stage import table_csv
 from distilops.tracking import stage_run
 
@@ -43,14 +41,11 @@ def store(tmp_path, monkeypatch):
     return folder
 
 
-REGISTRATIONS = itertools.count()
-
-
 def register(folder, accuracy: float, latency: float = 5.0, role: str = "serving") -> str:
     """A new version: the folder is made distinct first (the registry adds no version for a folder it holds)."""
-    write_meta(folder, registration=next(REGISTRATIONS))
     with stage_run("register"):
-        mv = register_version(folder, model_name=NAME, variant="onnx_int8", role=role, tags={"data_hash": "d1"},
+        mv = register_version(distinct(folder), model_name=NAME, variant="onnx_int8", role=role,
+                              tags={"data_hash": "d1"},
                               metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": latency})
     return str(mv.version)
 
@@ -196,9 +191,8 @@ def register_measured(folder, correct, *, retention_low: float = 0.99, data_hash
     from distilops.stats import pack_correct
 
     accuracy = float(np.mean(correct))
-    write_meta(folder, registration=next(REGISTRATIONS))  # a distinct folder: a new version
     with stage_run("register"):
-        mv = register_version(folder, model_name=NAME, variant="onnx_int8", role="serving",
+        mv = register_version(distinct(folder), model_name=NAME, variant="onnx_int8", role="serving",
                               test_correct=pack_correct(correct), test_examples=len(correct),
                               tags={"data_hash": data_hash},
                               metrics={"accuracy": accuracy, "teacher_accuracy": 0.86, "latency_p95_ms": 5.0,

@@ -6,6 +6,7 @@ Hugging Face format, so every code path loads it exactly as it loads a hub model
 
 from __future__ import annotations
 
+import itertools
 import random
 import zipfile
 from pathlib import Path
@@ -119,7 +120,7 @@ def make_wheel(folder: Path, name: str, payload_bytes: int, requires: tuple[str,
     return sum(len(text) for text in files.values())
 
 
-REGISTRATIONS = __import__("itertools").count()
+REGISTRATIONS = itertools.count()
 
 
 def distinct(folder: Path) -> Path:
