@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+from cluster.controlplane import die_with_parent
 
 from distilops.release.deploy import free_port  # noqa: F401 (the library's, which `deploy` port-forwards to)
 
@@ -41,7 +42,7 @@ class Server:
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 (kept open for the server's life)
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
 
     def wait_ready(self, timeout: float = 90) -> None:
         def exited() -> str | None:

@@ -17,6 +17,7 @@ GPU and control-plane nodes tainted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import os
@@ -35,6 +36,18 @@ import yaml
 HERE = Path(__file__).resolve().parent
 NODES = HERE / "nodes.yaml"
 START_TIMEOUT_S = 120
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the thread that started it dies, so a pytest killed by a signal
+    (its fixtures' finalizers never run) leaves no API server, etcd or `bentoml serve` behind. Linux only; call it
+    only from a thread that lives as long as the child should (the main thread, or a fixture's own thread)."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def build(*, only_if_built: bool = False) -> Path | None:
@@ -167,7 +180,8 @@ class ControlPlane:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent)
         self.processes[name] = process
         return process
 
