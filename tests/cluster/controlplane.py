@@ -43,11 +43,13 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the thread that started it dies, so a pytest killed by a signal
-    (its fixtures' finalizers never run) leaves no API server, etcd or `bentoml serve` behind. Linux only; call it
-    only from a thread that lives as long as the child should (the main thread, or a fixture's own thread)."""
+    """preexec_fn: the child gets SIGTERM when the thread that started it dies, so a pytest killed by a signal
+    (its fixtures' finalizers never run) leaves no API server, etcd or `bentoml serve` behind. SIGTERM, not
+    SIGKILL: `bentoml serve` then stops its worker processes, which SIGKILL would orphan (still listening on the
+    pod's address, answering the next run's traffic). Linux only; call it only from a thread that lives as long as
+    the child should (the main thread, or a fixture's own thread)."""
     if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def build(*, only_if_built: bool = False) -> Path | None:

@@ -43,6 +43,19 @@ class PodModel:
         return cls(tag, store, {"PYTHONPATH": str(FAULTS), "DISTILOPS_TEST_FAIL_AFTER_CALLS": "0"})
 
 
+def listeners(port: int) -> list[str]:
+    """Loopback addresses other than 127.0.0.1 with a TCP listener on `port` (Linux: /proc/net/tcp)."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            ip = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian
+            if state == "0A" and int(hex_port, 16) == port and ip.startswith("127.") and ip != "127.0.0.1":
+                found.append(ip)
+    return found
+
+
 class PodServers:
     def __init__(self, api, namespace: str, models: dict[str, PodModel | None], root: Path,  # noqa: ANN001
                  selector: str = "app.kubernetes.io/name=distilops-classifier", env: dict | None = None) -> None:
@@ -55,6 +68,11 @@ class PodServers:
         self.thread = threading.Thread(target=self.follow, daemon=True)
 
     def start(self) -> PodServers:
+        if taken := listeners(3000):
+            # a pod's server could not bind, and the load and Prometheus would reach the stranger instead: a canary
+            # then "fails" on another model's answers
+            raise RuntimeError(f"something already listens on port 3000 at {', '.join(taken)}, where pods' servers "
+                               "go (left by a killed test run?): stop it first, e.g. pkill -f 'bentoml serve'")
         self.root.mkdir(parents=True, exist_ok=True)
         self.thread.start()
         return self
