@@ -322,6 +322,41 @@ def test_live_fidelity(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.slow
+def test_shadow_quota(tiny_pipeline, tmp_path):
+    """The served static int8 student with its ONNX teacher as the shadow, every design at shadow rate 1.0, one
+    second of load a run. Where cgroup v1's cpu controller is writable (root, as on this project's machines and
+    CI), each server runs under its CFS quota and every run reports its throttling; elsewhere the same arms run
+    without quotas, the throttling fields null and the reason given, never skipped."""
+    teacher = export_teacher(tiny_pipeline["student"], tmp_path / "teacher_onnx")
+    out = tmp_path / "quota.json"
+    run_benchmark("shadow_quota.py", "--student", str(tiny_pipeline["onnx_int8_static"]), "--teacher", str(teacher),
+                  "--data", str(tiny_pipeline["data"] / "test.parquet"), "--rates", "1.0", "--clients", "2",
+                  "--seconds", "1", "--repeats", "1", "--out", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    arms = {"off", "parallel 1.0", "serial 1.0", "room 1.0"}
+    assert set(result["summary"]) == set(result["runs"]) == set(result["protocol"]["arms"]) == arms
+    assert set(result["ratios"]) == {f"{arm} vs off" for arm in arms - {"off"}}
+    shadow = result["shadow"]
+    assert not shadow["off"]["enabled"] and all(shadow[arm]["enabled"] for arm in arms - {"off"})
+    assert (shadow["serial 1.0"]["serial"], shadow["serial 1.0"]["batch"]) == (True, 4)
+    assert (shadow["parallel 1.0"]["serial"], shadow["parallel 1.0"]["batch"]) == (False, 64)
+    for arm, by_clients in result["runs"].items():
+        (run,) = by_clients["2"]
+        assert run["requests_per_second"] > 0 and run["errors"] == 0, (arm, run)
+        assert run["latency_p50_ms"] <= run["latency_p99_ms"]
+        assert (run["compared"] == 0) == (arm == "off"), (arm, run)  # rate 1.0: every shadowing arm compares
+        if result["quota"]:
+            quota = result["protocol"]["arms"][arm]["quota_cpus"]
+            assert run["quota_cpus"] == quota == (2 if arm.startswith("room") else 1)
+            assert 0 <= run["nr_throttled"] <= run["nr_periods"] and run["nr_periods"] > 0, (arm, run)
+            assert run["throttled_share"] == run["nr_throttled"] / run["nr_periods"] and run["throttled_ms"] >= 0
+            assert run["utilization_of_quota"] == pytest.approx(run["cores_busy"] / quota)
+        else:
+            assert "not writable" in result["cgroup"] and run["nr_periods"] is None and run["quota_cpus"] is None
+    print("shadow_quota ran", "with quotas" if result["quota"] else f"without: {result['cgroup']}")
+
+
+@pytest.mark.slow
 def test_distributed_training(tmp_path):
     out = tmp_path / "distributed.json"
     run_benchmark("distributed_training.py", "--processes", "1", "2", "--rounds", "1", "--examples", "160",

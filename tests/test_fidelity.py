@@ -1,7 +1,11 @@
 """The numbers of live fidelity (serving/fidelity.py): PSI, the bins, the reference description, and the rolling
 windows the service computes drift and live agreement over."""
 
+import contextlib
 import math
+import threading
+import time
+import types
 
 import numpy as np
 import pytest
@@ -164,3 +168,80 @@ def test_the_service_records_a_batch_as_one_observation_at_a_time_would():
     counted = {label: [s.value for family in child.collect() for s in family.samples if s.name.endswith("_total")]
                for label, child in metrics.predictions.items()}
     assert counted == {"fresh": [5.0], "rotten": [1.0]}
+
+
+class Timeline:
+    """A stand-in for a model (`classify` sleeps `seconds`) that records when each of its calls ran."""
+
+    def __init__(self, name: str, seconds: float, calls: list) -> None:
+        self.name, self.seconds, self.calls = name, seconds, calls
+        self.labels = list(LABELS)
+
+    def classify(self, texts):  # noqa: ANN001, ANN201
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        self.calls.append((self.name, start, time.monotonic()))
+        return [types.SimpleNamespace(label=LABELS[0]) for _ in texts]
+
+
+def overlapping(calls: list, a: str, b: str) -> list:
+    return [(x, y) for x in calls if x[0] == a for y in calls if y[0] == b and x[1] < y[2] and y[1] < x[2]]
+
+
+def test_a_serial_shadow_never_runs_during_a_model_call_and_still_gets_turns_under_load():
+    """Two request threads keep the model busy without a gap (their calls overlap each other) while the shadow
+    scores every text offered: no shadow call overlaps a model call, the shadow scores in batches of at most
+    `batch`, and it still gets turns (after its max wait, before the next model call). Without Turns (the design
+    before) the same load overlaps them."""
+    from distilops.serving.live import Metrics, Shadow, Turns
+
+    def run(turns: Turns | None) -> tuple[list, Shadow]:
+        calls: list = []
+        model, teacher = Timeline("model", 0.02, calls), Timeline("shadow", 0.01, calls)
+        shadow = Shadow(teacher, Metrics("7", LABELS), rate=1.0, queue_size=1000, window=100, batch=3,
+                        turns=turns)
+        end = time.monotonic() + 1.0
+
+        def requests() -> None:
+            while time.monotonic() < end:
+                with turns.model() if turns else contextlib.nullcontext():
+                    answers = model.classify(["a text"] * 2)
+                shadow.offer(["a text"] * 2, [a.label for a in answers])
+
+        threads = [threading.Thread(target=requests) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        shadow.stop()
+        return calls, shadow
+
+    calls, shadow = run(Turns(max_wait_s=0.05))
+    models, shadows = [c for c in calls if c[0] == "model"], [c for c in calls if c[0] == "shadow"]
+    assert len(models) > 20 and len(shadows) >= 5, (len(models), len(shadows))
+    assert not overlapping(calls, "model", "shadow")
+    assert len(overlapping(calls, "model", "model")) > 0  # model calls still overlap each other
+    assert shadow.metrics.compared._value.get() <= 3 * len(shadows)  # batches of 3 at most
+
+    calls, _ = run(None)
+    assert overlapping(calls, "model", "shadow")  # the same load without turns: the shadow runs alongside
+
+
+def test_turns_let_the_shadow_go_at_once_while_the_model_is_idle_and_hold_new_model_calls_meanwhile():
+    from distilops.serving.live import Turns
+
+    turns, events = Turns(max_wait_s=10), []
+    start = time.monotonic()
+    with turns.shadow():
+        assert time.monotonic() - start < 1  # idle model: no wait for the 10 s
+        def call() -> None:
+            with turns.model():
+                events.append(time.monotonic())
+
+        model = threading.Thread(target=call)
+        model.start()
+        time.sleep(0.1)
+        assert not events  # a model call waits for the shadow's call to end
+        ended = time.monotonic()
+    model.join(5)
+    assert events and events[0] >= ended

@@ -2,6 +2,7 @@
 the official schemas, strict on unknown fields; then checks that the manifests fit the service they deploy."""
 
 import copy
+import math
 import os
 import re
 import shutil
@@ -251,6 +252,41 @@ def test_cpu_overlay_requests_no_gpu_and_threads_follow_the_cpu_limit(rendered):
     assert data["DISTILOPS_THREADS"] == "0" and data["DISTILOPS_REQUIRE_GPU"] == "0"
     limit = next(e for e in container["env"] if e["name"] == "DISTILOPS_CPU_LIMIT")["valueFrom"]["resourceFieldRef"]
     assert limit == {"containerName": "classifier", "resource": "limits.cpu", "divisor": "1"}
+
+
+def cpus(quantity: str | int) -> float:
+    """A Kubernetes CPU quantity ("2", "500m") in CPUs."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/cpu-canary", "overlays/gpu", "overlays/gpu-canary"])
+def test_the_shadow_fits_the_cpu_quota_and_a_busy_pod_reaches_the_cpu_target(rendered, overlay):
+    """A pod's CPU limit is a CFS quota over all its threads: ONNX Runtime's threads (the limit / workers) plus a
+    shadow running alongside them overrun it, and the pod is throttled, model included, every period it does
+    (benchmarks/shadow_quota.py). With shadowing on, the shadow takes turns with the model, or the limit covers
+    both. Requests = limits (Guaranteed QoS: evicted last). A CPU HPA's target must be reachable by a pod whose
+    model threads are all busy: a limit with room for a shadow the model cannot use (or fewer model threads than
+    the limit, the fix tried before) leaves a saturated pod below it, and the HPA never scales out."""
+    from distilops.serving import settings
+
+    docs = rendered[overlay]
+    resources = pod_spec(one(docs, "Deployment"))["containers"][0]["resources"]
+    assert resources["requests"] == resources["limits"], resources
+    limit = cpus(resources["limits"]["cpu"])
+    config = one(docs, "ConfigMap")["data"]
+    read = settings.read({**config, "DISTILOPS_CPU_LIMIT": str(math.ceil(limit))})  # the downward API rounds up
+    per_worker = read.threads or max(1, math.ceil(limit) // read.workers)  # service.threads_per_worker
+    model_threads = per_worker * read.workers
+    shadow_threads = (read.shadow_threads or per_worker) * read.workers
+    if read.shadow_rate > 0 and not read.shadow_serial:
+        assert limit >= model_threads + shadow_threads, (
+            f"{overlay}: {model_threads} model + {shadow_threads} shadow threads run at once on a {limit}-CPU quota")
+    for metric in one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]:
+        if metric["type"] == "Resource" and metric["resource"]["name"] == "cpu":
+            target = metric["resource"]["target"]["averageUtilization"]
+            busy = 100 * min(model_threads, limit) / cpus(resources["requests"]["cpu"])
+            assert busy >= target, f"{overlay}: a saturated pod reads {busy:.0f}% of its CPU request < {target}%"
 
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])

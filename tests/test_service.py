@@ -518,6 +518,9 @@ def test_a_shadow_of_the_served_model_agrees_on_every_text_and_every_metric_is_e
 
         info = httpx.get(server.url + "/model").json()
         assert info["shadow"]["enabled"] is True and info["shadow"]["rate"] == 1.0
+        # taking turns with the model by default, in small batches, with the model's threads (0: the model's)
+        assert (info["shadow"]["serial"], info["shadow"]["batch"]) == (True, 4)
+        assert info["shadow"]["threads"] == info["threads"]
         model = info["shadow"]["model"]
         assert (model["teacher"], model["registry_version"], model["format"], model["device"]) == (
             "tiny-teacher", "5", "onnx", "cpu")
@@ -599,6 +602,8 @@ def test_a_shadow_rate_without_a_shadow_model_serves_without_and_says_why(served
     ("DISTILOPS_SHADOW_RATE", "1.5", "a fraction between 0 and 1"),
     ("DISTILOPS_SHADOW_RATE", "often", "a fraction between 0 and 1"),
     ("DISTILOPS_DRIFT_WINDOW", "0", "a whole number >= 1"),
+    ("DISTILOPS_SHADOW_BATCH", "0", "a whole number >= 1"),
+    ("DISTILOPS_SHADOW_SERIAL", "sometimes", "a boolean: 1/0, true/false, yes/no, on/off"),
 ])
 def test_a_bad_live_fidelity_setting_stops_the_service_with_one_line(served, name, value, meaning):
     server, _, _ = served

@@ -14,7 +14,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,8 @@ from distilops.serving.fidelity import (
 from distilops.serving.folder import MODEL_SUBDIR, SHADOW_SUBDIR, read_meta
 from distilops.serving.inference import TextClassifier
 
-SHADOW_BATCH = 64  # texts the shadow thread scores in one call at most
-SHADOW_NICE = 10  # the shadow thread's niceness (Linux): with one ONNX Runtime thread the model runs on it, so it
-# yields the CPU to serving
+SHADOW_NICE = 10  # the shadow thread's niceness (Linux): where it shares a core with the model, it yields it
+SHADOW_MAX_WAIT_S = 0.1  # a serial shadow waits this long for the model to be idle, then goes before its next call
 LOG_EVERY_SECONDS = 60.0  # a recurring failure off the request path is logged at most this often
 log = logging.getLogger("distilops.service")
 
@@ -142,14 +141,63 @@ def observe_all(child: Any, values: Sequence[float], edges: Sequence[float]) -> 
     child._sum.inc(float(sum(values)))
 
 
+class Turns:
+    """Model calls and shadow calls taking turns on the pod's CPUs: a shadow call never overlaps a model call.
+
+    A pod's CPU limit is a CFS quota: the pod's threads together get `limit` CPU-seconds per 100 ms period, and a
+    pod that runs more threads than that on a node with free cores uses its quota up early and is stopped for the
+    rest of the period, model threads included (nice does not help: the quota counts every thread). ONNX Runtime's
+    threads are sized to the limit, so a shadow running alongside them oversubscribes it (benchmarks/shadow_quota.py
+    measured the throttling). Taking turns, the model's threads alone fill the limit, and the shadow's work comes
+    out of the model's time in whole calls instead of as stalls.
+
+    Model calls may overlap each other (BentoML may run batches on several threads). The shadow goes while no model
+    call runs; once it has waited `max_wait_s` for that, new model calls wait until its call ends (one batch of at
+    most DISTILOPS_SHADOW_BATCH texts), so a saturated pod still compares some texts.
+    """
+
+    def __init__(self, max_wait_s: float = SHADOW_MAX_WAIT_S) -> None:
+        self.max_wait_s = max_wait_s
+        self.changed = threading.Condition()
+        self.models = 0  # model calls running
+        self.shadow_turn = False  # the shadow runs, or waits for the running model calls: none starts meanwhile
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: not self.shadow_turn)
+            self.models += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.models -= 1
+                self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def shadow(self) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.models == 0, timeout=self.max_wait_s)
+            self.shadow_turn = True
+            self.changed.wait_for(lambda: self.models == 0)
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.shadow_turn = False
+                self.changed.notify_all()
+
+
 class Shadow:
     """The shadow model scoring a sample of the served texts on a daemon thread: `offer` (request path) samples and
-    puts without waiting, dropping a text when the queue is full; the thread scores what is queued in batches and
-    counts agreement with the served labels. Its failures are counted and logged, never raised."""
+    puts without waiting, dropping a text when the queue is full; the thread scores what is queued in batches of at
+    most `batch` texts and counts agreement with the served labels. With `turns` its calls take turns with the
+    model's (Turns); without, they run alongside them. Its failures are counted and logged, never raised."""
 
     def __init__(self, classifier: TextClassifier, metrics: Metrics, *, rate: float, queue_size: int,
-                 window: int) -> None:
+                 window: int, batch: int = 64, turns: Turns | None = None) -> None:
         self.classifier, self.metrics, self.rate = classifier, metrics, rate
+        self.batch, self.turns = batch, turns
         self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue(maxsize=queue_size)  # None: wake up, stop
         self.stopping = threading.Event()
         self.agreement = RollingCounts(2, window)  # bin 1: agreed
@@ -170,10 +218,10 @@ class Shadow:
             self.metrics.dropped.inc(dropped)
 
     def take(self) -> list[tuple[str, str]]:
-        """The next batch: waits for one text, then takes what else is queued, up to SHADOW_BATCH."""
+        """The next batch: waits for one text, then takes what else is queued, up to `batch`."""
         batch = [self.queue.get()]
         with contextlib.suppress(queue.Empty):
-            while len(batch) < SHADOW_BATCH:
+            while len(batch) < self.batch:
                 batch.append(self.queue.get_nowait())
         return [item for item in batch if item is not None]
 
@@ -199,7 +247,8 @@ class Shadow:
 
     def compare(self, batch: list[tuple[str, str]]) -> None:
         texts, served = zip(*batch, strict=True)
-        answers = self.classifier.classify(texts)
+        with self.turns.shadow() if self.turns else contextlib.nullcontext():
+            answers = self.classifier.classify(texts)
         agreed = [answer.label == label for answer, label in zip(answers, served, strict=True)]
         self.metrics.compared.inc(len(agreed))
         self.metrics.agreed.inc(sum(agreed))
@@ -217,10 +266,12 @@ def shadow_meta(folder: Path, bento_metadata: dict) -> dict:
 
 
 def open_shadow(root: Path, served: TextClassifier, metrics: Metrics, bento_metadata: dict, *, rate: float,
-                queue_size: int, threads: int, window: int, device: str) -> tuple[Shadow | None, dict]:
+                queue_size: int, threads: int, window: int, device: str, batch: int = 64,
+                turns: Turns | None = None) -> tuple[Shadow | None, dict]:
     """The shadow scorer when the rate is > 0 and the Bento model has one, and what /model says of it."""
     folder = root / SHADOW_SUBDIR
     info: dict[str, Any] = {"enabled": False, "rate": rate, "queue": queue_size, "threads": threads,
+                            "batch": batch, "serial": turns is not None,
                             "model": shadow_meta(folder, bento_metadata) if folder.is_dir() else None}
     if rate == 0:
         return None, {**info, "reason": "DISTILOPS_SHADOW_RATE is 0"}
@@ -235,7 +286,7 @@ def open_shadow(root: Path, served: TextClassifier, metrics: Metrics, bento_meta
     except Exception as exc:  # the shadow is optional: serve without it, and say why
         log.exception("the shadow model in %s did not load; serving without live agreement", folder)
         return None, {**info, "reason": f"the shadow model did not load: {exc}"}
-    shadow = Shadow(classifier, metrics, rate=rate, queue_size=queue_size, window=window)
+    shadow = Shadow(classifier, metrics, rate=rate, queue_size=queue_size, window=window, batch=batch, turns=turns)
     model = {**info["model"], "format": classifier.format, "device": classifier.device,
              "providers": classifier.providers}
     return shadow, {**info, "enabled": True, "model": model}

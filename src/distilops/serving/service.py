@@ -30,8 +30,11 @@ DISTILOPS_DRIFT_WINDOW texts against it per feature (distilops_drift_psi) and th
 teacher (distilops_reference_agreement). With DISTILOPS_SHADOW_RATE > 0 and a shadow (teacher) model folder in the
 Bento model (shadow/ beside model/), that fraction of texts is also scored by the shadow on a thread of its own:
 the request path only samples and puts texts on a bounded queue (DISTILOPS_SHADOW_QUEUE; when full, the text is
-dropped and counted), never waits for the shadow, and the thread counts texts compared and agreed and exports the
-agreement over the last DISTILOPS_DRIFT_WINDOW compared (distilops_live_agreement). /model says whether shadowing
+dropped and counted), and the thread counts texts compared and agreed and exports the agreement over the last
+DISTILOPS_DRIFT_WINDOW compared (distilops_live_agreement). The shadow's calls take turns with the model's
+(DISTILOPS_SHADOW_SERIAL, serving/live.py's Turns): the pod's CPU limit is the model's threads, and a shadow
+running alongside them would overrun the CFS quota and stall the model; a model call waits at most one shadow
+call of DISTILOPS_SHADOW_BATCH texts. /model says whether shadowing
 is on, with which model, or why not.
 """
 
@@ -60,7 +63,7 @@ from distilops.serving.dispatch import ShedRequests, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
-from distilops.serving.live import Metrics, Throttled, open_drift, open_shadow, reference_summary
+from distilops.serving.live import Metrics, Throttled, Turns, open_drift, open_shadow, reference_summary
 
 try:  # every setting from the environment (serving/settings.py); a bad one stops the service with one line
     SETTINGS = settings.read()
@@ -83,9 +86,11 @@ DEAD_AFTER_SECONDS = SETTINGS.dead_after_seconds
 # Optional bearer token for /classify (the distilops-serving Secret); probes, /metrics and /model stay open.
 API_TOKEN = SETTINGS.api_token
 # Live fidelity (module docstring): the share of texts the shadow model scores too, how many may wait for it, its
-# ONNX Runtime threads, and how many recent texts the drift and live-agreement gauges cover.
+# ONNX Runtime threads (0: the model's), whether it takes turns with the model (serving/live.py's Turns) and texts
+# per call, and how many recent texts the drift and live-agreement gauges cover.
 SHADOW_RATE, SHADOW_QUEUE = SETTINGS.shadow_rate, SETTINGS.shadow_queue
 SHADOW_THREADS, DRIFT_WINDOW = SETTINGS.shadow_threads, SETTINGS.drift_window
+SHADOW_SERIAL, SHADOW_BATCH = SETTINGS.shadow_serial, SETTINGS.shadow_batch
 RETRY_AFTER_SECONDS = "1"  # told to clients of a 503 (overloaded, or not ready): the batching budget is ~1 s
 log = logging.getLogger("distilops.service")
 ADAPTIVE_WAIT = SETTINGS.adaptive_wait  # BentoML's learned wait before a batch
@@ -271,10 +276,12 @@ class Classifier:
                 self.metrics.set_reference(reference)
         self.drift, drift_info = open_drift(reference, self.classifier.labels, DRIFT_WINDOW)
         self.drift_lock = threading.Lock()  # batches may be answered on several threads at once
+        turns = Turns() if SHADOW_SERIAL else None
         self.shadow, shadow_info = open_shadow(
             Path(stored.path), self.classifier, self.metrics, stored.info.metadata, rate=SHADOW_RATE,
-            queue_size=SHADOW_QUEUE, threads=SHADOW_THREADS, window=DRIFT_WINDOW,
-            device="cuda" if REQUIRE_GPU else "cpu")
+            queue_size=SHADOW_QUEUE, threads=SHADOW_THREADS or threads, window=DRIFT_WINDOW,
+            device="cuda" if REQUIRE_GPU else "cpu", batch=SHADOW_BATCH, turns=turns)
+        self.turns = turns if self.shadow is not None else None  # model calls take turns with a serial shadow
         self.observe_failures = Throttled("live fidelity bookkeeping failed (the answers were sent)")
         shed = prom_counter("distilops_shed_requests", "Requests answered 503: over the batching latency budget "
                                                        "(DISTILOPS_MAX_LATENCY_MS)")
@@ -326,7 +333,8 @@ class Classifier:
     def checked_classify(self, texts: list[str]) -> list[Classification]:
         """The model call, its outcome counted for readiness and liveness."""
         try:
-            answers = self.classifier.classify(texts)
+            with self.turns.model() if self.turns else contextlib.nullcontext():
+                answers = self.classifier.classify(texts)
         except Exception:
             self.health.failed()
             log.exception("inference failed (%d in a row%s)", self.health.failures,

@@ -48,15 +48,21 @@ SHADOW_RATE = Setting("DISTILOPS_SHADOW_RATE", 0.0, "a fraction between 0 and 1"
                       "with its teacher.", number(0, 1), SERVICE)
 SHADOW_QUEUE = whole_setting("DISTILOPS_SHADOW_QUEUE", 2048, 1, "Texts waiting for the shadow at most; beyond, "
                              "sampled texts are dropped and counted.", SERVICE)
-SHADOW_THREADS = whole_setting("DISTILOPS_SHADOW_THREADS", 1, 1, "ONNX Runtime threads of the shadow model.",
-                               SERVICE)
+SHADOW_THREADS = whole_setting("DISTILOPS_SHADOW_THREADS", 0, 0, "ONNX Runtime threads of the shadow model; 0 = the "
+                               "model's (threads per worker).", SERVICE)
+SHADOW_SERIAL = bool_setting("DISTILOPS_SHADOW_SERIAL", True, "The shadow takes turns with the model: it runs while "
+                             "no model call does (or, after waiting 0.1 s, before the next one starts), so the "
+                             "model's threads alone fill the CPU limit. Off: alongside the model, which needs a CPU "
+                             "limit of the model's threads plus the shadow's.", SERVICE)
+SHADOW_BATCH = whole_setting("DISTILOPS_SHADOW_BATCH", 4, 1, "Texts in one shadow call at most: a serial shadow "
+                             "delays a request by one such call at most.", SERVICE)
 DRIFT_WINDOW = whole_setting("DISTILOPS_DRIFT_WINDOW", 1000, 1, "Recent texts the drift (PSI vs the evaluated "
                              "reference) and live agreement gauges cover.", SERVICE)
 
 ALL: tuple[Setting, ...] = (BENTO_MODEL, MAX_TEXTS, MAX_TEXT_CHARS, MAX_WINDOWS, MAX_BATCH_SIZE, MAX_LATENCY_MS,
                             WORKERS, THREADS, CPU_LIMIT, SPIN_WAIT, ADAPTIVE_WAIT, REQUIRE_GPU, UNREADY_AFTER_FAILURES,
                             DEAD_AFTER_SECONDS, API_TOKEN, ACCESS_LOG, SHADOW_RATE, SHADOW_QUEUE, SHADOW_THREADS,
-                            DRIFT_WINDOW)
+                            SHADOW_SERIAL, SHADOW_BATCH, DRIFT_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class ServiceSettings:
     shadow_rate: float
     shadow_queue: int
     shadow_threads: int
+    shadow_serial: bool
+    shadow_batch: int
     drift_window: int
 
 
