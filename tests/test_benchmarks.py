@@ -125,6 +125,54 @@ def test_serving_benchmark(tiny_pipeline):
 
 
 @pytest.mark.slow
+def test_bento_vs_naive(tiny_pipeline):
+    """BentoML (this checkout, and again as an --arm with a setting) against the naive server, two client counts and
+    the long mix, one second a run: every cell has every arm, no errors, ratios against the naive server."""
+    out = tiny_pipeline["root"] / "bento_vs_naive.json"
+    data = tiny_pipeline["data"]
+    run_benchmark("bento_vs_naive.py", "--onnx", str(tiny_pipeline["onnx_int8_static"]), "--data",
+                  str(data / "test.parquet"), "--long-data", str(data / "test_long.parquet"), "--clients", "1,4",
+                  "--seconds", "1", "--warmup-seconds", "1", "--repeats", "1",
+                  "--arm", "unsplit:DISTILOPS_TEXTS_PER_CALL=0", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"short", "long10%"}
+    for mix in result["summary"].values():
+        assert set(mix) == {"1", "4"}
+        for cell in mix.values():
+            assert set(cell) == {"naive", "bento", "unsplit"}
+            assert all(arm["ok_per_second"] > 0 and arm["errors"] == 0 and arm["cpu_ms_per_request"] > 0
+                       for arm in cell.values()), cell
+    assert set(result["ratios"]["short"]["4"]) == {"bento / naive", "unsplit / naive"}
+    summarized = result["summary"]
+    run_benchmark("bento_vs_naive.py", "--summarize-again", "--out", str(out))  # from the stored runs alone
+    assert json.loads(out.read_text())["summary"] == summarized
+
+
+@pytest.mark.slow
+def test_bento_vs_naive_refuses_a_bad_arm():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/bento_vs_naive.py"), "--arm", "naive:X=1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "expected NAME:KEY=VALUE" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_profile_worker(tiny_pipeline):
+    """py-spy over a BentoML worker under two seconds of load: the event loop and the model thread are profiled,
+    each sample in a part, and the worker's CPU per thread is read."""
+    out = tiny_pipeline["root"] / "profile.json"
+    run_benchmark("profile_worker.py", "--onnx", str(tiny_pipeline["onnx_int8_static"]), "--data",
+                  str(tiny_pipeline["data"] / "test.parquet"), "--clients", "4", "--seconds", "2",
+                  "--warmup-seconds", "1", "--out", str(out),
+                  env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    result = json.loads(out.read_text())
+    threads = result["python_threads"]
+    main = next(t for name, t in threads.items() if name.startswith("MainThread"))
+    assert sum(main["fractions"].values()) == pytest.approx(1, abs=1e-3)
+    assert any("model: ONNX Runtime run" in t["fractions"] for t in threads.values())
+    assert result["under_profile"]["requests_per_second"] > 0 and result["cores_busy_worker_total"] > 0
+
+
+@pytest.mark.slow
 def test_lone_request(tiny_pipeline):
     out = tiny_pipeline["root"] / "lone.json"
     run_benchmark("lone_request.py", "--onnx", str(tiny_pipeline["onnx_int8_static"]),

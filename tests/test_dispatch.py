@@ -11,7 +11,7 @@ import pytest
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
 from bentoml.exceptions import ServiceUnavailable
 
-from distilops.serving.dispatch import LIGHT_BATCHES, ShedRequests, wait_only_under_load
+from distilops.serving.dispatch import LIGHT_BATCHES, ShedRequests, length_groups, wait_only_under_load
 
 LEARNED_WAIT = 0.04  # what BentoML learns under load for a ~2 ms model (issue 27: a lone request ~40 ms)
 MODEL_SECONDS = 0.002
@@ -94,3 +94,14 @@ def test_a_shed_request_is_one_line_and_counted_other_errors_keep_their_tracebac
     assert shed.getMessage() == ("shed a request (POST /classify): process is overloaded; answered 503, "
                                  "Retry-After 1 s") and shed.exc_info is None
     assert bug.exc_info is not None and "Traceback" in caplog.text and counter.value == 1
+
+
+def test_a_batch_is_cut_into_calls_of_like_length_each_text_once():
+    texts = ["x" * n for n in (50, 3, 20, 3, 7, 90, 1, 12, 40)]
+    groups = length_groups(texts, 4)
+    assert [len(group) for group in groups] == [4, 4, 1]
+    order = [i for group in groups for i in group]
+    assert sorted(order) == list(range(len(texts)))  # every text in exactly one call
+    assert [len(texts[i]) for i in order] == sorted(len(t) for t in texts)  # shortest first, across calls
+    assert length_groups(texts, 0) == [list(range(len(texts)))]  # 0: the whole batch in one call, in order
+    assert length_groups(texts[:4], 4) == [[0, 1, 2, 3]]  # a batch that fits one call is left as it is

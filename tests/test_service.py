@@ -104,6 +104,24 @@ def test_answers_match_the_model_and_name_the_version(served):
     assert info["spin_wait"] is False  # ONNX Runtime's idle threads sleep: CPU use reads true load
 
 
+def test_a_batch_goes_to_the_model_in_calls_of_like_length_and_the_answers_keep_the_request_order(served):
+    """8 texts of mixed lengths, the longest first: the service sorts them by length into calls of at most
+    DISTILOPS_TEXTS_PER_CALL (4), and each answer still lands on its own text."""
+    server, folder, _ = served
+    texts = ["a long, rambling review that goes on about the plot " * 3, "bad", "a wonderful, moving film",
+             "dull", "superb acting but a messy plot", "fine", "the worst film of the year, tedious and dull", "ok"]
+    response = post(server, {"texts": texts})
+    assert response.status_code == 200
+    model = TextClassifier(folder, max_windows=MAX_WINDOWS)
+    expected = [model.classify([text])[0] for text in texts]  # each alone: what its answer must be
+    got = response.json()
+    assert [r["label"] for r in got] == [e.label for e in expected]
+    # dynamic int8 (this fixture's variant) moves a score by ~1e-4 with what shares its call; the windows pin the order
+    assert [r["score"] for r in got] == pytest.approx([e.score for e in expected], abs=1e-3)
+    assert [r["windows"] for r in got] == [e.windows for e in expected] and got[0]["windows"] > 1
+    assert httpx.get(server.url + "/model").json()["limits"]["texts_per_call"] == 4
+
+
 def test_health_endpoints_and_prometheus_metrics(served):
     server, _, _ = served
     for path in PROBE_PATHS:

@@ -4,14 +4,16 @@
     GET  /model     registry name and version served, lineage, metrics, limits
     GET  /livez, /readyz (ready once the model is loaded), /metrics (Prometheus)
 
-Requests are batched across clients by BentoML's adaptive batching, except that a lone request (light traffic:
-the last model calls carried one request each) goes to the model at once instead of waiting for a wait learned
-under load, ~40 ms (DISTILOPS_ADAPTIVE_WAIT=1: BentoML's batching as it is). Each request BentoML sheds (503,
-over its latency budget) logs one line, not a traceback, and counts in distilops_shed_requests_total. Every
-response carries the headers X-Model-Name and X-Model-Version. Limits and batching come from the environment (a
-ConfigMap in Kubernetes); every bad request gets a 4xx naming the problem, and the server stays up. A text
-longer than the model's window is read in overlapping windows, at most DISTILOPS_MAX_WINDOWS of them (default:
-the model's own setting), so one text costs at most that many short texts' worth of compute.
+Requests are batched across clients by BentoML's adaptive batching, except that a lone request (light traffic: the
+last model calls carried one request each) goes to the model at once instead of waiting for a wait learned under
+load, ~40 ms (DISTILOPS_ADAPTIVE_WAIT=1: BentoML's batching as it is). A batch reaches the model sorted by length
+in calls of at most DISTILOPS_TEXTS_PER_CALL texts, so a short text is not padded to the batch's longest. Each
+request BentoML sheds (503, over its latency budget) logs one line, not a traceback, and counts in
+distilops_shed_requests_total. Every response carries the headers X-Model-Name and X-Model-Version. Limits and
+batching come from the environment (a ConfigMap in Kubernetes); every bad request gets a 4xx naming the problem,
+and the server stays up. A text longer than the model's window is read in overlapping windows, at most
+DISTILOPS_MAX_WINDOWS of them (default: the model's own setting), so one text costs at most that many short texts'
+worth of compute.
 
 The model is ONNX, run by ONNX Runtime: no torch, no transformers (the images carry neither).
 Every setting is declared, typed, in serving/settings.py (docs/settings.md); a bad value stops the service
@@ -48,6 +50,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,7 +62,7 @@ from starlette.responses import JSONResponse
 
 from distilops.errors import SettingError
 from distilops.serving import settings
-from distilops.serving.dispatch import ShedRequests, wait_only_under_load
+from distilops.serving.dispatch import ShedRequests, length_groups, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
@@ -72,7 +75,9 @@ except SettingError as exc:
 MODEL_TAG = SETTINGS.bento_model
 MAX_TEXTS = SETTINGS.max_texts  # texts in one request
 MAX_TEXT_CHARS = SETTINGS.max_text_chars  # characters in one text
-MAX_BATCH_SIZE = SETTINGS.max_batch_size  # texts in one model call
+MAX_BATCH_SIZE = SETTINGS.max_batch_size  # texts in one batch
+TEXTS_PER_CALL = SETTINGS.texts_per_call  # texts in one model call: a batch is cut into calls of like length
+PARALLEL_CALLS = SETTINGS.parallel_calls  # a batch's calls at once (0: the worker's threads)
 MAX_LATENCY_MS = SETTINGS.max_latency_ms  # queueing + inference budget
 WORKERS = SETTINGS.workers  # model copies per pod; batching gathers within each
 THREADS = SETTINGS.threads  # CPU threads per worker (0 = the CPU limit / workers)
@@ -257,10 +262,21 @@ class Classifier:
     def __init__(self) -> None:
         stored = self.bento_model
         threads = threads_per_worker()
+        # A batch's calls side by side, the worker's threads shared among them: ONNX Runtime spreads a call of a few
+        # short texts over its threads poorly, and BentoML runs one batch at a time, so calls one after another on 2
+        # threads each left a core mostly idle (issue 27: 2 calls of 1 thread served 1.15x more at 32 clients). A
+        # batch of one call (a lone request) still gets every thread: `classifier`; the calls of a larger one share
+        # them: `per_call_classifier`, a second session of the same model (on a CPU: ~20 MB for the int8 student).
+        parallel = PARALLEL_CALLS or threads
+        per_call = max(1, threads // parallel)  # ONNX Runtime threads of one call
+        self.calls = ThreadPoolExecutor(parallel, thread_name_prefix="distilops-call") if parallel > 1 else None
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizer's pool, before its first use
         folder = Path(stored.path) / MODEL_SUBDIR
-        self.classifier = TextClassifier(folder, device="cuda" if REQUIRE_GPU else None,
-                                         threads=threads, max_windows=MAX_WINDOWS, spin_wait=SPIN_WAIT)
+        device = "cuda" if REQUIRE_GPU else None
+        self.classifier = TextClassifier(folder, device=device, threads=threads, max_windows=MAX_WINDOWS,
+                                         spin_wait=SPIN_WAIT)
+        self.per_call_classifier = self.classifier if self.calls is None else TextClassifier(
+            folder, device=device, threads=per_call, max_windows=MAX_WINDOWS, spin_wait=SPIN_WAIT)
         self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
         self.health = Health(UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS)
         if self.gpu_missing:
@@ -300,6 +316,7 @@ class Classifier:
             "providers": self.classifier.providers,  # what ONNX Runtime really runs on
             "require_gpu": REQUIRE_GPU,
             "threads": threads,
+            "onnx_threads_per_call": per_call,
             "spin_wait": SPIN_WAIT,
             "max_length": self.classifier.max_length,
             "window_overlap": self.classifier.window_overlap,
@@ -309,7 +326,9 @@ class Classifier:
             "metrics": stored.info.metadata.get("metrics", {}),
             "auth": "bearer token" if API_TOKEN else "none",
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS,
-                       "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
+                       "max_batch_size": MAX_BATCH_SIZE, "texts_per_call": TEXTS_PER_CALL,
+                       "parallel_calls": parallel,
+                       "max_latency_ms": MAX_LATENCY_MS,
                        "batch_wait": "adaptive" if ADAPTIVE_WAIT else "adaptive under load, none for a lone request",
                        "max_windows": self.classifier.max_windows},
             "shadow": shadow_info,
@@ -330,11 +349,11 @@ class Classifier:
         (a sticky CUDA error stays until the process ends)."""
         return not self.health.dead
 
-    def checked_classify(self, texts: list[str]) -> list[Classification]:
-        """The model call, its outcome counted for readiness and liveness."""
+    def checked_classify(self, texts: list[str], classifier: TextClassifier | None = None) -> list[Classification]:
+        """The model call (by `classifier`, else the worker's), its outcome counted for readiness and liveness."""
         try:
             with self.turns.model() if self.turns else contextlib.nullcontext():
-                answers = self.classifier.classify(texts)
+                answers = (classifier or self.classifier).classify(texts)
         except Exception:
             self.health.failed()
             log.exception("inference failed (%d in a row%s)", self.health.failures,
@@ -347,6 +366,8 @@ class Classifier:
     def stop_shadow(self) -> None:
         if self.shadow is not None:
             self.shadow.stop()
+        if self.calls is not None:
+            self.calls.shutdown(wait=True)  # a process that exits during an ONNX Runtime call aborts
 
     def observe(self, texts: Sequence[str], answers: Sequence[Classification]) -> None:
         """Live fidelity of answered texts: metrics, the drift window, and a sample offered to the shadow."""
@@ -364,13 +385,25 @@ class Classifier:
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:
-        """Label and score per text (texts from concurrent requests are batched together).
+        """Label and score per text (texts from concurrent requests are batched together, then sent to the model
+        in calls of at most DISTILOPS_TEXTS_PER_CALL texts of like length).
 
         The declared content type spares BentoML from rebuilding the output's JSON schema on
         every response just to pick one (18% of the server's time under load, by py-spy).
         """
         texts = list(texts)
-        answers = self.checked_classify(texts)
+        groups = length_groups(texts, TEXTS_PER_CALL)
+        if len(groups) == 1:  # one call (a lone request): every thread on it
+            answered_all = [self.checked_classify(texts)]
+        else:
+            def call(group: list[int]) -> list[Classification]:
+                return self.checked_classify([texts[i] for i in group], self.per_call_classifier)
+
+            answered_all = self.calls.map(call, groups) if self.calls else map(call, groups)
+        answers: list[Classification] = [None] * len(texts)  # type: ignore[list-item] (each filled below)
+        for group, answered in zip(groups, answered_all, strict=True):
+            for i, answer in zip(group, answered, strict=True):
+                answers[i] = answer
         try:  # bookkeeping only: the answers go out whatever happens here
             self.observe(texts, answers)
         except Exception:

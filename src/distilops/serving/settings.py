@@ -19,8 +19,14 @@ MAX_TEXT_CHARS = whole_setting("DISTILOPS_MAX_TEXT_CHARS", 5000, 1, "Characters 
 MAX_WINDOWS = whole_setting("DISTILOPS_MAX_WINDOWS", None, 1, "Windows of max_length tokens one text is read in, "
                             "at most (beyond: cut, flagged `truncated`); unset = the model's own max_windows.",
                             SERVICE)
-MAX_BATCH_SIZE = whole_setting("DISTILOPS_MAX_BATCH_SIZE", 64, 1, "Texts in one model call (adaptive batching).",
-                               SERVICE)
+MAX_BATCH_SIZE = whole_setting("DISTILOPS_MAX_BATCH_SIZE", 64, 1, "Texts BentoML's adaptive batching gathers into "
+                               "one batch.", SERVICE)
+TEXTS_PER_CALL = whole_setting("DISTILOPS_TEXTS_PER_CALL", 4, 0, "Texts in one ONNX Runtime call at most: a batch is "
+                               "sorted by length and cut into calls of this many, so short texts are not padded to "
+                               "the batch's longest; 0 = the whole batch in one call (GPU).", SERVICE)
+PARALLEL_CALLS = whole_setting("DISTILOPS_PARALLEL_CALLS", 0, 0, "A batch's calls (DISTILOPS_TEXTS_PER_CALL) run "
+                               "this many at once, sharing the worker's CPU threads; 0 = one call per thread, 1 = "
+                               "one call at a time on every thread.", SERVICE)
 MAX_LATENCY_MS = whole_setting("DISTILOPS_MAX_LATENCY_MS", 1000, 1, "Batching + inference budget of one request, "
                                "in ms (beyond: 503, load shed).", SERVICE)
 WORKERS = whole_setting("DISTILOPS_WORKERS", 1, 1, "Model workers (processes) per pod; each batches its own "
@@ -59,10 +65,10 @@ SHADOW_BATCH = whole_setting("DISTILOPS_SHADOW_BATCH", 4, 1, "Texts in one shado
 DRIFT_WINDOW = whole_setting("DISTILOPS_DRIFT_WINDOW", 1000, 1, "Recent texts the drift (PSI vs the evaluated "
                              "reference) and live agreement gauges cover.", SERVICE)
 
-ALL: tuple[Setting, ...] = (BENTO_MODEL, MAX_TEXTS, MAX_TEXT_CHARS, MAX_WINDOWS, MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                            WORKERS, THREADS, CPU_LIMIT, SPIN_WAIT, ADAPTIVE_WAIT, REQUIRE_GPU, UNREADY_AFTER_FAILURES,
-                            DEAD_AFTER_SECONDS, API_TOKEN, ACCESS_LOG, SHADOW_RATE, SHADOW_QUEUE, SHADOW_THREADS,
-                            SHADOW_SERIAL, SHADOW_BATCH, DRIFT_WINDOW)
+ALL: tuple[Setting, ...] = (BENTO_MODEL, MAX_TEXTS, MAX_TEXT_CHARS, MAX_WINDOWS, MAX_BATCH_SIZE, TEXTS_PER_CALL,
+                            PARALLEL_CALLS, MAX_LATENCY_MS, WORKERS, THREADS, CPU_LIMIT, SPIN_WAIT, ADAPTIVE_WAIT,
+                            REQUIRE_GPU, UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS, API_TOKEN, ACCESS_LOG,
+                            SHADOW_RATE, SHADOW_QUEUE, SHADOW_THREADS, SHADOW_SERIAL, SHADOW_BATCH, DRIFT_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class ServiceSettings:
     max_text_chars: int
     max_windows: int | None
     max_batch_size: int
+    texts_per_call: int
+    parallel_calls: int
     max_latency_ms: int
     workers: int
     threads: int
