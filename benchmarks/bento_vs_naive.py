@@ -64,9 +64,7 @@ def line(result: dict) -> str:
 def serve_bento(port: int, env: dict, log: Path, src: str | None) -> Server:
     if not src:
         return bentoml_serve(port, env, log)
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    return Server([bentoml, "serve", "distilops.serving.service:Classifier", "--host", "127.0.0.1", "--port",
-                   str(port)], {**env, "PYTHONPATH": src}, port, log, cwd=Path(src))
+    return bentoml_serve(port, {**env, "PYTHONPATH": src}, log, cwd=Path(src))
 
 
 def summarize(runs: dict, seconds: float) -> tuple[dict, dict, dict]:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from live_fidelity import drained, shadow_counts  # noqa: E402
 from ort_spinning import measured_run  # noqa: E402
-from serving import Server, free_port  # noqa: E402
+from serving import Server, bentoml_serve, free_port  # noqa: E402
 from serving_benchmark import run_wrk, wrk_script  # noqa: E402
 
 from distilops.pipeline.evaluate import hardware  # noqa: E402
@@ -107,11 +107,10 @@ def cgroup_base() -> tuple[Path | None, str]:
 
 def serve_in(quota: Quota | None, port: int, env: dict, log: Path) -> Server:
     """`bentoml serve`, moved into the quota's cgroup before it starts (its workers inherit it)."""
-    serve = [str(Path(sys.executable).parent / "bentoml"), "serve", "distilops.serving.service:Classifier",
-             "--host", "127.0.0.1", "--port", str(port)]
     if quota is None:
-        return Server(serve, env, port, log)
-    return Server(["sh", "-c", f'echo $$ > "{quota.path}/cgroup.procs" && exec "$@"', "sh", *serve], env, port, log)
+        return bentoml_serve(port, env, log)
+    join = ("sh", "-c", f'echo $$ > "{quota.path}/cgroup.procs" && exec "$@"', "sh")  # this shell, then bentoml
+    return bentoml_serve(port, env, log, wrapper=join)
 
 
 def one_run(server: Server, quota: Quota | None, script: Path, seconds: int, clients: int) -> dict:

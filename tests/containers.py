@@ -31,8 +31,10 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def cpus(quantity: str) -> float:
-    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+def cpus(quantity: str | int) -> float:
+    """A Kubernetes CPU quantity ("2", "500m", or a bare number) in CPUs."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def memory(quantity: str) -> str:

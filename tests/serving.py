@@ -63,10 +63,12 @@ class Server:
         self._log_file.close()
 
 
-def bentoml_serve(port: int, env: dict, log: Path, host: str = "127.0.0.1") -> Server:
+def bentoml_serve(port: int, env: dict, log: Path, host: str = "127.0.0.1", cwd: Path = SRC,
+                  wrapper: tuple[str, ...] = ()) -> Server:
+    """`bentoml serve` of the service in `cwd` (a src/ folder), started through `wrapper` (argv put before it)."""
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    return Server([bentoml, "serve", "distilops.serving.service:Classifier", "--host", host,
-                   "--port", str(port)], env, port, log, host=host)
+    return Server([*wrapper, bentoml, "serve", "distilops.serving.service:Classifier", "--host", host,
+                   "--port", str(port)], env, port, log, cwd=cwd, host=host)
 
 
 def batch_histogram(metrics_text: str) -> tuple[int, float]:

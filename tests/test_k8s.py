@@ -12,6 +12,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from containers import cpus
 from serving import PROBE_PATHS
 
 from distilops.errors import DeployError
@@ -252,12 +253,6 @@ def test_cpu_overlay_requests_no_gpu_and_threads_follow_the_cpu_limit(rendered):
     assert data["DISTILOPS_THREADS"] == "0" and data["DISTILOPS_REQUIRE_GPU"] == "0"
     limit = next(e for e in container["env"] if e["name"] == "DISTILOPS_CPU_LIMIT")["valueFrom"]["resourceFieldRef"]
     assert limit == {"containerName": "classifier", "resource": "limits.cpu", "divisor": "1"}
-
-
-def cpus(quantity: str | int) -> float:
-    """A Kubernetes CPU quantity ("2", "500m") in CPUs."""
-    text = str(quantity)
-    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/cpu-canary", "overlays/gpu", "overlays/gpu-canary"])

@@ -48,7 +48,8 @@ def listeners(port: int) -> list[str]:
     found = []
     with open("/proc/net/tcp") as table:
         for line in list(table)[1:]:
-            local, state = line.split()[1], line.split()[3]
+            fields = line.split()
+            local, state = fields[1], fields[3]
             address, hex_port = local.split(":")
             ip = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian
             if state == "0A" and int(hex_port, 16) == port and ip.startswith("127.") and ip != "127.0.0.1":
