@@ -7,7 +7,7 @@ and what does shadowing cost?
 
 - The registered serving version (metrics/register.json) is packaged as a pod gets it (`package`, the teacher's
   ONNX in shadow/, the reference in distilops.json) and served by `bentoml serve` with the CPU overlay's
-  settings (1 worker, 2 ONNX Runtime threads; the shadow session 1 thread).
+  settings (1 worker, 2 ONNX Runtime threads; the shadow as shipped: taking turns with the model, on its threads).
 - Agreement: every test text is sent once (16 per request) to a server shadowing at rate 1.0; once the shadow
   has scored them all, its counters (distilops_shadow_agreed_total / _compared_total) against the evaluate
   stage's agreement_with_teacher of the same variant, and against the same two model folders run offline
@@ -129,7 +129,7 @@ def main() -> None:
             shutil.copytree(work / "bentoml" / "models", home / "models")
             servers[rate] = bentoml_serve(free_port(), {
                 **env, "BENTOML_HOME": str(home), "DISTILOPS_BENTO_MODEL": packaged.tag, "DISTILOPS_WORKERS": "1",
-                "DISTILOPS_THREADS": "2", "DISTILOPS_SHADOW_RATE": rate, "DISTILOPS_SHADOW_THREADS": "1"},
+                "DISTILOPS_THREADS": "2", "DISTILOPS_SHADOW_RATE": rate},
                 work / f"rate{rate}.log")
         for server in servers.values():
             server.wait_ready()
@@ -172,7 +172,8 @@ def main() -> None:
         for c in clients} for rate in rates[1:]}
     difference = 100 * (agreement["live_agreement"] - evaluated["agreement_with_teacher"])
     result = {
-        "protocol": {"server": "bentoml serve, 1 worker, 2 ONNX Runtime threads; shadow session 1 thread",
+        "protocol": {"server": "bentoml serve, 1 worker, 2 ONNX Runtime threads; shadow as shipped (turns, "
+                               "the model's threads)",
                      "model": f"{packaged.tag} (registry v{version}, {evaluated_as}), shadow: the release's teacher",
                      "texts_per_request": 1, "seconds_per_run": args.seconds, "repeats": args.repeats,
                      "load_generator": "wrk -t1", "order": "arms interleaved within each repeat, shadow queue "

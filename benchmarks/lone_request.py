@@ -3,11 +3,13 @@ the batching costs at 32 clients.
 
     python benchmarks/lone_request.py          # after `make run`; needs wrk (apt-get install wrk)
 
-Two `bentoml serve` processes on the same served ONNX folder, the CPU overlay's settings (1 worker, 2 threads):
-  adaptive   DISTILOPS_ADAPTIVE_WAIT=1: BentoML's adaptive batching (a batch waits for a learned wait)
-  no-lone-wait  DISTILOPS_ADAPTIVE_WAIT=0: the same, but no wait while the last model calls carried one request
-                each (what distilops ships)
-  naive      benchmarks/naive_server.py on the same folder: Flask, one forward pass per request (HTTP's own floor)
+Three `bentoml serve` processes on the same served ONNX folder, the CPU overlay's settings (1 worker, 2 threads):
+  adaptive      DISTILOPS_DISPATCH=adaptive, DISTILOPS_ADAPTIVE_WAIT=1: BentoML's adaptive batching (a batch waits
+                for a learned wait), calls of 4 texts
+  no-lone-wait  the same, DISTILOPS_ADAPTIVE_WAIT=0: no wait while the last model calls carried one request each
+                (what distilops shipped before continuous dispatch)
+  continuous    DISTILOPS_DISPATCH=continuous: call threads take what waits (what distilops ships)
+  naive         benchmarks/naive_server.py on the same folder: Flask, one forward pass per request (HTTP's floor)
 and the model itself in this process (TextClassifier.classify, tokenization included: what one model call of one
 text costs). In every repeat, interleaved: `--lone` short test texts one at a time through the model, then through
 each server (one client, keep-alive, the next request once the answer is in); then wrk with `--connections`
@@ -39,7 +41,11 @@ from distilops.pipeline.evaluate import hardware  # noqa: E402
 from distilops.release.package import import_model_folder  # noqa: E402
 from distilops.serving.inference import TextClassifier  # noqa: E402
 
-BENTO_ARMS = {"adaptive": "1", "no-lone-wait": "0"}  # DISTILOPS_ADAPTIVE_WAIT
+BENTO_ARMS = {  # each arm's service settings
+    "adaptive": {"DISTILOPS_DISPATCH": "adaptive", "DISTILOPS_ADAPTIVE_WAIT": "1", "DISTILOPS_TEXTS_PER_CALL": "4"},
+    "no-lone-wait": {"DISTILOPS_DISPATCH": "adaptive", "DISTILOPS_ADAPTIVE_WAIT": "0", "DISTILOPS_TEXTS_PER_CALL": "4"},
+    "continuous": {"DISTILOPS_DISPATCH": "continuous"},
+}
 ARMS = (*BENTO_ARMS, "naive")
 
 
@@ -95,10 +101,10 @@ def main() -> None:
     lone: dict[str, list[float]] = {"model": [], **{arm: [] for arm in ARMS}}
     loaded: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     try:
-        for arm, adaptive in BENTO_ARMS.items():
+        for arm, settings in BENTO_ARMS.items():
             servers[arm] = bentoml_serve(free_port(), {**env, "DISTILOPS_BENTO_MODEL": tag, "DISTILOPS_WORKERS": "1",
-                                                       "DISTILOPS_THREADS": str(args.threads),
-                                                       "DISTILOPS_ADAPTIVE_WAIT": adaptive}, work / f"{arm}.log")
+                                                       "DISTILOPS_THREADS": str(args.threads), **settings},
+                                         work / f"{arm}.log")
         port = free_port()
         servers["naive"] = Server([sys.executable, str(ROOT / "benchmarks/naive_server.py"), "--model", args.onnx,
                                    "--engine", "distilops", "--threads", str(args.threads), "--port", str(port)],
@@ -143,20 +149,17 @@ def main() -> None:
                for key in ("requests_per_second", "latency_p50_ms", "latency_p99_ms", "mean_requests_per_model_call")},
             "errors": sum(r["errors"] for r in loaded[arm])}
     result = {
-        "protocol": {"served": args.onnx, "workers": 1, "threads": args.threads, "lone_requests": args.lone,
+        "protocol": {"served": args.onnx, "workers": 1, "threads": args.threads, "arms": BENTO_ARMS,
+                     "lone_requests": args.lone,
                      "lone_client": "httpx, one connection kept alive, sequential", "clients": args.connections,
                      "seconds_per_run": args.seconds, "repeats": args.repeats, "load_generator": "wrk -t1",
                      "order": "model, then each server, interleaved in every repeat; medians of repeats"},
         "hardware": hardware(os.cpu_count() or 0),
         "summary": summary,
-        "ratios": {"no-lone-wait / adaptive throughput": summary["no-lone-wait"]["requests_per_second"]
-                   / summary["adaptive"]["requests_per_second"],
-                   "no-lone-wait / adaptive lone p50": summary["no-lone-wait"]["lone_p50_ms"]
-                   / summary["adaptive"]["lone_p50_ms"],
-                   "no-lone-wait / naive throughput": summary["no-lone-wait"]["requests_per_second"]
-                   / summary["naive"]["requests_per_second"],
-                   "no-lone-wait / naive p99": summary["no-lone-wait"]["latency_p99_ms"]
-                   / summary["naive"]["latency_p99_ms"]},
+        "ratios": {f"{arm} / {base} {key}": summary[arm][field] / summary[base][field]
+                   for arm in ("no-lone-wait", "continuous") for base in ("adaptive", "naive")
+                   for key, field in (("throughput", "requests_per_second"), ("lone p50", "lone_p50_ms"),
+                                      ("p99", "latency_p99_ms"))},
         "runs": {"lone_p50_ms": lone, "loaded": loaded},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

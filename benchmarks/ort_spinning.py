@@ -3,7 +3,7 @@ and the CPU the pod really uses; then a pod's capacity in long texts (what a CPU
 
     python benchmarks/ort_spinning.py        # after `make run`; needs wrk (apt-get install wrk)
 
-- Two `bentoml serve` processes on the same Bento model (models/quantized/onnx_int8), the CPU overlay's
+- Two `bentoml serve` processes on the same Bento model (models/quantized/onnx_int8_static), the CPU overlay's
   settings (1 worker, 2 threads): DISTILOPS_ORT_SPIN_WAIT=1 (ONNX Runtime's default) and 0 (what distilops
   ships). Only the server under load is busy; arms are interleaved in every repeat; medians are reported.
 - Load: wrk with 1, 4 and 32 clients, one real test text per request. CPU: user + system seconds of the
@@ -69,7 +69,7 @@ def measured_run(server: Server, script: Path, seconds: int, clients: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx", default="models/quantized/onnx_int8", help="the served ONNX int8 student")
+    parser.add_argument("--onnx", default="models/quantized/onnx_int8_static", help="the served ONNX int8 student")
     parser.add_argument("--data", default="data/prepared/test.parquet", help="short texts to send")
     parser.add_argument("--long-data", default="data/prepared/test_long.parquet", help="long reviews")
     parser.add_argument("--clients", default="1,4,32", help="concurrent clients of the spin comparison")

@@ -1,11 +1,11 @@
-"""Serving throughput: the BentoML service (adaptive batching) against a naive Flask server that runs one
-forward pass per request, side by side, under 32 concurrent clients sending one text each.
+"""Serving throughput: the BentoML service (as shipped: continuous dispatch) against a naive Flask server that runs
+one forward pass per request, side by side, under 32 concurrent clients sending one text each.
 
     python benchmarks/serving_benchmark.py          # after `make run`; needs wrk (apt-get install wrk)
 
 Four arms, so the gain can be attributed:
   naive-pipeline-fp32   Flask + transformers.pipeline on the fp32 student  (the usual deployment: the baseline)
-  bento-fp32            BentoML service on the student's ONNX fp32 export  (batching alone: the service runs ONNX only)
+  bento-fp32            BentoML service on the student's ONNX fp32 export  (the service alone: it runs ONNX only)
   naive-onnx-int8       Flask + the served ONNX int8 student, per request  (quantization alone)
   bento-onnx-int8       BentoML service on the served ONNX int8 student    (what distilops ships)
   bento-onnx-int8+long  the same server, with --long-fraction of requests a long document (read in windows)

@@ -72,13 +72,18 @@ def bentoml_serve(port: int, env: dict, log: Path, host: str = "127.0.0.1", cwd:
 
 
 def batch_histogram(metrics_text: str) -> tuple[int, float]:
-    """(model calls, requests) of the classify API from BentoML's adaptive_batch_size histogram."""
+    """(model calls, requests) of the classify API: BentoML's adaptive_batch_size histogram (adaptive dispatch) plus
+    the service's distilops_texts_per_call (continuous dispatch; a request of one text each). Summed, not picked:
+    servers sharing a BENTOML_HOME share its Prometheus directory, so one /metrics may hold both."""
     calls = requests = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_count") and 'method_name="classify"' in line:
-            calls += float(line.rsplit(" ", 1)[1])
-        if line.startswith("bentoml_service_adaptive_batch_size_sum") and 'method_name="classify"' in line:
-            requests += float(line.rsplit(" ", 1)[1])
+        if line.startswith("bentoml_service_adaptive_batch_size") and 'method_name="classify"' not in line:
+            continue
+        for family in ("bentoml_service_adaptive_batch_size", "distilops_texts_per_call"):
+            if line.startswith(f"{family}_count"):
+                calls += float(line.rsplit(" ", 1)[1])
+            if line.startswith(f"{family}_sum"):
+                requests += float(line.rsplit(" ", 1)[1])
     return int(calls), requests
 
 

@@ -180,7 +180,7 @@ def test_lone_request(tiny_pipeline):
                   "--seconds", "1", "--repeats", "1", "--out", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["model_batch1_p50_ms"] > 0
-    for arm in ("adaptive", "no-lone-wait", "naive"):
+    for arm in ("adaptive", "no-lone-wait", "continuous", "naive"):
         assert summary[arm]["lone_p50_ms"] > summary["model_batch1_p50_ms"] and summary[arm]["errors"] == 0
 
 

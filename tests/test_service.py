@@ -90,7 +90,8 @@ def test_answers_match_the_model_and_name_the_version(served):
     response = post(server, {"texts": texts})
     assert response.status_code == 200
     assert response.headers["x-model-name"] == NAME and response.headers["x-model-version"] == "2"
-    expected = TextClassifier(folder).classify(texts)
+    model = TextClassifier(folder)
+    expected = [model.classify([text])[0] for text in texts]  # one text per call, as the service runs them
     got = response.json()
     assert [r["label"] for r in got] == [e.label for e in expected]
     assert [r["score"] for r in got] == pytest.approx([e.score for e in expected], abs=1e-5)
@@ -104,22 +105,68 @@ def test_answers_match_the_model_and_name_the_version(served):
     assert info["spin_wait"] is False  # ONNX Runtime's idle threads sleep: CPU use reads true load
 
 
-def test_a_batch_goes_to_the_model_in_calls_of_like_length_and_the_answers_keep_the_request_order(served):
-    """8 texts of mixed lengths, the longest first: the service sorts them by length into calls of at most
-    DISTILOPS_TEXTS_PER_CALL (4), and each answer still lands on its own text."""
-    server, folder, _ = served
-    texts = ["a long, rambling review that goes on about the plot " * 3, "bad", "a wonderful, moving film",
-             "dull", "superb acting but a messy plot", "fine", "the worst film of the year, tedious and dull", "ok"]
-    response = post(server, {"texts": texts})
+MIXED_LENGTHS = ["a long, rambling review that goes on about the plot " * 3, "bad", "a wonderful, moving film",
+                 "dull", "superb acting but a messy plot", "fine", "the worst film of the year, tedious and dull", "ok"]
+
+
+def assert_each_answer_on_its_text(server, folder: Path, score_tolerance: float) -> None:
+    """MIXED_LENGTHS in one request: each answer is what the model gives its text alone."""
+    response = post(server, {"texts": MIXED_LENGTHS})
     assert response.status_code == 200
     model = TextClassifier(folder, max_windows=MAX_WINDOWS)
-    expected = [model.classify([text])[0] for text in texts]  # each alone: what its answer must be
+    expected = [model.classify([text])[0] for text in MIXED_LENGTHS]
     got = response.json()
     assert [r["label"] for r in got] == [e.label for e in expected]
-    # dynamic int8 (this fixture's variant) moves a score by ~1e-4 with what shares its call; the windows pin the order
-    assert [r["score"] for r in got] == pytest.approx([e.score for e in expected], abs=1e-3)
+    assert [r["score"] for r in got] == pytest.approx([e.score for e in expected], abs=score_tolerance)
     assert [r["windows"] for r in got] == [e.windows for e in expected] and got[0]["windows"] > 1
-    assert httpx.get(server.url + "/model").json()["limits"]["texts_per_call"] == 4
+
+
+def test_each_answer_lands_on_its_own_text_one_text_per_call(served):
+    """Continuous dispatch (the default): 8 texts of mixed lengths, the longest first, each its own model call
+    (DISTILOPS_TEXTS_PER_CALL=1), each answer on its own text."""
+    server, folder, _ = served
+    assert_each_answer_on_its_text(server, folder, score_tolerance=1e-5)
+    limits = httpx.get(server.url + "/model").json()["limits"]
+    assert (limits["dispatch"], limits["texts_per_call"]) == ("continuous", 1)
+
+
+def concurrent_calls(server, requests: int = 48) -> tuple[int, float]:
+    """(model calls, texts) the service made for `requests` one-text requests sent at once, all answered 200."""
+    calls_before, texts_before = batch_histogram(httpx.get(server.url + "/metrics").text)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            replies = await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": [f"film {i}"]})
+                                             for i in range(requests)])
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(burst()) == [200] * requests
+    calls, texts = batch_histogram(httpx.get(server.url + "/metrics").text)
+    return calls - calls_before, texts - texts_before
+
+
+def test_continuous_dispatch_puts_waiting_requests_in_one_call_up_to_its_limit(served):
+    with another_server(served, "continuous-4", DISTILOPS_TEXTS_PER_CALL="4") as server:
+        server.wait_ready()
+        calls, texts = concurrent_calls(server)
+        assert texts == 48 and calls < 48  # several requests shared one model call
+        metrics, family = scrape(httpx.get(server.url + "/metrics").text), "distilops_texts_per_call"
+        within = sample(metrics, family, f"{family}_bucket", le="4.0")
+        assert within == sample(metrics, family, f"{family}_count")  # none above 4
+
+
+def test_adaptive_dispatch_batches_requests_into_calls_of_like_length_keeping_each_answer_on_its_text(served):
+    """DISTILOPS_DISPATCH=adaptive (the GPU overlay's): BentoML batches concurrent requests, a batch reaches the model
+    sorted by length in calls of at most DISTILOPS_TEXTS_PER_CALL (4), and each answer still lands on its text."""
+    _, folder, _ = served
+    with another_server(served, "adaptive", DISTILOPS_DISPATCH="adaptive", DISTILOPS_TEXTS_PER_CALL="4") as server:
+        server.wait_ready()
+        calls, texts = concurrent_calls(server)
+        assert texts == 48 and calls < 48  # several requests shared one batch
+        # dynamic int8 (this fixture's variant) moves a score by ~1e-4 with what shares its call; windows pin order
+        assert_each_answer_on_its_text(server, folder, score_tolerance=1e-3)
+        limits = httpx.get(server.url + "/model").json()["limits"]
+        assert (limits["dispatch"], limits["texts_per_call"]) == ("adaptive", 4)
 
 
 def test_health_endpoints_and_prometheus_metrics(served):
@@ -138,26 +185,11 @@ def test_a_long_text_is_read_in_windows_up_to_the_cap(served):
     two_windows, four_windows = " ".join(["great film"] * 10), " ".join(["great film"] * 20)  # 22 and 42 tokens
     got = post(server, {"texts": [four_windows, two_windows, "dull"]}).json()
     assert [(r["windows"], r["truncated"]) for r in got] == [(3, True), (2, False), (1, False)]  # the cap is 3
-    expected = TextClassifier(folder, max_windows=MAX_WINDOWS).classify([four_windows, two_windows, "dull"])
+    model = TextClassifier(folder, max_windows=MAX_WINDOWS)
+    expected = [model.classify([text])[0] for text in (four_windows, two_windows, "dull")]
     assert [r["label"] for r in got] == [p.label for p in expected]
     assert [r["score"] for r in got] == pytest.approx([p.score for p in expected], abs=1e-5)
     assert httpx.get(server.url + "/model").json()["limits"]["max_windows"] == MAX_WINDOWS
-
-
-def test_concurrent_requests_are_batched(served):
-    server, _, _ = served
-    calls_before, requests_before = batch_histogram(httpx.get(server.url + "/metrics").text)
-
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=30) as client:
-            replies = await asyncio.gather(*[client.post(server.url + "/classify", json={"texts": [f"film {i}"]})
-                                             for i in range(48)])
-        return [r.status_code for r in replies]
-
-    assert asyncio.run(burst()) == [200] * 48
-    calls, requests = batch_histogram(httpx.get(server.url + "/metrics").text)
-    assert requests - requests_before == 48
-    assert calls - calls_before < 48  # several requests shared one model call
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -622,6 +654,7 @@ def test_a_shadow_rate_without_a_shadow_model_serves_without_and_says_why(served
     ("DISTILOPS_DRIFT_WINDOW", "0", "a whole number >= 1"),
     ("DISTILOPS_SHADOW_BATCH", "0", "a whole number >= 1"),
     ("DISTILOPS_SHADOW_SERIAL", "sometimes", "a boolean: 1/0, true/false, yes/no, on/off"),
+    ("DISTILOPS_DISPATCH", "eager", "continuous or adaptive"),
 ])
 def test_a_bad_live_fidelity_setting_stops_the_service_with_one_line(served, name, value, meaning):
     server, _, _ = served

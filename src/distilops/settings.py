@@ -87,6 +87,15 @@ def number(low: float, high: float = float("inf"), *, above: bool = False) -> Ca
     return parse
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    """One of `choices`, in any case."""
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(raw)
+        return raw.lower()
+    return parse
+
+
 def bool_setting(name: str, default: bool, meaning: str, read_by: str = "cli") -> Setting[bool]:
     return Setting(name, default, "a boolean: 1/0, true/false, yes/no, on/off", meaning, boolean, read_by)
 

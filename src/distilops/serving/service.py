@@ -4,11 +4,12 @@
     GET  /model     registry name and version served, lineage, metrics, limits
     GET  /livez, /readyz (ready once the model is loaded), /metrics (Prometheus)
 
-Requests are batched across clients by BentoML's adaptive batching, except that a lone request (light traffic: the
-last model calls carried one request each) goes to the model at once instead of waiting for a wait learned under
-load, ~40 ms (DISTILOPS_ADAPTIVE_WAIT=1: BentoML's batching as it is). A batch reaches the model sorted by length
-in calls of at most DISTILOPS_TEXTS_PER_CALL texts, so a short text is not padded to the batch's longest. Each
-request BentoML sheds (503, over its latency budget) logs one line, not a traceback, and counts in
+Requests reach the model by continuous dispatch (serving/dispatch.py's CallThreads): a request is cut into
+chunks of at most DISTILOPS_TEXTS_PER_CALL texts of like length, and each of the worker's call threads takes what
+waits the moment its last call ends, so a lone request goes at once and under load no thread idles while the event
+loop answers. DISTILOPS_DISPATCH=adaptive uses BentoML's adaptive batching instead (the GPU overlay's): one batch
+at a time, cut into calls of like length, and a lone request not held for a wait learned under load. Each
+request shed (503, over the latency budget DISTILOPS_MAX_LATENCY_MS) logs one line, not a traceback, and counts in
 distilops_shed_requests_total. Every response carries the headers X-Model-Name and X-Model-Version. Limits and
 batching come from the environment (a ConfigMap in Kubernetes); every bad request gets a 4xx naming the problem,
 and the server stays up. A text longer than the model's window is read in overlapping windows, at most
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
 from fastapi import FastAPI
 from pydantic import AfterValidator, Field
@@ -62,7 +64,7 @@ from starlette.responses import JSONResponse
 
 from distilops.errors import SettingError
 from distilops.serving import settings
-from distilops.serving.dispatch import ShedRequests, length_groups, wait_only_under_load
+from distilops.serving.dispatch import CallThreads, ShedRequests, length_groups, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
@@ -76,8 +78,9 @@ MODEL_TAG = SETTINGS.bento_model
 MAX_TEXTS = SETTINGS.max_texts  # texts in one request
 MAX_TEXT_CHARS = SETTINGS.max_text_chars  # characters in one text
 MAX_BATCH_SIZE = SETTINGS.max_batch_size  # texts in one batch
-TEXTS_PER_CALL = SETTINGS.texts_per_call  # texts in one model call: a batch is cut into calls of like length
-PARALLEL_CALLS = SETTINGS.parallel_calls  # a batch's calls at once (0: the worker's threads)
+TEXTS_PER_CALL = SETTINGS.texts_per_call  # texts in one model call at most
+PARALLEL_CALLS = SETTINGS.parallel_calls  # model calls at once (0: the worker's threads)
+DISPATCH = SETTINGS.dispatch  # continuous (our call threads) or adaptive (BentoML's batching)
 MAX_LATENCY_MS = SETTINGS.max_latency_ms  # queueing + inference budget
 WORKERS = SETTINGS.workers  # model copies per pod; batching gathers within each
 THREADS = SETTINGS.threads  # CPU threads per worker (0 = the CPU limit / workers)
@@ -125,6 +128,13 @@ def prom_counter(name: str, doc: str) -> Any:
 
 
 CODE_CLASSES = ("2xx", "4xx", "5xx")
+
+
+def prom_histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+    """A histogram of this worker, made like prom_counter."""
+    import prometheus_client as prom
+
+    return prom.Histogram(name, doc, buckets=buckets, registry=None)
 
 
 def responses_counter() -> Any:
@@ -262,20 +272,21 @@ class Classifier:
     def __init__(self) -> None:
         stored = self.bento_model
         threads = threads_per_worker()
-        # A batch's calls side by side, the worker's threads shared among them: ONNX Runtime spreads a call of a few
-        # short texts over its threads poorly, and BentoML runs one batch at a time, so calls one after another on 2
-        # threads each left a core mostly idle (issue 27: 2 calls of 1 thread served 1.15x more at 32 clients). A
-        # batch of one call (a lone request) still gets every thread: `classifier`; the calls of a larger one share
-        # them: `per_call_classifier`, a second session of the same model (on a CPU: ~20 MB for the int8 student).
+        # Model calls side by side, the worker's threads shared among them: ONNX Runtime spreads a call of a few
+        # short texts over its threads poorly, so calls one after another on 2 threads each left a core mostly idle
+        # (issue 27: 2 calls of 1 thread served 1.15x more at 32 clients). A call with no other running or waiting
+        # (a lone request) still gets every thread: `classifier`; calls side by side share them:
+        # `per_call_classifier`, a second session of the same model (on a CPU: ~20 MB for the int8 student).
         parallel = PARALLEL_CALLS or threads
         per_call = max(1, threads // parallel)  # ONNX Runtime threads of one call
-        self.calls = ThreadPoolExecutor(parallel, thread_name_prefix="distilops-call") if parallel > 1 else None
+        self.calls = (ThreadPoolExecutor(parallel, thread_name_prefix="distilops-call")
+                      if parallel > 1 and DISPATCH == "adaptive" else None)
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizer's pool, before its first use
         folder = Path(stored.path) / MODEL_SUBDIR
         device = "cuda" if REQUIRE_GPU else None
         self.classifier = TextClassifier(folder, device=device, threads=threads, max_windows=MAX_WINDOWS,
                                          spin_wait=SPIN_WAIT)
-        self.per_call_classifier = self.classifier if self.calls is None else TextClassifier(
+        self.per_call_classifier = self.classifier if parallel == 1 else TextClassifier(
             folder, device=device, threads=per_call, max_windows=MAX_WINDOWS, spin_wait=SPIN_WAIT)
         self.gpu_missing = REQUIRE_GPU and self.classifier.device != "cuda"
         self.health = Health(UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS)
@@ -304,7 +315,19 @@ class Classifier:
         self.shed = ShedRequests(RETRY_AFTER_SECONDS, shed)
         ResponseHeaders.responses = responses_counter()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(self.shed)  # where BentoML logs them
-        if not ADAPTIVE_WAIT:
+        if DISPATCH == "continuous":
+            texts_per_call = prom_histogram("distilops_texts_per_call", "Texts in one model call",
+                                            (1, 2, 4, 8, 16, 32, 64, 128))
+
+            def run(texts: list[str], alone: bool) -> list[Classification]:
+                texts_per_call.observe(len(texts))  # the call's texts; each one's windows run with it
+                return self.observed(texts, self.checked_classify(
+                    texts, self.classifier if alone else self.per_call_classifier))
+
+            self.call_threads = CallThreads(run, threads=parallel, texts_per_call=TEXTS_PER_CALL,
+                                            max_texts=MAX_BATCH_SIZE, budget_s=MAX_LATENCY_MS / 1000,
+                                            shed=lambda: ServiceUnavailable("process is overloaded"))
+        elif not ADAPTIVE_WAIT:
             wait_only_under_load()
         SERVED.update({
             "registry_name": labels.get("registry_name", stored.tag.name),
@@ -329,7 +352,9 @@ class Classifier:
                        "max_batch_size": MAX_BATCH_SIZE, "texts_per_call": TEXTS_PER_CALL,
                        "parallel_calls": parallel,
                        "max_latency_ms": MAX_LATENCY_MS,
-                       "batch_wait": "adaptive" if ADAPTIVE_WAIT else "adaptive under load, none for a lone request",
+                       "dispatch": DISPATCH,
+                       "batch_wait": ("none: free call threads take what waits" if DISPATCH == "continuous" else
+                                      "adaptive" if ADAPTIVE_WAIT else "adaptive under load, none for a lone request"),
                        "max_windows": self.classifier.max_windows},
             "shadow": shadow_info,
             "reference": reference_summary(reference),
@@ -368,6 +393,8 @@ class Classifier:
             self.shadow.stop()
         if self.calls is not None:
             self.calls.shutdown(wait=True)  # a process that exits during an ONNX Runtime call aborts
+        if DISPATCH == "continuous":
+            self.call_threads.stop()
 
     def observe(self, texts: Sequence[str], answers: Sequence[Classification]) -> None:
         """Live fidelity of answered texts: metrics, the drift window, and a sample offered to the shadow."""
@@ -383,32 +410,47 @@ class Classifier:
         if self.shadow is not None:
             self.shadow.offer(texts, labels)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:
-        """Label and score per text (texts from concurrent requests are batched together, then sent to the model
-        in calls of at most DISTILOPS_TEXTS_PER_CALL texts of like length).
-
-        The declared content type spares BentoML from rebuilding the output's JSON schema on
-        every response just to pick one (18% of the server's time under load, by py-spy).
-        """
-        texts = list(texts)
-        groups = length_groups(texts, TEXTS_PER_CALL)
-        if len(groups) == 1:  # one call (a lone request): every thread on it
-            answered_all = [self.checked_classify(texts)]
-        else:
-            def call(group: list[int]) -> list[Classification]:
-                return self.checked_classify([texts[i] for i in group], self.per_call_classifier)
-
-            answered_all = self.calls.map(call, groups) if self.calls else map(call, groups)
-        answers: list[Classification] = [None] * len(texts)  # type: ignore[list-item] (each filled below)
-        for group, answered in zip(groups, answered_all, strict=True):
-            for i, answer in zip(group, answered, strict=True):
-                answers[i] = answer
-        try:  # bookkeeping only: the answers go out whatever happens here
+    def observed(self, texts: list[str], answers: list[Classification]) -> list[Classification]:
+        """`answers`, after their live-fidelity bookkeeping (observe), which never holds them back."""
+        try:
             self.observe(texts, answers)
         except Exception:
             self.observe_failures.failed()
         return answers
+
+    if DISPATCH == "continuous":
+        @bentoml.api
+        async def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:
+            """Label and score per text (the worker's call threads take waiting texts, of this and other requests,
+            up to DISTILOPS_TEXTS_PER_CALL per call, the moment they are free).
+
+            The declared content type spares BentoML from rebuilding the output's JSON schema on
+            every response just to pick one (18% of the server's time under load, by py-spy).
+            """
+            return await self.call_threads.classify(list(texts))
+    else:
+        @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+        def classify(self, texts: Texts) -> Annotated[list[Classification], ContentType("application/json")]:
+            """Label and score per text (texts from concurrent requests are batched together, then sent to the
+            model in calls of at most DISTILOPS_TEXTS_PER_CALL texts of like length).
+
+            The declared content type spares BentoML from rebuilding the output's JSON schema on
+            every response just to pick one (18% of the server's time under load, by py-spy).
+            """
+            texts = list(texts)
+            groups = length_groups(texts, TEXTS_PER_CALL)
+            if len(groups) == 1:  # one call (a lone request): every thread on it
+                answered_all = [self.checked_classify(texts)]
+            else:
+                def call(group: list[int]) -> list[Classification]:
+                    return self.checked_classify([texts[i] for i in group], self.per_call_classifier)
+
+                answered_all = self.calls.map(call, groups) if self.calls else map(call, groups)
+            answers: list[Classification] = [None] * len(texts)  # type: ignore[list-item] (each filled below)
+            for group, answered in zip(groups, answered_all, strict=True):
+                for i, answer in zip(group, answered, strict=True):
+                    answers[i] = answer
+            return self.observed(texts, answers)
 
     @app.get("/model")
     def model(self) -> dict:

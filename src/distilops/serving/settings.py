@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from distilops.settings import Setting, bool_setting, number, read_all, text_setting, whole_setting
+from distilops.settings import Setting, bool_setting, number, one_of, read_all, text_setting, whole_setting
 
 SERVICE = "service"
 
@@ -19,14 +19,21 @@ MAX_TEXT_CHARS = whole_setting("DISTILOPS_MAX_TEXT_CHARS", 5000, 1, "Characters 
 MAX_WINDOWS = whole_setting("DISTILOPS_MAX_WINDOWS", None, 1, "Windows of max_length tokens one text is read in, "
                             "at most (beyond: cut, flagged `truncated`); unset = the model's own max_windows.",
                             SERVICE)
-MAX_BATCH_SIZE = whole_setting("DISTILOPS_MAX_BATCH_SIZE", 64, 1, "Texts BentoML's adaptive batching gathers into "
-                               "one batch.", SERVICE)
-TEXTS_PER_CALL = whole_setting("DISTILOPS_TEXTS_PER_CALL", 4, 0, "Texts in one ONNX Runtime call at most: a batch is "
-                               "sorted by length and cut into calls of this many, so short texts are not padded to "
-                               "the batch's longest; 0 = the whole batch in one call (GPU).", SERVICE)
-PARALLEL_CALLS = whole_setting("DISTILOPS_PARALLEL_CALLS", 0, 0, "A batch's calls (DISTILOPS_TEXTS_PER_CALL) run "
-                               "this many at once, sharing the worker's CPU threads; 0 = one call per thread, 1 = "
-                               "one call at a time on every thread.", SERVICE)
+MAX_BATCH_SIZE = whole_setting("DISTILOPS_MAX_BATCH_SIZE", 64, 1, "Texts in one batch: BentoML's adaptive "
+                               "batching (DISTILOPS_DISPATCH=adaptive) gathers at most this many; with "
+                               "DISTILOPS_TEXTS_PER_CALL=0, texts one model call takes at most.", SERVICE)
+TEXTS_PER_CALL = whole_setting("DISTILOPS_TEXTS_PER_CALL", 1, 0, "Texts in one ONNX Runtime call at most "
+                               "(continuous: taken from the queue; adaptive: a batch sorted by length and cut into "
+                               "calls of this many); a call pads every text to its longest. 0 = up to "
+                               "DISTILOPS_MAX_BATCH_SIZE (GPU).", SERVICE)
+PARALLEL_CALLS = whole_setting("DISTILOPS_PARALLEL_CALLS", 0, 0, "Model calls at once (call threads), sharing the "
+                               "worker's CPU threads; 0 = one call per thread, 1 = one call at a time on every "
+                               "thread.", SERVICE)
+DISPATCH = Setting("DISTILOPS_DISPATCH", "continuous", "continuous or adaptive", "How requests reach the model. "
+                   "continuous: call threads (DISTILOPS_PARALLEL_CALLS of them) each take what waits, up to "
+                   "DISTILOPS_TEXTS_PER_CALL texts, the moment they are free; adaptive: BentoML's adaptive batching "
+                   "(one batch at a time, DISTILOPS_MAX_BATCH_SIZE texts at most, cut into calls).",
+                   one_of("continuous", "adaptive"), SERVICE)
 MAX_LATENCY_MS = whole_setting("DISTILOPS_MAX_LATENCY_MS", 1000, 1, "Batching + inference budget of one request, "
                                "in ms (beyond: 503, load shed).", SERVICE)
 WORKERS = whole_setting("DISTILOPS_WORKERS", 1, 1, "Model workers (processes) per pod; each batches its own "
@@ -66,9 +73,10 @@ DRIFT_WINDOW = whole_setting("DISTILOPS_DRIFT_WINDOW", 1000, 1, "Recent texts th
                              "reference) and live agreement gauges cover.", SERVICE)
 
 ALL: tuple[Setting, ...] = (BENTO_MODEL, MAX_TEXTS, MAX_TEXT_CHARS, MAX_WINDOWS, MAX_BATCH_SIZE, TEXTS_PER_CALL,
-                            PARALLEL_CALLS, MAX_LATENCY_MS, WORKERS, THREADS, CPU_LIMIT, SPIN_WAIT, ADAPTIVE_WAIT,
-                            REQUIRE_GPU, UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS, API_TOKEN, ACCESS_LOG,
-                            SHADOW_RATE, SHADOW_QUEUE, SHADOW_THREADS, SHADOW_SERIAL, SHADOW_BATCH, DRIFT_WINDOW)
+                            PARALLEL_CALLS, DISPATCH, MAX_LATENCY_MS, WORKERS, THREADS, CPU_LIMIT, SPIN_WAIT,
+                            ADAPTIVE_WAIT, REQUIRE_GPU, UNREADY_AFTER_FAILURES, DEAD_AFTER_SECONDS, API_TOKEN,
+                            ACCESS_LOG, SHADOW_RATE, SHADOW_QUEUE, SHADOW_THREADS, SHADOW_SERIAL, SHADOW_BATCH,
+                            DRIFT_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class ServiceSettings:
     max_batch_size: int
     texts_per_call: int
     parallel_calls: int
+    dispatch: str
     max_latency_ms: int
     workers: int
     threads: int
