@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,15 @@ def length_groups(texts: Sequence[str], size: int) -> list[list[int]]:
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
+def in_text_order(groups: Sequence[Sequence[int]], answered: Iterable[Sequence[Any]]) -> list[Any]:
+    """Each group's answers (one per index, in the group's order) put back at their texts' places."""
+    answers: list[Any] = [None] * sum(len(group) for group in groups)
+    for group, answer in zip(groups, answered, strict=True):
+        for i, one in zip(group, answer, strict=True):
+            answers[i] = one
+    return answers
+
+
 @dataclass
 class Request:
     """What the call threads know of a request: queued when, and whether a chunk of it ran or it was shed."""
@@ -127,12 +136,7 @@ class CallThreads:
                 raise self.shed()  # the queue is a budget behind: answer 503 now, not after waiting
             self.pending.extend(chunks)
             self.ready.notify(len(chunks))
-        answered = await asyncio.gather(*(chunk.future for chunk in chunks))
-        answers: list[Any] = [None] * len(texts)
-        for group, answer in zip(groups, answered, strict=True):
-            for i, one in zip(group, answer, strict=True):
-                answers[i] = one
-        return answers
+        return in_text_order(groups, await asyncio.gather(*(chunk.future for chunk in chunks)))
 
     def serve(self) -> None:
         """One call thread: take what waits, run it, answer it; until stop()."""

@@ -64,7 +64,7 @@ from starlette.responses import JSONResponse
 
 from distilops.errors import SettingError
 from distilops.serving import settings
-from distilops.serving.dispatch import CallThreads, ShedRequests, length_groups, wait_only_under_load
+from distilops.serving.dispatch import CallThreads, ShedRequests, in_text_order, length_groups, wait_only_under_load
 from distilops.serving.fidelity import word_count
 from distilops.serving.folder import MODEL_SUBDIR, read_meta
 from distilops.serving.inference import Classification, TextClassifier
@@ -446,11 +446,7 @@ class Classifier:
                     return self.checked_classify([texts[i] for i in group], self.per_call_classifier)
 
                 answered_all = self.calls.map(call, groups) if self.calls else map(call, groups)
-            answers: list[Classification] = [None] * len(texts)  # type: ignore[list-item] (each filled below)
-            for group, answered in zip(groups, answered_all, strict=True):
-                for i, answer in zip(group, answered, strict=True):
-                    answers[i] = answer
-            return self.observed(texts, answers)
+            return self.observed(texts, in_text_order(groups, answered_all))
 
     @app.get("/model")
     def model(self) -> dict:
